@@ -1,0 +1,24 @@
+"""perturbkit: predict single-cell perturbation responses and benchmark them honestly.
+
+``import perturbkit as pk`` is fast: torch, scanpy, POT and optuna load only when used.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_SUBMODULES = ("data", "split", "models", "metrics", "pl", "errors", "pipeline")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
+    if name == "PerturbSpec":
+        from .data import PerturbSpec
+
+        return PerturbSpec
+    raise AttributeError(f"module 'perturbkit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*_SUBMODULES, "PerturbSpec", "__version__"])

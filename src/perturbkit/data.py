@@ -1,0 +1,368 @@
+"""Data: the perturbation spec, bundled datasets, validation, preprocessing and synthetic data.
+
+Nothing here imports torch. AnnData objects passed in are never modified: functions that change
+data return a new object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from . import _keys as K
+from .errors import InputError, choices_text, suggest
+
+
+@dataclass(frozen=True)
+class PerturbSpec:
+    """Which obs columns and labels describe the perturbation.
+
+    Parameters
+    ----------
+    condition_key
+        obs column holding the condition of each cell.
+    control, perturbed
+        the two labels of ``condition_key`` to compare.
+    context_key
+        obs column of the context a response is predicted for (usually the cell type).
+    donor_key
+        optional obs column of the donor / batch / study (used by cross-donor scenarios).
+    """
+
+    condition_key: str = K.CONDITION
+    control: str = K.CONTROL
+    perturbed: str = K.PERTURBED
+    context_key: str = K.CONTEXT
+    donor_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self, adata, *, holdout: str | None = None, min_cells: int = 3) -> None:
+        """Check that ``adata`` carries this spec; raise :class:`InputError` naming the fix otherwise."""
+        validate(adata, self, holdout=holdout, min_cells=min_cells)
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    file: str
+    sha256: str
+    reference: str
+    doi: str
+    accession: str
+    spec: PerturbSpec
+    obs_rename: tuple[tuple[str, str], ...] = ()
+
+
+DATASETS: dict[str, Dataset] = {
+    "kang2018": Dataset(
+        name="kang2018",
+        file="kang2018_ifnb_seurat_counts.h5ad",
+        sha256="b8d2a39906716709739ba34d672b76f97070c46277cce515646ba4bdd3a68f87",
+        reference="Kang HM et al. Multiplexed droplet single-cell RNA-sequencing using natural genetic "
+        "variation. Nat Biotechnol 36, 89-94 (2018)",
+        doi="10.1038/nbt.4042",
+        accession="GEO GSE96583 (batch 2: GSM2560248 control, GSM2560249 IFN-beta 6 h)",
+        spec=PerturbSpec(donor_key=K.DONOR),
+        # cell_type = the original authors' labels; the shipped coarse labels are kept as cell_type_seurat
+        obs_rename=(("cell_type", "cell_type_seurat"), ("cell_type_kang", K.CONTEXT)),
+    ),
+}
+
+
+def data_dir() -> Path:
+    """Folder of the bundled datasets: ``$PERTURBKIT_DATA`` or the repository's ``data/``."""
+    env = os.environ.get("PERTURBKIT_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+
+
+def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_path(name: str) -> Path:
+    if name not in DATASETS:
+        raise InputError(
+            f"Unknown dataset {name!r}.{suggest(name, DATASETS)} Bundled datasets: {choices_text(DATASETS)}; "
+            "or pass the path of an .h5ad file."
+        )
+    path = data_dir() / DATASETS[name].file
+    if not path.exists():
+        raise InputError(
+            f"Bundled dataset {name!r} not found at {path}. Set PERTURBKIT_DATA to the folder holding "
+            f"{DATASETS[name].file}, or run from a checkout of the perturbkit repository."
+        )
+    return path
+
+
+def read_h5ad(path: str | os.PathLike):
+    """Read an .h5ad file with errors that say what is wrong with it."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"--data: file {str(path)!r} does not exist. Give an existing .h5ad file or 'kang2018'.")
+    if path.is_dir():
+        raise InputError(f"--data: {str(path)!r} is a directory, not an .h5ad file.")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise InputError(
+            f"--data: {str(path)!r} is not an HDF5/.h5ad file (it does not start with the HDF5 signature). "
+            "Save your AnnData with adata.write_h5ad(path)."
+        )
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for truncated or corrupt files
+        raise InputError(
+            f"--data: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
+            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path)."
+        ) from None
+
+
+def load(name: str = "kang2018", *, verify: bool = True):
+    """Load a bundled dataset with harmonised obs (``condition``, ``cell_type``, ``donor``).
+
+    For ``kang2018``, ``cell_type`` holds the original authors' labels ("CD4 T cells", ...); the coarse
+    Seurat labels shipped with the file are kept as ``cell_type_seurat``. The file's sha256 is verified.
+    """
+    ds = DATASETS.get(name)
+    path = dataset_path(name)
+    if verify:
+        digest = sha256(path)
+        if digest != ds.sha256:
+            raise InputError(
+                f"Bundled dataset {name!r} at {path} has sha256 {digest}, expected {ds.sha256}. "
+                "The file was changed or is incomplete; restore it from the repository (git checkout data/)."
+            )
+    adata = read_h5ad(path)
+    adata.obs = adata.obs.rename(columns=dict(ds.obs_rename))
+    for key in (ds.spec.condition_key, ds.spec.context_key):
+        adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    adata.uns["perturbkit_dataset"] = {"name": name, "sha256": ds.sha256, "doi": ds.doi}
+    return adata
+
+
+def load_any(data: str, *, verify: bool = True):
+    """``data`` is a bundled dataset name or a path; returns (adata, sha256, description)."""
+    if data in DATASETS:
+        return load(data, verify=verify), DATASETS[data].sha256, {"dataset": data, "file": DATASETS[data].file}
+    path = Path(data)
+    if not path.exists() and path.suffix != ".h5ad" and os.sep not in data:
+        raise InputError(
+            f"--data {data!r} is neither a bundled dataset ({choices_text(DATASETS)}) nor an existing file."
+            f"{suggest(data, DATASETS)}"
+        )
+    adata = read_h5ad(path)
+    return adata, sha256(path), {"dataset": None, "file": str(path)}
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _dense_sample(X, n: int = 2000) -> np.ndarray:
+    rows = X[:n]
+    return rows.toarray() if sp.issparse(rows) else np.asarray(rows)
+
+
+def _values(X) -> np.ndarray:
+    return X.data if sp.issparse(X) else np.asarray(X).ravel()
+
+
+def check_matrix(adata, what: str = "data") -> None:
+    """Raise if X is empty or holds NaN, infinite or negative values."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{what}: the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    vals = _values(adata.X)
+    if vals.dtype.kind not in "fiub":
+        raise InputError(f"{what}: X has dtype {vals.dtype}; expected numbers. Convert with adata.X.astype(float).")
+    if not np.all(np.isfinite(vals)):
+        n_bad = int((~np.isfinite(vals)).sum())
+        raise InputError(
+            f"{what}: X holds {n_bad} NaN or infinite values. Remove or impute them before running "
+            "(e.g. adata.X = np.nan_to_num(adata.X))."
+        )
+    if vals.size and vals.min() < 0:
+        raise InputError(
+            f"{what}: X holds negative values (min {vals.min():.3g}). perturbkit expects raw counts or "
+            "log-normalised expression, not scaled/centred data; use the unscaled matrix (e.g. adata.raw)."
+        )
+    for axis, names in (("obs_names (cells)", adata.obs_names), ("var_names (genes)", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()][:3].tolist()
+            fix = "adata.obs_names_make_unique()" if axis.startswith("obs") else "adata.var_names_make_unique()"
+            raise InputError(f"{what}: duplicated {axis}, e.g. {dup}. Fix with {fix}.")
+
+
+def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells: int = 3) -> None:
+    """Check ``adata`` against ``spec`` (and the held-out context); raise :class:`InputError` if unusable."""
+    check_matrix(adata)
+    obs = adata.obs
+    for flag, key in (("--condition-key", spec.condition_key), ("--context-key", spec.context_key)):
+        if key not in obs.columns:
+            raise InputError(
+                f"{flag} {key!r} is not an obs column.{suggest(key, obs.columns)} "
+                f"obs columns: {choices_text(obs.columns)}."
+            )
+    if spec.donor_key is not None and spec.donor_key not in obs.columns:
+        raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.{suggest(spec.donor_key, obs.columns)}")
+    cond = obs[spec.condition_key].astype(str)
+    labels = set(cond.unique())
+    for flag, label in (("--control", spec.control), ("--perturbed", spec.perturbed)):
+        if label not in labels:
+            raise InputError(
+                f"{flag} {label!r} is not a value of obs[{spec.condition_key!r}].{suggest(label, labels)} "
+                f"Values: {choices_text(labels)}."
+            )
+    if spec.control == spec.perturbed:
+        raise InputError(f"--control and --perturbed are both {spec.control!r}; they must differ.")
+    ctx = obs[spec.context_key].astype(str)
+    if holdout is not None:
+        contexts = set(ctx.unique())
+        if holdout not in contexts:
+            raise InputError(
+                f"--holdout {holdout!r} is not a value of obs[{spec.context_key!r}].{suggest(holdout, contexts)} "
+                f"Values: {choices_text(contexts)}."
+            )
+        in_ctx = ctx == holdout
+        for label, what in ((spec.control, "control"), (spec.perturbed, "perturbed")):
+            n = int((in_ctx & (cond == label)).sum())
+            if n < min_cells:
+                raise InputError(
+                    f"--holdout {holdout!r} has {n} {what} cells (obs[{spec.condition_key!r}] == {label!r}); at "
+                    f"least {min_cells} are needed to predict and evaluate. Choose a context with more cells."
+                )
+        train = ~(in_ctx & (cond == spec.perturbed))
+        for label, what in ((spec.control, "control"), (spec.perturbed, "perturbed")):
+            n = int((train & (cond == label)).sum())
+            if n < min_cells:
+                raise InputError(
+                    f"Training data (all cells except the perturbed {holdout!r} cells) holds {n} {what} cells; "
+                    f"at least {min_cells} are needed. Add other contexts with both conditions."
+                )
+        others = ctx[train & (cond == spec.perturbed)].unique()
+        if len(others) == 0:
+            raise InputError(
+                f"No context other than {holdout!r} has perturbed cells, so no response can be learned. "
+                "Each training context needs both conditions."
+            )
+
+
+# -------------------------------------------------------------------------------------- preprocessing
+
+
+def looks_like_counts(X) -> bool:
+    """True when X holds non-negative integers with large cell totals (raw counts)."""
+    vals = _values(X[:2000])
+    if vals.size == 0:
+        return False
+    integer = bool(np.all(np.equal(np.mod(vals, 1), 0)))
+    return integer and float(vals.max()) > 20
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How to turn the input into the log-normalised matrix the models use."""
+
+    normalize: bool | None = None  # None: detect (counts -> normalise + log1p; log data -> as is)
+    target_sum: float = 1e4
+    n_top_genes: int | None = 2000  # None or 0: keep all genes
+    hvg_flavor: str = "seurat"
+
+
+def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
+    """Return a new AnnData ready for the models, and a dict describing what was done.
+
+    Raw counts: ``normalize_total(target_sum)`` + ``log1p`` (scanpy), then ``n_top_genes`` highly variable genes
+    (scanpy, Seurat flavour, on the log data). Log-normalised input is used as is (HVGs still selected when
+    asked). Sparse matrices are kept sparse until the models take them.
+    """
+    import scanpy as sc
+
+    check_matrix(adata)
+    out = adata.copy()
+    counts = looks_like_counts(out.X)
+    normalize = counts if pp.normalize is None else pp.normalize
+    steps: list[str] = []
+    if counts and not normalize:
+        log("warning: the input looks like raw counts but normalisation was switched off; models expect log data.")
+    if not counts and normalize and pp.normalize:
+        log("warning: the input does not look like raw counts, but normalisation was asked for.")
+    out.X = out.X.astype(np.float32)
+    if normalize:
+        sc.pp.normalize_total(out, target_sum=pp.target_sum)
+        sc.pp.log1p(out)
+        steps += [f"normalize_total(target_sum={pp.target_sum:g})", "log1p"]
+    n_top = pp.n_top_genes
+    if n_top and n_top < out.n_vars:
+        sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=True)
+        steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor={pp.hvg_flavor!r})")
+    elif n_top and n_top > adata.n_vars:
+        steps.append(f"kept all {out.n_vars} genes (fewer than n_top_genes={n_top})")
+    info = {
+        "input": "raw counts" if counts else "log-normalised",
+        "steps": steps or ["none: input used as is"],
+        "n_cells": int(out.n_obs),
+        "n_genes": int(out.n_vars),
+    }
+    out.uns[K.UNS_PREPROCESS] = {"input": info["input"], "steps": list(info["steps"])}
+    log(f"preprocessing: input detected as {info['input']}; {'; '.join(info['steps'])}; "
+        f"{out.n_obs} cells x {out.n_vars} genes")
+    return out, info
+
+
+# ------------------------------------------------------------------------------------------ synthetic
+
+
+def synthetic(
+    n_contexts: int = 4,
+    n_cells: int = 150,
+    n_genes: int = 60,
+    n_responsive: int = 10,
+    effect: float = 1.5,
+    seed: int = 0,
+) -> Any:
+    """Seeded log-normal-like expression with a planted perturbation effect.
+
+    Every context has its own baseline profile; the perturbation raises ``n_responsive`` genes by
+    ``effect`` (scaled per context between 0.75x and 1.25x). Returns AnnData with obs ``condition``
+    (control / stimulated), ``cell_type`` (ctx0, ...) and ``donor`` (d0, d1); X is log-scale, non-negative.
+    """
+    import anndata as ad
+
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(2.0, 0.6, size=n_genes)
+    blocks, conds, ctxs, donors = [], [], [], []
+    for c in range(n_contexts):
+        profile = base + rng.normal(0, 0.4, size=n_genes).clip(-0.5, None)
+        scale = 0.75 + 0.5 * c / max(n_contexts - 1, 1)
+        for cond in (K.CONTROL, K.PERTURBED):
+            mean = profile.copy()
+            if cond == K.PERTURBED:
+                mean[:n_responsive] += effect * scale
+            x = np.clip(mean + rng.normal(0, 0.35, size=(n_cells, n_genes)), 0, None)
+            blocks.append(x.astype(np.float32))
+            conds += [cond] * n_cells
+            ctxs += [f"ctx{c}"] * n_cells
+            donors += [f"d{i % 2}" for i in range(n_cells)]
+    obs = pd.DataFrame(
+        {K.CONDITION: pd.Categorical(conds), K.CONTEXT: pd.Categorical(ctxs), K.DONOR: pd.Categorical(donors)},
+        index=[f"cell{i}" for i in range(len(conds))],
+    )
+    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
+    return ad.AnnData(X=np.vstack(blocks), obs=obs, var=var)

@@ -1,0 +1,26 @@
+"""One error type for bad input: it names the key, the value and the fix."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class InputError(ValueError):
+    """Raised for bad user input. The CLI turns it into one line and exit code 2."""
+
+
+def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
+    """A ' Did you mean ...?' hint for ``value`` among ``choices`` ('' when nothing is close)."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(value), choices, n=n, cutoff=0.5)
+    if not close:
+        low = {c.lower(): c for c in choices}
+        close = [low[str(value).lower()]] if str(value).lower() in low else []
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def choices_text(choices: Iterable[str], limit: int = 12) -> str:
+    choices = sorted(str(c) for c in choices)
+    more = f", ... ({len(choices) - limit} more)" if len(choices) > limit else ""
+    return ", ".join(repr(c) for c in choices[:limit]) + more

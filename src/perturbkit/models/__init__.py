@@ -1,0 +1,25 @@
+"""Models: a literal registry of name -> class. Baselines need no torch; VAE models import it on use."""
+
+from ._base import Model
+from .baselines import Control, MeanShift
+from .scgen import ScGen
+
+MODELS: dict[str, type[Model]] = {
+    "scgen": ScGen,
+    "control": Control,
+    "mean_shift": MeanShift,
+}
+
+BASELINES = ("control", "mean_shift")
+
+
+def get(name: str, **params) -> Model:
+    """A new, unfitted model by registry name."""
+    from ..errors import InputError, choices_text, suggest
+
+    if name not in MODELS:
+        raise InputError(f"--model {name!r} is unknown.{suggest(name, MODELS)} Models: {choices_text(MODELS)}.")
+    return MODELS[name](**params)
+
+
+__all__ = ["MODELS", "BASELINES", "Model", "ScGen", "Control", "MeanShift", "get"]

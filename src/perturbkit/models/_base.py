@@ -1,0 +1,170 @@
+"""What every model offers: ``fit(adata, spec)``, ``predict(source) -> AnnData``, ``save`` / ``load``.
+
+Models never write into the AnnData they are given; ``predict`` returns a new AnnData whose obs are a
+copy of the source cells' obs (with the condition set to the perturbed label).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import _keys as K
+from ..data import PerturbSpec
+from ..errors import InputError
+
+FORMAT_VERSION = 1
+
+
+def dense(X) -> np.ndarray:
+    return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+class Model:
+    """Base class. Subclasses set ``name`` and implement ``_fit`` and ``_predict_matrix``."""
+
+    name: ClassVar[str] = "model"
+    needs_torch: ClassVar[bool] = False
+
+    def __init__(self, **params: Any):
+        self.params = dict(params)
+        self.spec: PerturbSpec | None = None
+        self.var_names: list[str] | None = None
+        self.fit_info: dict[str, Any] = {}
+
+    # -------------------------------------------------------------------------------------- public API
+    def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False) -> Model:
+        """Learn the response from ``adata`` (the training cells: every cell except the held-out target)."""
+        from ..data import validate
+
+        validate(adata, spec)
+        self.spec = spec
+        self.var_names = [str(v) for v in adata.var_names]
+        self._fit(adata, spec, seed=seed, progress=progress)
+        return self
+
+    def predict(self, source):
+        """Predicted perturbed cells for the control cells ``source`` (a new AnnData)."""
+        import anndata as ad
+
+        self._check_fitted()
+        self._check_genes(source, "source")
+        X = self._predict_matrix(source)
+        obs = source.obs.copy()
+        if self.spec.condition_key in obs:
+            obs[self.spec.condition_key] = self.spec.perturbed
+        obs[K.PRED_FLAG] = True
+        return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=source.var[[]].copy())
+
+    # ------------------------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``params.json`` and ``weights.safetensors`` (no pickles) into the folder ``path``."""
+        from safetensors.numpy import save as save_safetensors
+
+        from .._io import atomic_write_bytes, atomic_write_text
+
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        from .. import __version__
+
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "model": self.name,
+            "perturbkit_version": __version__,
+            "params": self.params,
+            "spec": self.spec.to_dict(),
+            "var_names": self.var_names,
+            "state": self._state_json(),
+        }
+        arrays = {k: np.ascontiguousarray(v) for k, v in self._state_arrays().items()}
+        atomic_write_bytes(path / "weights.safetensors", save_safetensors(arrays))
+        atomic_write_text(path / "params.json", json.dumps(meta, indent=2, default=_json_default))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Model:
+        """Load a model written by :meth:`save` (any model class: the folder says which)."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        pfile, wfile = path / "params.json", path / "weights.safetensors"
+        for f in (pfile, wfile):
+            if not f.exists():
+                raise InputError(f"--load-model: {str(f)!r} is missing; give a folder written by --save-model.")
+        try:
+            meta = json.loads(pfile.read_text())
+            arrays = load_file(str(wfile))
+        except Exception as exc:
+            raise InputError(f"--load-model: {str(path)!r} is not a readable saved model ({exc}).") from None
+        from . import MODELS
+
+        name = meta.get("model")
+        if name not in MODELS:
+            raise InputError(f"--load-model: saved model {name!r} is unknown to this perturbkit.")
+        model_cls = MODELS[name]
+        if cls is not Model and cls is not model_cls:
+            raise InputError(f"{str(path)!r} holds a {name!r} model, not {cls.name!r}.")
+        model = model_cls(**meta["params"])
+        model.spec = PerturbSpec(**meta["spec"])
+        model.var_names = list(meta["var_names"])
+        model._load_state(meta.get("state", {}), arrays)
+        return model
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _check_fitted(self) -> None:
+        if self.var_names is None:
+            raise InputError(f"The {self.name!r} model is not fitted yet: call fit(adata, spec) or load() first.")
+
+    def _check_genes(self, adata, what: str) -> None:
+        genes = [str(v) for v in adata.var_names]
+        if genes != self.var_names:
+            missing = [g for g in self.var_names if g not in set(genes)]
+            extra = [g for g in genes if g not in set(self.var_names)]
+            detail = (f"{len(missing)} of the model's genes are missing (e.g. {missing[:3]}), {len(extra)} are new "
+                      f"(e.g. {extra[:3]})") if (missing or extra) else "the same genes in another order"
+            raise InputError(
+                f"{what}: genes do not match the model's {len(self.var_names)} training genes: {detail}. "
+                f"Subset and order them with adata[:, model.var_names].copy(), and preprocess the same way."
+            )
+
+    def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
+        raise NotImplementedError
+
+    def _predict_matrix(self, source) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state_json(self) -> dict:
+        return {}
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def balanced_means(X: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per condition, the mean over contexts of each context's mean row (every context weighs the same).
+
+    This is the deterministic expectation of scGen's ``balancer`` (which oversamples every cell type of a
+    condition to the size of the largest one at random before averaging).
+    """
+    out = []
+    for label in (spec.control, spec.perturbed):
+        rows = cond == label
+        means = [X[rows & (ctx == c)].mean(axis=0) for c in np.unique(ctx[rows])]
+        out.append(np.mean(means, axis=0))
+    return out[0], out[1]

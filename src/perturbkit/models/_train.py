@@ -1,0 +1,121 @@
+"""One plain training loop: data kept as one tensor, seeded, early stopping, progress bar, history."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from ._vae import VAE
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-6
+    adam_eps: float = 1e-2  # scvi-tools' TrainingPlan default, which the scGen reference trains with
+    val_fraction: float = 0.1
+    patience: int = 25  # epochs without validation improvement before stopping (scGen tutorial: 25)
+    min_delta: float = 0.0
+    restore_best: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class History:
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    epochs_run: int = 0
+    best_epoch: int = 0
+    stopped_early: bool = False
+    seconds: float = 0.0
+    n_train: int = 0
+    n_val: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_tensor(X) -> torch.Tensor:
+    """Dense float32 tensor of a (sparse or dense) matrix."""
+    arr = X.toarray() if sp.issparse(X) else np.asarray(X)
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, progress: bool = True,
+              desc: str = "training") -> History:
+    """Train ``module`` on the rows of ``X`` in place and return its history.
+
+    All randomness (validation split, shuffling, dropout, reparameterisation noise) is drawn from torch's RNG
+    inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's global RNG state is untouched and
+    the same seed and thread count give the same weights.
+    """
+    n = X.shape[0]
+    hist = History()
+    t0 = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        perm = torch.randperm(n)
+        n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 and n >= 20 else 0
+        X_val, X_tr = X[perm[:n_val]], X[perm[n_val:]]
+        hist.n_train, hist.n_val = X_tr.shape[0], n_val
+        opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        bs = max(2, min(cfg.batch_size, X_tr.shape[0]))
+        n_batches = X_tr.shape[0] // bs + (1 if X_tr.shape[0] % bs >= 2 else 0)  # a 1-cell batch breaks BN
+        best, best_state, bad = math.inf, None, 0
+        bar = _bar(cfg.epochs, desc, progress)
+        for epoch in range(cfg.epochs):
+            module.train()
+            order = torch.randperm(X_tr.shape[0])
+            total = 0.0
+            for b in range(n_batches):
+                xb = X_tr[order[b * bs:(b + 1) * bs]]
+                out = module.loss(xb)
+                opt.zero_grad(set_to_none=True)
+                out.loss.backward()
+                opt.step()
+                total += out.loss.item() * xb.shape[0]
+            hist.train_loss.append(total / X_tr.shape[0])
+            hist.epochs_run = epoch + 1
+            monitor = hist.train_loss[-1]
+            if n_val:
+                module.eval()
+                with torch.no_grad():
+                    monitor = module.loss(X_val, sample=False).loss.item()
+                hist.val_loss.append(monitor)
+            if monitor < best - cfg.min_delta:
+                best, bad, hist.best_epoch = monitor, 0, epoch + 1
+                if cfg.restore_best:
+                    best_state = copy.deepcopy(module.state_dict())
+            else:
+                bad += 1
+            if bar is not None:
+                bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val=f"{monitor:.3f}")
+                bar.update(1)
+            if bad >= cfg.patience:
+                hist.stopped_early = True
+                break
+        if bar is not None:
+            bar.close()
+        if best_state is not None:
+            module.load_state_dict(best_state)
+    module.eval()
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False, dynamic_ncols=True)

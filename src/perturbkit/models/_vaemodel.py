@@ -1,0 +1,129 @@
+"""The user class shared by scGen and scPRAM: a thin wrapper over one :class:`VAE` module.
+
+Subclasses differ only in the latent transfer step: ``_fit_transfer`` learns it from the training latents,
+``_transfer`` turns the source latents into predicted perturbed latents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..data import PerturbSpec
+from ._base import Model, dense
+
+VAE_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "batch_norm", "activation", "output_activation",
+            "kl_weight", "recon_scale", "kl_scale", "input_noise")
+TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "adam_eps", "val_fraction", "patience", "min_delta",
+              "restore_best")
+
+
+class VAEModel(Model):
+    needs_torch = True
+    DEFAULTS: dict[str, Any] = {}
+
+    def __init__(self, **params: Any):
+        unknown = set(params) - set(self.DEFAULTS)
+        if unknown:
+            from ..errors import InputError, suggest
+
+            bad = sorted(unknown)[0]
+            raise InputError(
+                f"{self.name}: unknown parameter {bad!r}.{suggest(bad, self.DEFAULTS)} "
+                f"Known: {', '.join(sorted(self.DEFAULTS))}."
+            )
+        super().__init__(**{**self.DEFAULTS, **params})
+        self.module = None
+        self.history = None
+
+    # ------------------------------------------------------------------------------------------- config
+    def _vae_config(self, n_input: int):
+        from ._vae import VAEConfig
+
+        return VAEConfig(n_input=n_input, **{k: self.params[k] for k in VAE_KEYS})
+
+    def _train_config(self):
+        from ._train import TrainConfig
+
+        return TrainConfig(**{k: self.params[k] for k in TRAIN_KEYS})
+
+    # ---------------------------------------------------------------------------------------------- fit
+    def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
+        import torch
+
+        from ._train import to_tensor, train_vae
+        from ._vae import VAE
+
+        X = to_tensor(adata.X)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.module = VAE(self._vae_config(X.shape[1]))
+        self.history = train_vae(self.module, X, self._train_config(), seed=seed, progress=progress,
+                                 desc=f"{self.name} training")
+        z = self._encode(X)
+        cond = adata.obs[spec.condition_key].astype(str).to_numpy()
+        ctx = adata.obs[spec.context_key].astype(str).to_numpy()
+        self._fit_transfer(z, cond, ctx, spec, seed=seed)
+        self.fit_info = {"history": self.history.to_dict(), "seed": seed,
+                         "torch_threads": torch.get_num_threads(), "latent": "posterior mean"}
+
+    def _fit_transfer(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
+                      seed: int) -> None:
+        raise NotImplementedError
+
+    def _transfer(self, z: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ predict
+    def latent(self, adata) -> np.ndarray:
+        """Posterior means of the cells of ``adata`` (cells x n_latent)."""
+        from ._train import to_tensor
+
+        self._check_fitted()
+        self._check_genes(adata, "adata")
+        return self._encode(to_tensor(adata.X))
+
+    def _encode(self, X, chunk: int = 4096) -> np.ndarray:
+        import torch
+
+        self.module.eval()
+        with torch.no_grad():
+            return np.concatenate([self.module.encode(X[i:i + chunk])[0].numpy() for i in range(0, len(X), chunk)])
+
+    def decode(self, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        import torch
+
+        self.module.eval()
+        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+        with torch.no_grad():
+            return np.concatenate([self.module.decode(zt[i:i + chunk]).numpy() for i in range(0, len(zt), chunk)])
+
+    def _predict_matrix(self, source) -> np.ndarray:
+        from ._train import to_tensor
+
+        z = self._encode(to_tensor(dense(source.X)))
+        return self.decode(self._transfer(z))
+
+    # -------------------------------------------------------------------------------------- persistence
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        arrays = {f"module.{k}": v.detach().cpu().numpy() for k, v in self.module.state_dict().items()}
+        arrays.update({f"transfer.{k}": v for k, v in self._transfer_arrays().items()})
+        return arrays
+
+    def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        import torch
+
+        from ._vae import VAE
+
+        self.module = VAE(self._vae_config(len(self.var_names)))
+        sd = {k[len("module."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("module.")}
+        self.module.load_state_dict(sd)
+        self.module.eval()
+        self._load_transfer({k[len("transfer."):]: v for k, v in arrays.items() if k.startswith("transfer.")})
+
+    def _transfer_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
+        pass

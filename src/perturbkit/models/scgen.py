@@ -1,0 +1,46 @@
+"""scGen (Lotfollahi, Wolf & Theis, Nat Methods 2019): beta-VAE + one latent delta vector.
+
+Defaults follow the reference implementation (theislab/scgen): 800 hidden units, 100 latent dimensions,
+2 layers, dropout 0.2, batch norm, leaky ReLU, kl weight 5e-5, loss per cell
+``0.5 * sum_g (x - x_hat)^2 + 0.5 * 5e-5 * KL``; Adam lr 1e-3, weight decay 1e-6, eps 0.01, batch 32, early
+stopping on 10 % of the cells with patience 25.
+
+Differences from the reference, on purpose:
+- The delta is the mean perturbed latent minus the mean control latent with every cell type weighing the
+  same (the expectation of scGen's random oversampling ``balancer``), computed without random draws, so the
+  same seed gives the same prediction.
+- Latents are posterior means (as scGen's ``get_latent_representation`` default).
+- The decoder mirrors the encoder (n_layers hidden layers, then a linear output), as in the published model;
+  the scvi-tools port applies batch norm, activation and dropout to the output layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..data import PerturbSpec
+from ._base import balanced_means
+from ._vaemodel import VAEModel
+
+
+class ScGen(VAEModel):
+    name = "scgen"
+    DEFAULTS = dict(
+        n_hidden=800, n_latent=100, n_layers=2, dropout_rate=0.2, batch_norm=True, activation="leaky_relu",
+        output_activation=None, kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,
+        epochs=100, batch_size=32, lr=1e-3, weight_decay=1e-6, adam_eps=1e-2, val_fraction=0.1, patience=25,
+        min_delta=0.0, restore_best=True,
+    )
+
+    def _fit_transfer(self, z, cond, ctx, spec: PerturbSpec, *, seed: int) -> None:
+        ctrl, pert = balanced_means(z, cond, ctx, spec)
+        self.delta = (pert - ctrl).astype(np.float32)
+
+    def _transfer(self, z: np.ndarray) -> np.ndarray:
+        return z + self.delta[None, :]
+
+    def _transfer_arrays(self) -> dict[str, np.ndarray]:
+        return {"delta": self.delta}
+
+    def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
+        self.delta = arrays["delta"]
