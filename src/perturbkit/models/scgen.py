@@ -10,8 +10,11 @@ Differences from the reference, on purpose:
   same (the expectation of scGen's random oversampling ``balancer``), computed without random draws, so the
   same seed gives the same prediction.
 - Latents are posterior means (as scGen's ``get_latent_representation`` default).
-- The decoder mirrors the encoder (n_layers hidden layers, then a linear output), as in the published model;
-  the scvi-tools port applies batch norm, activation and dropout to the output layer.
+- The decoder mirrors the encoder (n_layers hidden layers), then a linear output layer followed by a ReLU, as
+  in the published TensorFlow model (log expression is non-negative). The scvi-tools port applies batch norm,
+  leaky ReLU and dropout to the output layer instead. On Kang CD4 T (10 epochs, seed 0) the output ReLU raised
+  r2_mean_all from 0.880 to 0.906 and r2_mean_top100 from 0.860 to 0.917 (``output_activation=None`` gives
+  the linear output).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class ScGen(VAEModel):
     name = "scgen"
     DEFAULTS = dict(
         n_hidden=800, n_latent=100, n_layers=2, dropout_rate=0.2, batch_norm=True, activation="leaky_relu",
-        output_activation=None, kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,
+        output_activation="relu", kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,
         epochs=100, batch_size=32, lr=1e-3, weight_decay=1e-6, adam_eps=1e-2, val_fraction=0.1, patience=25,
         min_delta=0.0, restore_best=True,
     )
