@@ -478,3 +478,14 @@ def test_normalise_by_group():
     out = M.normalise(table, by=["cell_type"]).set_index(["cell_type", "model"])
     assert out.loc[("B", "scgen"), "value"] == pytest.approx(0.25)
     assert out.loc[("T", "scgen"), "value"] == pytest.approx(1.0)
+
+
+def test_pearson_delta_of_no_change_is_zero():
+    """The control baseline (pred == source) has dp = 0 for every gene: scored 0, not undefined."""
+    rng = np.random.default_rng(3)
+    genes = [f"g{i}" for i in range(30)]
+    source = make(rng.gamma(2, 1, size=(40, 30)), genes, "s")
+    truth = make(rng.gamma(2, 1, size=(40, 30)) + np.linspace(0, 2, 30), genes, "t")
+    pred = make(np.asarray(source.X), genes, "p")
+    table = M.evaluate(truth, pred, source, metrics=["pearson_delta", "pearson_delta_top100"], n_boot=0)
+    assert table.value.tolist() == [0.0, 0.0] and (table.error == "").all()

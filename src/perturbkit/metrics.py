@@ -456,9 +456,13 @@ def _r2score(true: np.ndarray, pred: np.ndarray) -> float:
     return float(r2_score(true, pred))
 
 
-def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+def _pearson(x: np.ndarray, y: np.ndarray, *, constant_x: float | None = None) -> float:
+    """Pearson r of x and y; ``constant_x`` (if given) is returned when x alone is constant."""
     xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(xc @ xc) * float(yc @ yc))
+    sx, sy = float(xc @ xc), float(yc @ yc)
+    if sx == 0 and sy != 0 and constant_x is not None:
+        return constant_x
+    den = math.sqrt(sx * sy)
     if den == 0:
         raise ValueError("Pearson correlation is undefined: one of the two vectors is constant")
     return float(xc @ yc) / den
@@ -505,14 +509,18 @@ def mae_mean(d: EvalData) -> float:
 
 
 def pearson_delta(d: EvalData) -> float:
-    """Pearson r of ``pred_mean - source_mean`` vs ``truth_mean - source_mean`` over all genes."""
-    return _pearson(d.pred_mean - d.source_mean, d.truth_mean - d.source_mean)
+    """Pearson r of ``pred_mean - source_mean`` vs ``truth_mean - source_mean`` over all genes.
+
+    A prediction whose change is the same for every gene (e.g. the ``control`` baseline: no change at all)
+    has no correlation with the real change and scores 0 (Pearson r is undefined there; scipy returns NaN).
+    """
+    return _pearson(d.pred_mean - d.source_mean, d.truth_mean - d.source_mean, constant_x=0.0)
 
 
 def pearson_delta_top100(d: EvalData) -> float:
     """Pearson r of ``pred_mean - source_mean`` vs ``truth_mean - source_mean`` over the top real DEGs."""
     i = d.top_idx
-    return _pearson(d.pred_mean[i] - d.source_mean[i], d.truth_mean[i] - d.source_mean[i])
+    return _pearson(d.pred_mean[i] - d.source_mean[i], d.truth_mean[i] - d.source_mean[i], constant_x=0.0)
 
 
 def r2score_delta(d: EvalData) -> float:
@@ -616,11 +624,13 @@ METRICS: MappingProxyType[str, Metric] = MappingProxyType(
         ),
         "pearson_delta": Metric(
             "pearson_delta", pearson_delta, True,
-            "Pearson r of (pred mean - source mean) vs (truth mean - source mean), all genes", True,
+            "Pearson r of (pred mean - source mean) vs (truth mean - source mean), all genes; 0 if pred "
+            "changes every gene equally", True,
         ),
         "pearson_delta_top100": Metric(
             "pearson_delta_top100", pearson_delta_top100, True,
-            "Pearson r of (pred mean - source mean) vs (truth mean - source mean), top-100 real DEGs", True,
+            "Pearson r of (pred mean - source mean) vs (truth mean - source mean), top-100 real DEGs; 0 if "
+            "pred changes them equally", True,
         ),
         "r2score_delta": Metric(
             "r2score_delta", r2score_delta, True,

@@ -158,20 +158,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     timings["fit_s"], timings["predict_s"] = fit_times, pred_times
 
     t = time.perf_counter()
-    tables, notes, embedding = [], {}, None
-    for name in names:
-        tab = metrics.evaluate(target, preds[name], source, cfg.spec, metric_names, n_boot=cfg.n_boot,
-                               seed=cfg.seed)
-        tables.append(tab.assign(model=name))
-        notes[name] = tab.attrs.get("notes", [])
-        embedding = embedding or tab.attrs.get("embedding")
-    ceil = metrics.ceiling(target, source, seed=cfg.seed, metrics=metric_names)
-    tables.append(ceil.assign(model="ceiling"))
-    scores = pd.concat(tables, ignore_index=True)
-    norm = metrics.normalise(scores, baseline="control", ceiling="ceiling")
-    scores = pd.concat([scores, norm[norm.model != "ceiling"]], ignore_index=True)
-    cols = ["model", "metric", "value", "ci_low", "ci_high", "higher_is_better", "error"]
-    scores = scores[cols]
+    scores, eval_info = score_predictions(target, source, preds, metric_names, n_boot=cfg.n_boot, seed=cfg.seed)
     timings["evaluate_s"] = time.perf_counter() - t
     top = metrics.top_degs(target, source, 100)
 
@@ -210,15 +197,44 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         "split": task.to_dict(adata.obs_names),
         "models": {name: {"params": fitted[name].params, "fit": fitted[name].fit_info} for name in names},
         "loaded_model": str(load_model) if load_model is not None else None,
-        "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95, "top_degs": top,
-                       "embedding": embedding, "notes": notes,
-                       "ceiling": "one random half of the real target cells scored against the other half",
-                       "normalised": "(model - control) / (ceiling - control), rows with metric suffix _norm"},
+        "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95, "top_degs": top, **eval_info},
         "timings": timings,
         "outputs": {name: data.sha256(out / name) for name in OUTPUTS if name != "record.json"},
     }
     _io.atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default) + "\n")
     return record
+
+
+SCORE_COLUMNS = ("model", "metric", "value", "ci_low", "ci_high", "higher_is_better", "error")
+
+
+def score_predictions(target, source, preds: dict, metric_names=None, *, n_boot: int = 100, seed: int = 0,
+                      baseline: str = "control"):
+    """Score several models' predictions of one task; add the ceiling and baseline-normalised rows.
+
+    ``preds`` maps model name -> predicted AnnData (it should hold ``baseline``). Returns the tidy table
+    (columns :data:`SCORE_COLUMNS`; the ceiling's rows have model ``"ceiling"``, normalised rows a metric
+    suffixed ``_norm``) and a dict describing the evaluation (embedding, notes) for the record.
+    """
+    import pandas as pd
+
+    from . import metrics
+
+    tables, notes, embedding = [], {}, None
+    for name, pred in preds.items():
+        tab = metrics.evaluate(target, pred, source, None, metric_names, n_boot=n_boot, seed=seed)
+        tables.append(tab.assign(model=name))
+        notes[name] = tab.attrs.get("notes", [])
+        embedding = embedding or tab.attrs.get("embedding")
+    tables.append(metrics.ceiling(target, source, seed=seed, metrics=metric_names).assign(model="ceiling"))
+    scores = pd.concat(tables, ignore_index=True)
+    if baseline in preds:
+        norm = metrics.normalise(scores, baseline=baseline, ceiling="ceiling")
+        scores = pd.concat([scores, norm[norm.model != "ceiling"]], ignore_index=True)
+    info = {"embedding": embedding, "notes": notes,
+            "ceiling": "one random half of the real target cells scored against the other half",
+            "normalised": f"(model - {baseline}) / (ceiling - {baseline}), rows with metric suffix _norm"}
+    return scores[list(SCORE_COLUMNS)], info
 
 
 def _json_default(o):
