@@ -37,14 +37,22 @@ class Model:
         self.fit_info: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------------- public API
-    def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False) -> Model:
-        """Learn the response from ``adata`` (the training cells: every cell except the held-out target)."""
+    def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False, callback=None) -> Model:
+        """Learn the response from ``adata`` (the training cells: every cell except the held-out target).
+
+        ``callback(epoch, history)``: for models that train (``needs_torch``), called after every training epoch
+        with the model usable for :meth:`predict` at its current weights; returning True stops training early.
+        Models that do not train ignore it.
+        """
         from ..data import validate
 
         validate(adata, spec)
         self.spec = spec
         self.var_names = [str(v) for v in adata.var_names]
-        self._fit(adata, spec, seed=seed, progress=progress)
+        if callback is not None and self.needs_torch:
+            self._fit(adata, spec, seed=seed, progress=progress, callback=callback)
+        else:
+            self._fit(adata, spec, seed=seed, progress=progress)
         return self
 
     def predict(self, source):
@@ -156,15 +164,25 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
-def balanced_means(X: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec) -> tuple[np.ndarray, np.ndarray]:
+def balanced_means(X: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
+                   contexts: str = "paired") -> tuple[np.ndarray, np.ndarray]:
     """Per condition, the mean over contexts of each context's mean row (every context weighs the same).
 
     This is the deterministic expectation of scGen's ``balancer`` (which oversamples every cell type of a
     condition to the size of the largest one at random before averaging).
+
+    ``contexts="paired"`` (default) averages only over contexts that have cells of both conditions, so the
+    difference of the two means holds no cell-type composition. ``contexts="all"`` is the reference scGen: the
+    control mean also includes the held-out context's control cells (which have no perturbed partner), which
+    leaks that cell type's offset from the average into the delta with weight 1 / n_contexts.
     """
+    if contexts not in ("paired", "all"):
+        raise InputError(f"delta_contexts must be 'paired' or 'all', got {contexts!r}.")
+    labels = (spec.control, spec.perturbed)
+    have = [set(np.unique(ctx[cond == label])) for label in labels]
     out = []
-    for label in (spec.control, spec.perturbed):
+    for label, present in zip(labels, have):
+        use = sorted(have[0] & have[1]) if contexts == "paired" else sorted(present)
         rows = cond == label
-        means = [X[rows & (ctx == c)].mean(axis=0) for c in np.unique(ctx[rows])]
-        out.append(np.mean(means, axis=0))
+        out.append(np.mean([X[rows & (ctx == c)].mean(axis=0) for c in use], axis=0))
     return out[0], out[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -22,9 +23,11 @@ class TrainConfig:
     weight_decay: float = 1e-6
     adam_eps: float = 1e-2  # scvi-tools' TrainingPlan default, which the scGen reference trains with
     val_fraction: float = 0.1
-    patience: int = 25  # epochs without validation improvement before stopping (scGen tutorial: 25)
+    patience: int | None = 25  # epochs without validation improvement before stopping (scGen tutorial: 25)
     min_delta: float = 0.0
     restore_best: bool = True
+    grad_clip: float | None = None  # max global L2 norm of the gradients per step (None: no clipping)
+    precision: str = "float32"  # "float32" | "bfloat16": bfloat16 autocast of the training steps (CPU)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,13 +55,19 @@ def to_tensor(X) -> torch.Tensor:
 
 
 def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, progress: bool = True,
-              desc: str = "training") -> History:
+              desc: str = "training", callback=None) -> History:
     """Train ``module`` on the rows of ``X`` in place and return its history.
 
     All randomness (validation split, shuffling, dropout, reparameterisation noise) is drawn from torch's RNG
     inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's global RNG state is untouched and
     the same seed and thread count give the same weights.
+
+    ``callback(epoch, history)``, if given, is called after every epoch (``epoch`` counts from 1) with the
+    module in eval mode; returning True stops training (``history.stopped_early``), an exception propagates.
+    It runs inside its own ``fork_rng``, so a callback never changes the training's random draws.
     """
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     n = X.shape[0]
     hist = History()
     t0 = time.perf_counter()
@@ -68,7 +77,7 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
         n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 and n >= 20 else 0
         X_val, X_tr = X[perm[:n_val]], X[perm[n_val:]]
         hist.n_train, hist.n_val = X_tr.shape[0], n_val
-        opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+        opt = _adam(module, cfg)
         bs = max(2, min(cfg.batch_size, X_tr.shape[0]))
         n_batches = X_tr.shape[0] // bs + (1 if X_tr.shape[0] % bs >= 2 else 0)  # a 1-cell batch breaks BN
         best, best_state, bad = math.inf, None, 0
@@ -79,9 +88,12 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
             total = 0.0
             for b in range(n_batches):
                 xb = X_tr[order[b * bs:(b + 1) * bs]]
-                out = module.loss(xb)
+                with _autocast(cfg.precision):
+                    out = module.loss(xb)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip, foreach=True)
                 opt.step()
                 total += out.loss.item() * xb.shape[0]
             hist.train_loss.append(total / X_tr.shape[0])
@@ -101,7 +113,13 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
             if bar is not None:
                 bar.set_postfix(loss=f"{hist.train_loss[-1]:.3f}", val=f"{monitor:.3f}")
                 bar.update(1)
-            if bad >= cfg.patience:
+            if callback is not None:
+                module.eval()
+                with torch.random.fork_rng(devices=[]):
+                    if callback(epoch + 1, hist):
+                        hist.stopped_early = True
+                        break
+            if cfg.patience is not None and bad >= cfg.patience:
                 hist.stopped_early = True
                 break
         if bar is not None:
@@ -111,6 +129,25 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
     module.eval()
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def _autocast(precision: str):
+    """bfloat16 autocast of the forward pass (weights, gradients and Adam state stay float32), or a no-op."""
+    if precision == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _adam(module: VAE, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam with the fused CPU kernel where torch has it (>= 2.4): 2-3x faster steps than the per-tensor loop."""
+    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    try:
+        return torch.optim.Adam(module.parameters(), fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(module.parameters(), **kwargs)
 
 
 def _bar(total: int, desc: str, enabled: bool):

@@ -85,8 +85,9 @@ class VAE(nn.Module):
         cfg = self.cfg
         x_in = x + cfg.input_noise * torch.randn_like(x) if (cfg.input_noise > 0 and self.training) else x
         mu, logvar = self.encode(x_in)
+        mu, logvar = mu.float(), logvar.float()  # the loss in float32 under bfloat16 autocast (else a no-op)
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
-        x_hat = self.decode(z)
+        x_hat = self.decode(z).float()
         recon = (x - x_hat).pow(2).sum(dim=1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)
         loss = (cfg.recon_scale * recon + cfg.kl_scale * cfg.kl_weight * kl).mean()

@@ -16,7 +16,7 @@ from ._base import Model, dense
 VAE_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "batch_norm", "activation", "output_activation",
             "kl_weight", "recon_scale", "kl_scale", "input_noise")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "adam_eps", "val_fraction", "patience", "min_delta",
-              "restore_best")
+              "restore_best", "grad_clip", "precision")
 
 
 class VAEModel(Model):
@@ -41,29 +41,35 @@ class VAEModel(Model):
     def _vae_config(self, n_input: int):
         from ._vae import VAEConfig
 
-        return VAEConfig(n_input=n_input, **{k: self.params[k] for k in VAE_KEYS})
+        return VAEConfig(n_input=n_input, **{k: self.params[k] for k in VAE_KEYS if k in self.params})
 
     def _train_config(self):
         from ._train import TrainConfig
 
-        return TrainConfig(**{k: self.params[k] for k in TRAIN_KEYS})
+        return TrainConfig(**{k: self.params[k] for k in TRAIN_KEYS if k in self.params})  # absent: the default
 
     # ---------------------------------------------------------------------------------------------- fit
-    def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
+    def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool, callback=None) -> None:
         import torch
 
         from ._train import to_tensor, train_vae
         from ._vae import VAE
 
         X = to_tensor(adata.X)
+        cond = adata.obs[spec.condition_key].astype(str).to_numpy()
+        ctx = adata.obs[spec.context_key].astype(str).to_numpy()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.module = VAE(self._vae_config(X.shape[1]))
+        hook = None
+        if callback is not None:
+            def hook(epoch, history):  # make the model usable for predict() at the current weights
+                self.history = history
+                self._fit_transfer(self._encode(X), cond, ctx, spec, seed=seed)
+                return callback(epoch, history)
         self.history = train_vae(self.module, X, self._train_config(), seed=seed, progress=progress,
-                                 desc=f"{self.name} training")
+                                 desc=f"{self.name} training", callback=hook)
         z = self._encode(X)
-        cond = adata.obs[spec.condition_key].astype(str).to_numpy()
-        ctx = adata.obs[spec.context_key].astype(str).to_numpy()
         self._fit_transfer(z, cond, ctx, spec, seed=seed)
         self.fit_info = {"history": self.history.to_dict(), "seed": seed,
                          "torch_threads": torch.get_num_threads(), "latent": "posterior mean"}

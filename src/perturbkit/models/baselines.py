@@ -23,8 +23,8 @@ class Control(Model):
 class MeanShift(Model):
     """Add the class-balanced mean expression difference (perturbed - control) of the training cells.
 
-    Every context weighs the same within each condition, as in scGen's latent delta; the shift is applied in
-    expression space instead of latent space.
+    Every context seen in both conditions weighs the same within each condition, as in scGen's latent delta;
+    the shift is applied in expression space instead of latent space.
     """
 
     name = "mean_shift"
