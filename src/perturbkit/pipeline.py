@@ -101,7 +101,8 @@ def _threads(n: int | None) -> int:
 
 
 def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, log=print, force: bool = False,
-                save_model: str | Path | None = None, load_model: str | Path | None = None) -> dict[str, Any]:
+                save_model: str | Path | None = None, load_model: str | Path | None = None,
+                command: str | None = None) -> dict[str, Any]:
     """Run one held-out prediction task and write its outputs into ``out``; returns the record dict."""
     import pandas as pd
 
@@ -180,7 +181,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     record = {
         "kind": RECORD_KIND,
         "config": config,
-        "command": None,
+        "command": command,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t_start)),
         "versions": versions(),
         "platform": {"system": platform.platform(), "machine": platform.machine(),
