@@ -1,10 +1,17 @@
-"""Atomic writes: every result file appears complete or not at all (temporary name, then rename)."""
+"""Atomic writes: every result file appears complete or not at all (temporary name, then rename).
+
+:func:`signals_as_interrupt` turns SIGTERM into an exception while a command runs, so an interrupted write
+removes its temporary file instead of leaving it behind (SIGKILL cannot be caught: a ``.NAME.*.tmp*`` file may
+then remain; :func:`remove_stale_temps` clears those).
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +20,10 @@ from pathlib import Path
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
     path = Path(path)
+    if path.is_dir():
+        from .errors import InputError
+
+        raise InputError(f"{str(path)!r} is a directory; give the path of a file to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
@@ -39,3 +50,50 @@ def atomic_write_with(path, writer: Callable[[Path], None]) -> None:
     """Call ``writer(tmp_path)`` and rename the result onto ``path`` (for h5ad, png, csv writers)."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Temporary files :func:`atomic_path` left in ``folder`` (only after SIGKILL or a power cut)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
+    if names is not None:
+        names = tuple(names)
+        found = [p for p in found if any(p.name.startswith(f".{n}.") for n in names)]
+    return sorted(found)
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the temporary files of :func:`temp_files`; returns what was removed."""
+    removed = temp_files(folder, names)
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
+
+
+def _raise_interrupted(signum, frame):
+    from .errors import Interrupted
+
+    raise Interrupted(signum)
+
+
+@contextmanager
+def signals_as_interrupt(signums=(signal.SIGTERM,)):
+    """While inside, the given signals raise :class:`~perturbkit.errors.Interrupted` (a KeyboardInterrupt).
+
+    So ``kill PID`` unwinds like Ctrl-C: :func:`atomic_path` deletes its temporary file and nothing
+    half-written is left. The previous handlers are restored on exit. Outside the main thread (where Python
+    cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for s in signums:
+        previous[s] = signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

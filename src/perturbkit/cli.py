@@ -84,6 +84,12 @@ def _config(args, *, data: str, model: str, holdout: str, spec):
                          seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot, threads=args.threads)
 
 
+def _command() -> str:
+    import shlex
+
+    return shlex.join(["perturbkit", *sys.argv[1:]])
+
+
 def _print_table(out: Path) -> None:
     from .pipeline import summary
 
@@ -99,9 +105,10 @@ def cmd_predict(args) -> int:
                        context_key=args.context_key)
     cfg = _config(args, data=args.data, model=args.model, holdout=args.holdout, spec=spec)
     run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
-                load_model=args.load_model)
+                load_model=args.load_model, command=_command())
     _print_table(Path(args.out))
-    print(f"wrote {args.out}/pred.h5ad, scores.csv, record.json, reg_mean.png")
+    extra = ", attention.png" if (Path(args.out) / "attention.png").exists() else ""
+    print(f"wrote {args.out}/pred.h5ad, scores.csv, record.json, reg_mean.png{extra}")
     return 0
 
 
@@ -111,7 +118,8 @@ def cmd_demo(args) -> int:
 
     print("perturbkit demo: scGen on Kang 2018 PBMC (control vs IFN-beta), CD4 T cells held out")
     cfg = _config(args, data="kang2018", model="scgen", holdout="CD4 T cells", spec=DATASETS["kang2018"].spec)
-    run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model)
+    run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
+                command=_command())
     _print_table(Path(args.out))
     print(f"outputs in {args.out}/ (scores.csv has every metric with 95% bootstrap intervals)")
     return 0
@@ -119,8 +127,12 @@ def cmd_demo(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from . import _io, data, metrics
+    from .errors import InputError
 
-    truth, pred, source = (data.read_h5ad(p) for p in (args.truth, args.pred, args.source))
+    if Path(args.out).is_dir():  # before the work, not after it
+        raise InputError(f"--out {args.out!r} is a directory; give the path of the CSV file to write.")
+    truth, pred, source = (data.read_h5ad(p, f"--{w}") for p, w in ((args.truth, "truth"), (args.pred, "pred"),
+                                                                     (args.source, "source")))
     names = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     table = metrics.evaluate(truth, pred, source, metrics=names, n_boot=args.n_boot, seed=args.seed)
     _io.atomic_write_text(args.out, table.to_csv(index=False, float_format="%.10g", lineterminator="\n"))
@@ -146,6 +158,131 @@ def cmd_list(args) -> int:
         for name, ds in DATASETS.items():
             print(f"{name:12s} {ds.reference} doi:{ds.doi}")
     return 0
+
+
+def cmd_tune(args) -> int:
+    from .tune import load_config, run
+
+    cfg = load_config(args.config)
+    record = run(cfg, args.out, trials=args.trials, storage=args.storage, study=args.study, worker=args.worker,
+                 worker_only=args.worker_only, threads=args.threads, progress=not args.no_progress,
+                 command=_command(), config_text=Path(args.config).read_text())
+    if args.worker_only:
+        print(f"worker {args.worker}: ran {len(record['trials'])} trials of study {record['study']!r}")
+        return 0
+    best = record["best"]
+    print(f"best trial {best['trial']}: validation {best['metric']} = {best['validation_value']:.4f}")
+    print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["sampled"].items()))
+    import pandas as pd
+
+    summ = pd.read_csv(Path(args.out) / "final_summary.csv")
+    summ = summ[summ.metric.isin([best["metric"], "r2_mean_top100", "pearson_delta"])]
+    print(summ[["model", "metric", "n_seeds", "mean", "ci_low", "ci_high"]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"wrote {args.out}/trials.csv, best_params.json, final_summary.csv, importance.csv, figures, record.json, "
+          "ro-crate-metadata.json")
+    return 0
+
+
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="tune a model's hyperparameters with Optuna on a validation task",
+                       description="Optuna study (TPE, median pruning) scored on a validation task carved from the "
+                       "training cells; then the best and the default parameters are retrained on the real "
+                       "held-out target over several seeds. See docs/tune.md.")
+    p.add_argument("config", help="tuning config (TOML), e.g. configs/tune_scgen_kang.toml")
+    p.add_argument("--trials", type=int, default=None,
+                   help="total trials of the study, those already stored included (default: the config's)")
+    p.add_argument("--storage", default=None, help="Optuna storage URL, e.g. postgresql://user@host/db, shared by "
+                   "workers (default: sqlite file OUT/study.db)")
+    p.add_argument("--study", default=None, help="study name (default: from the model and a hash of the config)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--worker", type=int, default=0, help="this worker's number (offsets the sampler seed; give "
+                   "each concurrent process its own)")
+    p.add_argument("--worker-only", action="store_true",
+                   help="only run trials; a later run without this flag writes the results")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's or torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_bench(args) -> int:
+    import signal
+
+    from . import bench
+
+    def log(*parts):
+        print(*parts, file=sys.stderr, flush=True)
+
+    cfg = bench.load_config(args.config)
+    if args.list_cells:
+        for item in bench.list_cells(cfg, args.out, as_dicts=args.json):
+            print(json.dumps(item) if args.json else item)
+        return 0
+    if args.out is None:
+        from .errors import InputError
+
+        raise InputError("--out DIR is required (the run directory); only --list-cells works without it.")
+    # SIGTERM (a workflow engine or a batch system stopping the job) unwinds like Ctrl-C, so the temporary
+    # file being written is removed; finished cells are complete and the next run skips them.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        if args.aggregate and not args.cell:
+            bench.aggregate(args.config, args.out, partial=args.partial, log=log)
+        else:
+            bench.run(args.config, args.out, cells=args.cell or None, do_aggregate=not args.cell or args.aggregate,
+                      partial=args.partial, progress=not args.no_progress, log=log)
+    except bench.CellsFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = Path(args.out)
+    if (args.aggregate or not args.cell) and (out / "summary.csv").exists():
+        print(bench.headline(out))
+        print(f"wrote {out}/scores.csv, summary.csv, figures/, report.html, ro-crate-metadata.json")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark config: scenarios x models x seeds, scores, figures, crate",
+                       description="Run every cell (scenario, split, model, seed) of a benchmark config into a run "
+                       "directory, skipping finished cells, then aggregate scores.csv, summary.csv, figures, "
+                       "report.html and ro-crate-metadata.json. --list-cells / --cell / --aggregate run the steps "
+                       "separately (for workflow engines). See docs/bench.md.")
+    p.add_argument("config", help="benchmark config (TOML), e.g. configs/kang.toml")
+    p.add_argument("--out", default=None, help="run directory (new, empty, or a run of the same config to resume)")
+    p.add_argument("--list-cells", action="store_true", help="print the cell ids, one per line, and exit")
+    p.add_argument("--json", action="store_true", help="with --list-cells: one JSON object per line (id, "
+                   "scenario, split, context, model, seed, finished)")
+    p.add_argument("--cell", action="append", default=[], metavar="ID",
+                   help="run only this cell (repeatable); writes DIR/cells/ID/ and does not aggregate")
+    p.add_argument("--aggregate", action="store_true", help="only build the tables, figures, report and crate "
+                   "from the finished cells (with --cell: after running them)")
+    p.add_argument("--partial", action="store_true", help="aggregate even though some cells have not finished")
+    p.add_argument("--no-progress", action="store_true", help="no training progress bars")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_report(args) -> int:
+    from . import bench, report
+
+    path = report.write_report(args.dir, args.output)
+    if args.output is None and (Path(args.dir) / "ro-crate-metadata.json").exists():
+        bench.write_crate(args.dir)  # the crate lists report.html with its new checksum
+    print(f"wrote {path}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="write a self-contained report.html of a bench run directory")
+    p.add_argument("dir", help="bench run directory")
+    p.add_argument("--output", default=None, help="HTML file to write (default: DIR/report.html)")
+    p.set_defaults(func=cmd_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,24 +311,46 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list metrics, models or datasets")
     p.add_argument("what", choices=("metrics", "models", "datasets"))
     p.set_defaults(func=cmd_list)
+    _add_tune(sub)
+    _add_bench(sub)
+    _add_report(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.debug:
-        return args.func(args)
-    from .errors import InputError
+    import warnings
 
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished files are complete, unfinished ones were not written", file=sys.stderr)
-        return 130
+    from ._io import signals_as_interrupt
+    from .errors import InputError, InputWarning
+
+    # SIGTERM unwinds like Ctrl-C so temporary files are removed. perturbkit's own warnings print once as one
+    # "warning: ..." line; other libraries' warnings only with --debug.
+    with signals_as_interrupt(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        show, own, shown = warnings.showwarning, str(Path(__file__).parent), set()
+
+        def showwarning(msg, cat, filename, lineno, file=None, line=None):
+            if (str(msg), cat) in shown:
+                return
+            shown.add((str(msg), cat))
+            if issubclass(cat, InputWarning) or str(filename).startswith(own):
+                print(f"warning: {msg}", file=sys.stderr)
+            elif args.debug:
+                show(msg, cat, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        if args.debug:
+            return args.func(args)
+        try:
+            return args.func(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as exc:
+            print("interrupted; finished files are complete, unfinished ones were not written", file=sys.stderr)
+            return getattr(exc, "exit_code", 130)
 
 
 if __name__ == "__main__":

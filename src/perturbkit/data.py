@@ -110,27 +110,42 @@ def dataset_path(name: str) -> Path:
     return path
 
 
-def read_h5ad(path: str | os.PathLike):
-    """Read an .h5ad file with errors that say what is wrong with it."""
+def read_h5ad(path: str | os.PathLike, what: str = "--data"):
+    """Read an .h5ad file with errors that say what is wrong with it (``what`` names the option in them)."""
     import anndata as ad
+    import h5py
 
     path = Path(path)
     if not path.exists():
-        raise InputError(f"--data: file {str(path)!r} does not exist. Give an existing .h5ad file or 'kang2018'.")
+        hint = " Give an existing .h5ad file or 'kang2018'." if what == "--data" else " Give an existing .h5ad file."
+        raise InputError(f"{what}: file {str(path)!r} does not exist.{hint}")
     if path.is_dir():
-        raise InputError(f"--data: {str(path)!r} is a directory, not an .h5ad file.")
+        raise InputError(f"{what}: {str(path)!r} is a directory, not an .h5ad file.")
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
         raise InputError(
-            f"--data: {str(path)!r} is not an HDF5/.h5ad file (it does not start with the HDF5 signature). "
+            f"{what}: {str(path)!r} is not an HDF5/.h5ad file (it does not start with the HDF5 signature). "
             "Save your AnnData with adata.write_h5ad(path)."
+        )
+    try:
+        with h5py.File(path, "r") as fh:
+            keys = set(fh.keys())
+    except Exception as exc:  # truncated or corrupt HDF5
+        raise InputError(
+            f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
+            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path)."
+        ) from None
+    if not {"obs", "var"} <= keys:
+        raise InputError(
+            f"{what}: {str(path)!r} is an HDF5 file but not an AnnData .h5ad (it has no 'obs' and 'var' groups; "
+            f"top-level keys: {choices_text(keys) or 'none'}). Save your AnnData with adata.write_h5ad(path)."
         )
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for truncated or corrupt files
         raise InputError(
-            f"--data: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
+            f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
             "The file may be truncated or corrupt; write it again with adata.write_h5ad(path)."
         ) from None
 
@@ -184,14 +199,42 @@ def _values(X) -> np.ndarray:
     return X.data if sp.issparse(X) else np.asarray(X).ravel()
 
 
+def check_adata(adata, what: str = "data") -> None:
+    """Raise unless ``adata`` is an AnnData-like object with a 2-d numeric X."""
+    if not all(hasattr(adata, a) for a in ("X", "obs", "var", "obs_names", "var_names", "n_obs", "n_vars")):
+        raise InputError(
+            f"{what}: expected an AnnData object, got {type(adata).__name__}. "
+            "Build one with anndata.AnnData(X=matrix, obs=cell_table, var=gene_table)."
+        )
+    if adata.X is None:
+        layers = list(getattr(adata, "layers", {}).keys())
+        fix = (f"it has layers {choices_text(layers)}: set e.g. adata.X = adata.layers[{layers[0]!r}]"
+               if layers else "put the expression matrix in adata.X")
+        raise InputError(f"{what}: X is None (the AnnData holds no expression matrix); {fix}.")
+    if len(getattr(adata.X, "shape", ())) != 2:
+        raise InputError(f"{what}: X must be a 2-d cells x genes matrix, got shape {getattr(adata.X, 'shape', None)}.")
+
+
+def _n_varying(X) -> int:
+    """Number of genes (columns) whose value is not the same in every cell."""
+    X = X.tocsc() if sp.issparse(X) else np.asarray(X)
+    lo = np.asarray(X.min(axis=0).todense() if sp.issparse(X) else X.min(axis=0)).ravel()
+    hi = np.asarray(X.max(axis=0).todense() if sp.issparse(X) else X.max(axis=0)).ravel()
+    return int((hi > lo).sum())
+
+
 def check_matrix(adata, what: str = "data") -> None:
-    """Raise if X is empty or holds NaN, infinite or negative values."""
+    """Raise if X is missing or empty, holds NaN, infinite, negative or too large values, or names repeat."""
+    check_adata(adata, what)
     if adata.n_obs == 0 or adata.n_vars == 0:
-        raise InputError(f"{what}: the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+        raise InputError(
+            f"{what}: the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes). If it was selected "
+            "from a larger object, check the selection (labels, keys) that produced it."
+        )
     vals = _values(adata.X)
     if vals.dtype.kind not in "fiub":
         raise InputError(f"{what}: X has dtype {vals.dtype}; expected numbers. Convert with adata.X.astype(float).")
-    if not np.all(np.isfinite(vals)):
+    if vals.dtype.kind == "f" and not np.all(np.isfinite(vals)):
         n_bad = int((~np.isfinite(vals)).sum())
         raise InputError(
             f"{what}: X holds {n_bad} NaN or infinite values. Remove or impute them before running "
@@ -202,6 +245,11 @@ def check_matrix(adata, what: str = "data") -> None:
             f"{what}: X holds negative values (min {vals.min():.3g}). perturbkit expects raw counts or "
             "log-normalised expression, not scaled/centred data; use the unscaled matrix (e.g. adata.raw)."
         )
+    if vals.size and float(vals.max()) > float(np.finfo(np.float32).max):
+        raise InputError(
+            f"{what}: X holds values up to {float(vals.max()):.3g}, beyond float32 range (models compute in "
+            "float32). Check the matrix: expression values this large are not counts or log data."
+        )
     for axis, names in (("obs_names (cells)", adata.obs_names), ("var_names (genes)", adata.var_names)):
         if not names.is_unique:
             dup = names[names.duplicated()][:3].tolist()
@@ -210,7 +258,33 @@ def check_matrix(adata, what: str = "data") -> None:
 
 
 def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells: int = 3) -> None:
-    """Check ``adata`` against ``spec`` (and the held-out context); raise :class:`InputError` if unusable."""
+    """Check ``adata`` against ``spec`` (and the held-out context); raise :class:`InputError` if unusable.
+
+    With ``holdout``, a training context holding only one of the two conditions is allowed (scGen does the
+    same) but an :class:`~perturbkit.errors.InputWarning` says so: its cells train the autoencoder and enter
+    the balanced mean of their condition, but it has no response of its own.
+    """
+    if not isinstance(spec, PerturbSpec):
+        raise InputError(
+            f"spec must be a PerturbSpec, got {type(spec).__name__}; e.g. PerturbSpec(condition_key='condition', "
+            "control='control', perturbed='stimulated', context_key='cell_type')."
+        )
+    for name in ("condition_key", "context_key", "control", "perturbed"):
+        value = getattr(spec, name)
+        if not isinstance(value, str):
+            raise InputError(
+                f"PerturbSpec.{name} must be a string, got {type(value).__name__} {value!r} (obs labels are "
+                f"compared as text); use {str(value)!r}."
+            )
+    if spec.condition_key == spec.context_key:
+        raise InputError(
+            f"--condition-key and --context-key are both {spec.condition_key!r}; the context (e.g. cell type) "
+            "must be a different obs column from the condition."
+        )
+    if holdout is not None and not isinstance(holdout, str):
+        raise InputError(f"--holdout must be a string, got {type(holdout).__name__} {holdout!r}; use {str(holdout)!r}.")
+    if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)) or min_cells < 1:
+        raise InputError(f"min_cells must be a positive integer, got {min_cells!r}.")
     check_matrix(adata)
     obs = adata.obs
     for flag, key in (("--condition-key", spec.condition_key), ("--context-key", spec.context_key)):
@@ -261,9 +335,29 @@ def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells:
                 f"No context other than {holdout!r} has perturbed cells, so no response can be learned. "
                 "Each training context needs both conditions."
             )
+        one_sided = []
+        for c in sorted(set(ctx[train & cond.isin([spec.control, spec.perturbed])]) - {holdout}):
+            has = {label for label in (spec.control, spec.perturbed) if ((ctx == c) & (cond == label)).any()}
+            if len(has) == 1:
+                one_sided.append(f"{c!r} ({next(iter(has))} only)")
+        if one_sided:
+            import warnings
+
+            from .errors import InputWarning
+
+            warnings.warn(
+                f"context(s) {', '.join(one_sided[:5])}{' ...' if len(one_sided) > 5 else ''} of "
+                f"obs[{spec.context_key!r}] hold only one condition; they are used for training but have no "
+                "response of their own and shift that condition's balanced mean. Drop them if unintended.",
+                InputWarning, stacklevel=3,
+            )
 
 
 # -------------------------------------------------------------------------------------- preprocessing
+
+
+#: largest value expected in log-normalised data (log1p of counts normalised to 1e4 is about 9.2)
+LOG_MAX = 30.0
 
 
 def looks_like_counts(X) -> bool:
@@ -295,14 +389,35 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     import scanpy as sc
 
     check_matrix(adata)
+    if not isinstance(pp, Preprocessing):
+        raise InputError(f"pp must be a Preprocessing, got {type(pp).__name__}.")
+    if pp.normalize not in (None, True, False):
+        raise InputError(f"Preprocessing.normalize must be None (detect), True or False, got {pp.normalize!r}.")
+    if pp.n_top_genes is not None and (isinstance(pp.n_top_genes, bool) or not isinstance(pp.n_top_genes, int)
+                                       or pp.n_top_genes < 0):
+        raise InputError(f"--n-top-genes must be an integer >= 0 (0 keeps all genes), got {pp.n_top_genes!r}.")
+    if not (isinstance(pp.target_sum, (int, float)) and pp.target_sum > 0):
+        raise InputError(f"target_sum must be a positive number, got {pp.target_sum!r}.")
+    vmax = float(_values(adata.X).max()) if _values(adata.X).size else 0.0
+    if vmax == 0:
+        raise InputError(
+            f"data: X is all zeros ({adata.n_obs} cells x {adata.n_vars} genes); there is no expression to learn "
+            "from. Check that the right matrix (X, not an empty layer) was saved."
+        )
     out = adata.copy()
     counts = looks_like_counts(out.X)
     normalize = counts if pp.normalize is None else pp.normalize
     steps: list[str] = []
     if counts and not normalize:
-        log("warning: the input looks like raw counts but normalisation was switched off; models expect log data.")
+        log("warning: --normalize no, but the input looks like raw counts (non-negative integers up to "
+            f"{vmax:.0f}); the models expect log-normalised data. Pass --normalize auto (or yes) to normalise it.")
     if not counts and normalize and pp.normalize:
-        log("warning: the input does not look like raw counts, but normalisation was asked for.")
+        log("warning: --normalize yes, but the input does not look like raw counts (it holds non-integer values); "
+            "normalising log data again distorts it. Pass --normalize auto (or no) if it is log-normalised.")
+    if not counts and not normalize and vmax > LOG_MAX:
+        log(f"warning: the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
+            f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
+            "Pass --normalize yes if it is not log data.")
     out.X = out.X.astype(np.float32)
     if normalize:
         sc.pp.normalize_total(out, target_sum=pp.target_sum)
@@ -310,7 +425,17 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
         steps += [f"normalize_total(target_sum={pp.target_sum:g})", "log1p"]
     n_top = pp.n_top_genes
     if n_top and n_top < out.n_vars:
-        sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=True)
+        try:
+            sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=True)
+        except Exception as exc:  # scanpy fails deep inside on degenerate data (e.g. almost all genes constant)
+            raise InputError(
+                f"--n-top-genes {n_top}: selecting highly variable genes failed ({type(exc).__name__}: {exc}); "
+                f"only {_n_varying(out.X)} of {out.n_vars} genes vary across cells. Pass --n-top-genes 0 to keep "
+                "all genes, or check that X holds the expression matrix you meant."
+            ) from None
+        if out.n_vars == 0:
+            raise InputError(f"--n-top-genes {n_top}: no gene was selected as highly variable; pass "
+                             "--n-top-genes 0 to keep all genes.")
         steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor={pp.hvg_flavor!r})")
     elif n_top and n_top > adata.n_vars:
         steps.append(f"kept all {out.n_vars} genes (fewer than n_top_genes={n_top})")

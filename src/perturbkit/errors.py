@@ -24,3 +24,22 @@ def choices_text(choices: Iterable[str], limit: int = 12) -> str:
     choices = sorted(str(c) for c in choices)
     more = f", ... ({len(choices) - limit} more)" if len(choices) > limit else ""
     return ", ".join(repr(c) for c in choices[:limit]) + more
+
+
+class InputWarning(UserWarning):
+    """Input that is usable but probably not what was meant (e.g. raw counts where log data is expected).
+
+    The CLI prints it as one line ``warning: ...`` on stderr.
+    """
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) turned into an exception so that ``finally`` blocks and temporary-file cleanup run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)

@@ -254,6 +254,46 @@ def _check_genes(name: str, adata, ref_name: str, ref) -> None:
     )
 
 
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}.")
+
+
+#: largest value expected in log-normalised expression (log1p of counts normalised to 1e4 is about 9.2)
+LOG_MAX = 30.0
+
+
+def _count_scale(X: np.ndarray) -> bool:
+    """True when X looks like counts (non-negative integers above 20) or unlogged values (above LOG_MAX)."""
+    top = float(X.max()) if X.size else 0.0
+    integer = bool(np.all(np.equal(np.mod(X[:2000], 1), 0)))
+    return top > LOG_MAX or (integer and top > 20 and float(X.min()) >= 0)
+
+
+def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts."""
+    from .errors import InputWarning
+
+    scale = {name: _count_scale(X) for name, X in arrays.items()}
+    counts = [name for name, c in scale.items() if c]
+    if counts and len(counts) < len(scale):
+        logs = [name for name in scale if name not in counts]
+        raise InputError(
+            f"{' and '.join(counts)} look{'s' if len(counts) == 1 else ''} like raw counts or unlogged values "
+            f"(max {max(float(arrays[n].max()) for n in counts):.3g}) but {' and '.join(logs)} look"
+            f"{'s' if len(logs) == 1 else ''} log-normalised (max {max(float(arrays[n].max()) for n in logs):.3g}); "
+            "comparing them is meaningless. Put all three on the same scale, e.g. sc.pp.normalize_total(a, "
+            "target_sum=1e4); sc.pp.log1p(a) on the count objects."
+        )
+    if counts:
+        note = ("truth, pred and source look like raw counts or unlogged values; the metrics are defined on "
+                "log-normalised expression (scGen, scPRAM) and on counts they are dominated by the most expressed "
+                "genes. Scored as given; normalise (normalize_total + log1p) for comparable numbers.")
+        warnings.warn(note, InputWarning, stacklevel=3)
+        return [note]
+    return []
+
+
 def _examples(index, k: int = 3) -> str:
     return f" (e.g. {', '.join(repr(str(g)) for g in index[:k])})" if len(index) else ""
 
@@ -294,8 +334,9 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0) -> EvalData
             )
     _check_genes("pred", pred, "truth", truth)
     _check_genes("source", source, "truth", truth)
+    _check_seed(seed)
     var_names = pd.Index(truth.var_names).astype(str)
-    notes = []
+    notes = _check_scale(arrays)
     n_genes = len(var_names)
     if n_top > n_genes:
         note = f"n_top={n_top} is more than the {n_genes} genes; using all {n_genes} genes as the top DEGs."
@@ -749,6 +790,7 @@ def score(
 ) -> pd.DataFrame:
     """Score a prepared :class:`EvalData`; see :func:`evaluate` for the table and the bootstrap."""
     names = _resolve(metrics)
+    _check_seed(seed)
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
         raise InputError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
     if not (isinstance(ci, (int, float)) and 0 < ci < 1):

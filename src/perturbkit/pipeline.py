@@ -25,8 +25,10 @@ from typing import Any
 from .data import PerturbSpec, Preprocessing
 from .errors import InputError
 
-OUTPUTS = ("pred.h5ad", "scores.csv", "record.json", "reg_mean.png")
+OUTPUTS = ("pred.h5ad", "scores.csv", "record.json", "reg_mean.png", "attention.png")  # attention: scPRAM only
 RECORD_KIND = "perturbkit.predict"
+#: hidden marker present while the outputs are being written (an interrupted write leaves it behind)
+PENDING = ".perturbkit-pending.json"
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,13 @@ def check_out_dir(out: Path, config: dict[str, Any], *, force: bool = False) -> 
             old = {}
         if old.get("kind") == RECORD_KIND and old.get("config") == config:
             return  # a rerun of the same configuration replaces its own results
+    elif (out / PENDING).exists() and set(entries) <= set(OUTPUTS):
+        try:
+            old = json.loads((out / PENDING).read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("config") == config:
+            return  # the same configuration, interrupted while writing its outputs
     raise InputError(
         f"--out {str(out)!r} already holds other files ({', '.join(sorted(entries)[:4])}) from another run or "
         "tool. Choose a new directory, or pass --force to overwrite them."
@@ -115,6 +124,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     check_out_dir(out, config, force=force)
     models.get(cfg.model)  # unknown model -> clear error before any work
     metric_names = metrics._resolve(cfg.metrics)
+    models._base.check_seed(cfg.seed)
     params = dict(cfg.params)
     if cfg.epochs is not None:
         if cfg.epochs < 1:
@@ -136,6 +146,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     t = time.perf_counter()
     adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
     timings["preprocess_s"] = time.perf_counter() - t
+    if load_model is not None:
+        chosen._check_genes(adata, f"--load-model {str(load_model)!r}: the preprocessed data")
     task = split.holdout_cell_type(adata, cfg.spec, cfg.holdout)
     train, source, target = task.subsets(adata)
     log(f"task {task.name}: train on {train.n_obs} cells, predict {target.n_obs} {cfg.spec.perturbed!r} cells "
@@ -165,6 +177,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
 
     t = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    _io.remove_stale_temps(out, OUTPUTS)  # left only by a SIGKILLed earlier run
+    _io.atomic_write_text(out / PENDING, json.dumps({"kind": RECORD_KIND, "config": config}))  # until record.json
     if save_model is not None:
         chosen.save(save_model)
     pred = preds[cfg.model]
@@ -175,6 +189,14 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
                       title=f"{cfg.model}: {cfg.holdout}, {cfg.spec.perturbed} (seed {cfg.seed})")
     _io.atomic_write_with(out / "reg_mean.png", lambda p: fig.savefig(p, dpi=120, format="png",
                                                                        metadata={"Software": None}))
+    written = [name for name in OUTPUTS if name != "attention.png"]
+    if not hasattr(chosen, "attention"):
+        (out / "attention.png").unlink(missing_ok=True)  # from an earlier --force run of another model
+    else:  # scPRAM: the tutorial's attention-score figure
+        fig = pl.attention_heatmap(chosen, source)
+        _io.atomic_write_with(out / "attention.png", lambda p: fig.savefig(p, dpi=120, format="png",
+                                                                           metadata={"Software": None}))
+        written.append("attention.png")
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.time() - t_start
 
@@ -200,9 +222,10 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         "loaded_model": str(load_model) if load_model is not None else None,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95, "top_degs": top, **eval_info},
         "timings": timings,
-        "outputs": {name: data.sha256(out / name) for name in OUTPUTS if name != "record.json"},
+        "outputs": {name: data.sha256(out / name) for name in written if name != "record.json"},
     }
     _io.atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default) + "\n")
+    (out / PENDING).unlink(missing_ok=True)
     return record
 
 
@@ -210,12 +233,14 @@ SCORE_COLUMNS = ("model", "metric", "value", "ci_low", "ci_high", "higher_is_bet
 
 
 def score_predictions(target, source, preds: dict, metric_names=None, *, n_boot: int = 100, seed: int = 0,
-                      baseline: str = "control"):
+                      baseline: str = "control", ceiling: bool = True):
     """Score several models' predictions of one task; add the ceiling and baseline-normalised rows.
 
     ``preds`` maps model name -> predicted AnnData (it should hold ``baseline``). Returns the tidy table
     (columns :data:`SCORE_COLUMNS`; the ceiling's rows have model ``"ceiling"``, normalised rows a metric
     suffixed ``_norm``) and a dict describing the evaluation (embedding, notes) for the record.
+    ``ceiling=False`` leaves out the ceiling and the normalised rows (``perturbkit bench`` scores the ceiling once
+    per task and normalises when it aggregates).
     """
     import pandas as pd
 
@@ -227,9 +252,10 @@ def score_predictions(target, source, preds: dict, metric_names=None, *, n_boot:
         tables.append(tab.assign(model=name))
         notes[name] = tab.attrs.get("notes", [])
         embedding = embedding or tab.attrs.get("embedding")
-    tables.append(metrics.ceiling(target, source, seed=seed, metrics=metric_names).assign(model="ceiling"))
+    if ceiling:
+        tables.append(metrics.ceiling(target, source, seed=seed, metrics=metric_names).assign(model="ceiling"))
     scores = pd.concat(tables, ignore_index=True)
-    if baseline in preds:
+    if ceiling and baseline in preds:
         norm = metrics.normalise(scores, baseline=baseline, ceiling="ceiling")
         scores = pd.concat([scores, norm[norm.model != "ceiling"]], ignore_index=True)
     info = {"embedding": embedding, "notes": notes,

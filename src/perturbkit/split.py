@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,3 +66,122 @@ def holdout_cell_type(adata, spec: PerturbSpec, holdout: str, *, min_cells: int 
     train = np.flatnonzero(keep)
     return Split(train=train, source=source, target=target, name=f"holdout:{holdout}",
                  info={"holdout": holdout, "scenario": "holdout_cell_type"})
+
+
+def _labels(adata, key: str) -> np.ndarray:
+    return adata.obs[key].astype(str).to_numpy()
+
+
+def donor_folds(adata, spec: PerturbSpec, n_folds: int = 2, *, seed: int = 0) -> list[tuple[str, ...]]:
+    """Partition the donors (``spec.donor_key``) into ``n_folds`` seeded groups of test donors.
+
+    The donors are sorted, shuffled with ``numpy.random.default_rng(seed)`` and dealt round-robin, so every
+    donor is a test donor in exactly one fold. Each group is returned sorted.
+    """
+    from .errors import InputError
+
+    if spec.donor_key is None:
+        raise InputError("cross_donor needs spec.donor_key: the obs column of the donor (batch, study).")
+    if spec.donor_key not in adata.obs.columns:
+        raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.")
+    donors = sorted(set(_labels(adata, spec.donor_key)))
+    if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2 or n_folds > len(donors):
+        raise InputError(f"cross_donor folds must be an integer from 2 to the number of donors ({len(donors)}), "
+                         f"got {n_folds!r}.")
+    order = np.random.default_rng(seed).permutation(len(donors))
+    return [tuple(sorted(donors[i] for i in order[k::n_folds])) for k in range(n_folds)]
+
+
+def cross_donor(adata, spec: PerturbSpec, holdout: str, test_donors, *, train_donors=None,
+                context_seen: bool = True, test_controls_in_train: bool = True, min_cells: int = 3) -> Split:
+    """Train on some donors; predict the perturbed ``holdout`` cells of the other donors from their controls.
+
+    ``source`` = the control cells of ``holdout`` in ``test_donors``; ``target`` = the perturbed cells of
+    ``holdout`` in ``test_donors``. ``train`` = every control and perturbed cell of ``train_donors`` (default:
+    all donors not in ``test_donors``), plus the control cells of the test donors when
+    ``test_controls_in_train`` (as scGen's cross-study prediction, which trains on the other study's controls).
+    With ``context_seen=False`` the perturbed ``holdout`` cells of the training donors are left out as well,
+    so neither the donors nor the context's response are seen (leave-one-context-out across donors).
+    The test donors' perturbed cells are never in ``train``.
+    """
+    from .errors import InputError, choices_text, suggest
+
+    validate(adata, spec, holdout=holdout, min_cells=min_cells)
+    if spec.donor_key is None:
+        raise InputError("cross_donor needs spec.donor_key: the obs column of the donor (batch, study).")
+    donor = _labels(adata, spec.donor_key)
+    known = set(donor)
+    test = [str(d) for d in ([test_donors] if isinstance(test_donors, str) else test_donors)]
+    train = sorted(known - set(test)) if train_donors is None else [str(d) for d in (
+        [train_donors] if isinstance(train_donors, str) else train_donors)]
+    for what, group in (("test_donors", test), ("train_donors", train)):
+        if not group:
+            raise InputError(f"cross_donor: {what} is empty; name at least one donor.")
+        for d in group:
+            if d not in known:
+                raise InputError(f"cross_donor: {what} names {d!r}, which is not a value of "
+                                 f"obs[{spec.donor_key!r}].{suggest(d, known)} Donors: {choices_text(known)}.")
+    both = set(test) & set(train)
+    if both:
+        raise InputError(f"cross_donor: donor(s) {sorted(both)} are in both test_donors and train_donors.")
+    cond = _labels(adata, spec.condition_key)
+    ctx = _labels(adata, spec.context_key)
+    in_test, in_train = np.isin(donor, test), np.isin(donor, train)
+    is_ctrl, is_pert, in_ctx = cond == spec.control, cond == spec.perturbed, ctx == holdout
+    source = np.flatnonzero(in_test & in_ctx & is_ctrl)
+    target = np.flatnonzero(in_test & in_ctx & is_pert)
+    for idx, what in ((source, "control"), (target, "perturbed")):
+        if len(idx) < min_cells:
+            raise InputError(f"cross_donor: the test donors {test} have {len(idx)} {what} {holdout!r} cells; at "
+                             f"least {min_cells} are needed. Choose other test donors or another context.")
+    keep = in_train & (is_ctrl | is_pert)
+    if not context_seen:
+        keep &= ~(in_ctx & is_pert)
+    if test_controls_in_train:
+        keep |= in_test & is_ctrl
+    train_idx = np.flatnonzero(keep)
+    paired = set(ctx[train_idx][is_ctrl[train_idx]]) & set(ctx[train_idx][is_pert[train_idx]])
+    if not paired:
+        raise InputError(f"cross_donor: no context has both conditions in the training donors {train}; no "
+                         "response can be learned.")
+    name = f"cross_donor:{holdout}|test={'+'.join(test)}"
+    return Split(train=train_idx, source=source, target=target, name=name,
+                 info={"holdout": holdout, "scenario": "cross_donor", "test_donors": test, "train_donors": train,
+                       "context_seen": bool(context_seen), "test_controls_in_train": bool(test_controls_in_train)})
+
+
+def unbalanced(adata, spec: PerturbSpec, keep_fraction: float, *, contexts=None, seed: int = 0,
+               protect: str | None = None) -> np.ndarray:
+    """Indices of a seeded unbalanced copy: keep ``keep_fraction`` of the perturbed cells of ``contexts``.
+
+    ``contexts=None`` thins every context. Within each thinned context, ``round(n * keep_fraction)`` perturbed
+    cells (at least one) are drawn without replacement by ``numpy.random.default_rng([seed, crc32(context)])``
+    (so a context's draw does not depend on the others); control cells
+    and the perturbed cells of other contexts are all kept. The perturbed cells of ``protect`` (e.g. the
+    held-out context, so that the evaluation target stays the same as in the balanced run) are never thinned.
+    Returns sorted integer indices; take ``adata[idx].copy()``.
+    """
+    from .errors import InputError, choices_text, suggest
+
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0 < keep_fraction <= 1:
+        raise InputError(f"unbalanced: keep_fraction must be a number in (0, 1], got {keep_fraction!r}.")
+    cond = _labels(adata, spec.condition_key)
+    ctx = _labels(adata, spec.context_key)
+    known = sorted(set(ctx))
+    chosen = known if contexts is None else [str(c) for c in ([contexts] if isinstance(contexts, str) else contexts)]
+    for c in chosen:
+        if c not in known:
+            raise InputError(f"unbalanced: context {c!r} is not a value of obs[{spec.context_key!r}]."
+                             f"{suggest(c, known)} Values: {choices_text(known)}.")
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for c in chosen:
+        if c == protect:
+            continue
+        idx = np.flatnonzero((ctx == c) & (cond == spec.perturbed))
+        if len(idx) == 0:
+            continue
+        # one generator per context, so a context's draw does not depend on which others are thinned
+        rng = np.random.default_rng([int(seed), zlib.crc32(c.encode())])
+        n_keep = max(1, int(round(len(idx) * keep_fraction)))
+        keep[np.setdiff1d(idx, rng.choice(idx, size=n_keep, replace=False))] = False
+    return np.flatnonzero(keep)

@@ -3,9 +3,11 @@
 from ._base import Model
 from .baselines import Control, MeanShift
 from .scgen import ScGen
+from .scpram import ScPRAM
 
 MODELS: dict[str, type[Model]] = {
     "scgen": ScGen,
+    "scpram": ScPRAM,
     "control": Control,
     "mean_shift": MeanShift,
 }
@@ -22,4 +24,4 @@ def get(name: str, **params) -> Model:
     return MODELS[name](**params)
 
 
-__all__ = ["MODELS", "BASELINES", "Model", "ScGen", "Control", "MeanShift", "get"]
+__all__ = ["MODELS", "BASELINES", "Model", "ScGen", "ScPRAM", "Control", "MeanShift", "get"]

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from .. import _keys as K
 from ..data import PerturbSpec
-from ..errors import InputError
+from ..errors import InputError, suggest
 
 FORMAT_VERSION = 1
 
@@ -31,6 +31,10 @@ class Model:
     needs_torch: ClassVar[bool] = False
 
     def __init__(self, **params: Any):
+        defaults = getattr(self, "DEFAULTS", None)
+        if defaults is None and params:
+            raise InputError(f"the {self.name!r} model takes no parameters, got {sorted(params)}.")
+        check_params(self.name, params, defaults or {})
         self.params = dict(params)
         self.spec: PerturbSpec | None = None
         self.var_names: list[str] | None = None
@@ -46,6 +50,7 @@ class Model:
         """
         from ..data import validate
 
+        check_seed(seed)
         validate(adata, spec)
         self.spec = spec
         self.var_names = [str(v) for v in adata.var_names]
@@ -59,7 +64,10 @@ class Model:
         """Predicted perturbed cells for the control cells ``source`` (a new AnnData)."""
         import anndata as ad
 
+        from ..data import check_matrix
+
         self._check_fitted()
+        check_matrix(source, "source")
         self._check_genes(source, "source")
         X = self._predict_matrix(source)
         obs = source.obs.copy()
@@ -77,6 +85,8 @@ class Model:
 
         self._check_fitted()
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise InputError(f"--save-model {str(path)!r} is a file; give a folder (new or written by --save-model).")
         path.mkdir(parents=True, exist_ok=True)
         from .. import __version__
 
@@ -111,16 +121,41 @@ class Model:
             raise InputError(f"--load-model: {str(path)!r} is not a readable saved model ({exc}).") from None
         from . import MODELS
 
+        if not isinstance(meta, dict):
+            raise InputError(f"--load-model: {str(pfile)!r} does not hold a JSON object; it was not written by "
+                             "--save-model.")
+        missing = [k for k in ("model", "params", "spec", "var_names") if k not in meta]
+        if missing:
+            raise InputError(f"--load-model: {str(pfile)!r} lacks {missing}; it is incomplete or was not written by "
+                             "--save-model. Save the model again.")
+        version = meta.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise InputError(f"--load-model: {str(path)!r} has format_version {version!r}; this perturbkit reads "
+                             f"up to {FORMAT_VERSION}. Upgrade perturbkit.")
         name = meta.get("model")
         if name not in MODELS:
-            raise InputError(f"--load-model: saved model {name!r} is unknown to this perturbkit.")
+            raise InputError(f"--load-model: saved model {name!r} is unknown to this perturbkit."
+                             f"{suggest(str(name), MODELS)}")
         model_cls = MODELS[name]
         if cls is not Model and cls is not model_cls:
             raise InputError(f"{str(path)!r} holds a {name!r} model, not {cls.name!r}.")
+        if not isinstance(meta["params"], dict) or not isinstance(meta["spec"], dict) \
+                or not isinstance(meta["var_names"], list):
+            raise InputError(f"--load-model: {str(pfile)!r} has malformed params, spec or var_names; save the "
+                             "model again.")
         model = model_cls(**meta["params"])
-        model.spec = PerturbSpec(**meta["spec"])
-        model.var_names = list(meta["var_names"])
-        model._load_state(meta.get("state", {}), arrays)
+        try:
+            model.spec = PerturbSpec(**meta["spec"])
+            model.var_names = [str(v) for v in meta["var_names"]]
+            model._load_state(meta.get("state", {}), arrays)
+        except InputError:
+            raise
+        except Exception as exc:  # weights that do not fit the parameters, missing arrays, bad spec
+            first = " ".join(ln.strip() for ln in str(exc).strip().splitlines()[:2])[:300]
+            raise InputError(
+                f"--load-model: the weights in {str(wfile)!r} do not match its params.json "
+                f"({type(exc).__name__}: {first}). The folder was altered or mixes two saves; save the model again."
+            ) from None
         return model
 
     # ----------------------------------------------------------------------------------------- helpers
@@ -133,11 +168,13 @@ class Model:
         if genes != self.var_names:
             missing = [g for g in self.var_names if g not in set(genes)]
             extra = [g for g in genes if g not in set(self.var_names)]
-            detail = (f"{len(missing)} of the model's genes are missing (e.g. {missing[:3]}), {len(extra)} are new "
-                      f"(e.g. {extra[:3]})") if (missing or extra) else "the same genes in another order"
+            parts = ([f"{len(missing)} of the model's genes are missing (e.g. {missing[:3]})"] if missing else []) \
+                + ([f"{len(extra)} genes are not the model's (e.g. {extra[:3]})"] if extra else [])
+            detail = ", ".join(parts) or "the same genes in another order"
             raise InputError(
                 f"{what}: genes do not match the model's {len(self.var_names)} training genes: {detail}. "
-                f"Subset and order them with adata[:, model.var_names].copy(), and preprocess the same way."
+                f"Subset and order them with adata[:, model.var_names].copy(), and preprocess the same way "
+                "(on the command line: the same data, --n-top-genes and --normalize as when it was saved)."
             )
 
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
@@ -154,6 +191,68 @@ class Model:
 
     def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+
+#: value checks for parameters shared by the models (a parameter a model does not have is not checked)
+_RANGES: dict[str, tuple[Any, str]] = {
+    "n_hidden": (lambda v: v >= 1, ">= 1"),
+    "n_latent": (lambda v: v >= 1, ">= 1"),
+    "n_layers": (lambda v: v >= 1, ">= 1"),
+    "epochs": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 2, ">= 2"),
+    "patience": (lambda v: v >= 1, ">= 1"),
+    "lr": (lambda v: v > 0, "> 0"),
+    "dropout_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "val_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "input_noise": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "kl_weight": (lambda v: v >= 0, ">= 0"),
+    "ratio": (lambda v: 0 < v <= 1, "in (0, 1]"),
+}
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, np.integer)):
+        return "int"
+    if isinstance(value, (float, np.floating)):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return type(value).__name__
+
+
+def check_params(model: str, params: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """Raise :class:`InputError` for a parameter whose type differs from its default's or whose value is out of range.
+
+    An int is accepted where the default is a float; a default of ``None`` accepts anything.
+    """
+    for key, value in params.items():
+        if key not in defaults or value is None:
+            continue
+        want, got = _kind(defaults[key]), _kind(value)
+        if defaults[key] is None or want == got or (want == "float" and got == "int"):
+            pass
+        else:
+            raise InputError(
+                f"{model}: parameter {key!r} must be {'an' if want == 'int' else 'a'} {want} (like its default {defaults[key]!r}), got {got} "
+                f"{value!r}; e.g. --param {key}={_cli_text(defaults[key])}."
+            )
+        if key in _RANGES and got in ("int", "float"):
+            ok, text = _RANGES[key]
+            if not ok(value):
+                raise InputError(f"{model}: parameter {key!r} must be {text}, got {value!r}.")
+
+
+def _cli_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"--seed must be an integer from 0 to 2**32 - 1, got {seed!r}.")
 
 
 def _json_default(o):

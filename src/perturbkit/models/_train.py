@@ -27,7 +27,7 @@ class TrainConfig:
     min_delta: float = 0.0
     restore_best: bool = True
     grad_clip: float | None = None  # max global L2 norm of the gradients per step (None: no clipping)
-    precision: str = "float32"  # "float32" | "bfloat16": bfloat16 autocast of the training steps (CPU)
+    precision: str = "float32"  # "float32" | "bfloat16" (autocast of the training steps) | "auto" (see resolve_precision)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +41,7 @@ class History:
     best_epoch: int = 0
     stopped_early: bool = False
     seconds: float = 0.0
+    precision: str = "float32"
     n_train: int = 0
     n_val: int = 0
 
@@ -69,7 +70,8 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     n = X.shape[0]
-    hist = History()
+    hist = History(precision=resolve_precision(cfg.precision))
+    cfg = TrainConfig(**{**cfg.to_dict(), "precision": hist.precision})
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -131,7 +133,30 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
     return hist
 
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "auto")
+
+
+def native_bf16() -> bool:
+    """True on CPUs with bfloat16 matrix instructions (x86 AMX-BF16 or AVX512-BF16), where autocast pays off.
+
+    Elsewhere bfloat16 matmuls are emulated and slower than float32.
+    """
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``"auto"``: ``"bfloat16"`` where :func:`native_bf16`, else ``"float32"``; other values unchanged."""
+    if precision == "auto":
+        return "bfloat16" if native_bf16() else "float32"
+    return precision
 
 
 def _autocast(precision: str):

@@ -63,10 +63,13 @@ class VAEModel(Model):
             self.module = VAE(self._vae_config(X.shape[1]))
         hook = None
         if callback is not None:
-            def hook(epoch, history):  # make the model usable for predict() at the current weights
+            def hook(epoch, history):  # predict() inside the callback first refits the transfer at these weights
                 self.history = history
-                self._fit_transfer(self._encode(X), cond, ctx, spec, seed=seed)
-                return callback(epoch, history)
+                self._pending_transfer = lambda: self._fit_transfer(self._encode(X), cond, ctx, spec, seed=seed)
+                try:
+                    return callback(epoch, history)
+                finally:
+                    self._pending_transfer = None
         self.history = train_vae(self.module, X, self._train_config(), seed=seed, progress=progress,
                                  desc=f"{self.name} training", callback=hook)
         z = self._encode(X)
@@ -82,6 +85,14 @@ class VAEModel(Model):
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ predict
+    _pending_transfer = None  # set only inside a training callback (see _fit)
+
+    def predict(self, source):
+        if self._pending_transfer is not None:  # called from a training callback: transfer of the current weights
+            refit, self._pending_transfer = self._pending_transfer, None
+            refit()
+        return super().predict(source)
+
     def latent(self, adata) -> np.ndarray:
         """Posterior means of the cells of ``adata`` (cells x n_latent)."""
         from ._train import to_tensor

@@ -1,0 +1,380 @@
+"""scPRAM (Jiang et al., Bioinformatics 2024): optimal-transport pairing + per-cell attention in a VAE latent space.
+
+The method, as published:
+
+1. a VAE maps cells to a latent space (the same module and training loop as scGen, other settings);
+2. optimal transport pairs the training control cells with the training perturbed cells in latent space, giving
+   one delta vector per control cell (``z_paired_perturbed - z_control``);
+3. every query (source) cell attends to the training control cells: cosine similarity of the latents, keep the
+   top ``ratio`` share, weights proportional to the similarities; its delta is the weighted sum of the paired
+   deltas;
+4. decode ``z_query + delta_query``.
+
+Defaults follow the reference package (``scpram`` 0.0.3, ``scpram/models.py``): 1000 hidden units, 100 latent
+dimensions, two ReLU layers without batch norm or dropout on each side, a ReLU on the output, input noise 0.1
+while training, loss per cell ``0.5 * sum_g (x - x_hat)^2 + 0.5 * 5e-4 * KL`` averaged over the batch, Adam
+(lr 5e-4, weight decay 1e-5, eps 1e-8), batch 128, 100 epochs on every training cell (no validation split, no
+early stopping, the last weights kept), gradients clipped to a global norm of 10.
+
+Differences from the package, on purpose (see docs/scpram.md):
+
+- Attention is computed for every query cell. The package's ``predict`` keeps the neighbours and weights of the
+  *first* query cell only and adds that one delta to every cell; ``attention="first_cell"`` reproduces it.
+- Pairing uses entropic optimal transport (POT's Sinkhorn) with a documented regularisation and a convergence
+  check. The package calls exact EMD with ``numItermax=100000``, which stops before optimality on Kang (POT
+  warns "numItermax reached"); ``ot="exact"`` runs EMD with a far larger limit and reports POT's result code.
+- The cost is the squared Euclidean distance (the usual OT cost); the package uses the Euclidean distance
+  (``ot_cost="euclidean"`` reproduces it).
+- Latents are posterior means for pairing and for the queries; the package encodes with one random draw from
+  the posterior (``latent_sampling=True`` does that, with draws seeded by the fit seed).
+- ``precision="auto"`` (default) trains with bfloat16 autocast on CPUs with native bfloat16 instructions
+  (AMX-BF16 / AVX512-BF16; weights, gradients and Adam state stay float32) and in float32 elsewhere; the
+  precision used is recorded. ``precision="float32"`` is the reference arithmetic. See docs/scpram.md.
+
+As in the package, only contexts (cell types) seen in both conditions in the training data take part in the
+pairing and serve as attention keys: the held-out cell type's control cells have no perturbed counterpart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..data import PerturbSpec
+from ..errors import InputError
+from ._vaemodel import VAEModel
+
+OT_METHODS = ("sinkhorn", "exact")
+OT_COSTS = ("sqeuclidean", "euclidean")
+ATTENTION = ("cell", "first_cell")
+PRECISIONS = ("float32", "bfloat16", "auto")  # as models._train.PRECISIONS (kept here: no torch import)
+SINKHORN_MAX_ITER = 1000
+EMD_MAX_ITER = 10_000_000
+
+
+class ScPRAM(VAEModel):
+    """scPRAM: a VAE whose latent transfer is OT-paired deltas averaged by per-cell cosine attention.
+
+    Parameters (besides the VAE and training ones shared with scGen)
+    ----------------------------------------------------------------
+    ratio
+        share of the training control cells each query attends to: the top ``ceil(ratio * n_control)`` by
+        cosine similarity (reference 0.05; the package's tutorial uses 0.005 on a larger data set).
+    ot
+        ``"sinkhorn"`` (entropic OT, default) or ``"exact"`` (network simplex EMD).
+    ot_reg
+        Sinkhorn's entropic regularisation, relative to the cost scale: the cost matrix is divided by its median
+        before POT is called, so ``ot_reg=0.05`` means an entropic blur of 5 % of the median pair cost.
+    ot_max_iter
+        iteration limit (None: 1000 Sinkhorn iterations, 10,000,000 simplex iterations for ``"exact"``).
+    ot_tol
+        Sinkhorn stops when the perturbed-side marginal of the plan is within ``ot_tol`` of uniform in total
+        variation (the L1 norm of the difference: the share of mass in the wrong place).
+    ot_cost
+        ``"sqeuclidean"`` (default) or ``"euclidean"`` (the package's ``ot.dist(metric="euclidean")``).
+    attention
+        ``"cell"`` (published: each query cell its own neighbours and weights) or ``"first_cell"`` (the package's
+        ``predict``: the first query cell's neighbours and weights used for every cell).
+    latent_sampling
+        False: posterior means for pairing and queries (default). True: one posterior draw per cell, seeded by
+        the fit seed (the package draws unseeded).
+    """
+
+    name = "scpram"
+    DEFAULTS = dict(
+        n_hidden=1000, n_latent=100, n_layers=2, dropout_rate=0.0, batch_norm=False, activation="relu",
+        output_activation="relu", kl_weight=5e-4, recon_scale=0.5, kl_scale=0.5, input_noise=0.1,
+        epochs=100, batch_size=128, lr=5e-4, weight_decay=1e-5, adam_eps=1e-8, val_fraction=0.0, patience=None,
+        min_delta=0.0, restore_best=False, grad_clip=10.0, precision="auto",
+        ratio=0.05, ot="sinkhorn", ot_reg=0.05, ot_max_iter=None, ot_tol=1e-3, ot_cost="sqeuclidean",
+        attention="cell", latent_sampling=False,
+    )
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        _validate(self.params)
+        self.control_latent: np.ndarray | None = None
+        self.paired_delta: np.ndarray | None = None
+        self.control_context: np.ndarray | None = None
+        self._seed: int | None = None
+        self._rng = None  # a torch.Generator while encoding with latent_sampling=True
+
+    # ------------------------------------------------------------------------------------------ fit
+    def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool, callback=None) -> None:
+        import torch
+
+        self._seed = int(seed)
+        self._rng = self._generator(0) if self.params["latent_sampling"] else None
+        try:
+            super()._fit(adata, spec, seed=seed, progress=progress, callback=callback)
+        finally:
+            self._rng = None
+        self.fit_info.update(self._fit_extra)
+        if self.params["latent_sampling"]:
+            self.fit_info["latent"] = f"one posterior draw per cell (torch.Generator seeded from seed {seed})"
+        self.fit_info["torch_threads"] = torch.get_num_threads()
+
+    def _fit_transfer(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
+                      seed: int) -> None:
+        """Pair the training control cells with the training perturbed cells by OT; keep their latent deltas.
+
+        Only contexts with cells of both conditions take part. Each control cell's partner is the perturbed cell
+        holding the largest share of its row of the transport plan (the package's ``torch.max(G, 0)``). We keep
+        this argmax rather than the barycentric projection ``n_control * P @ z_perturbed``: the paper pairs a
+        control cell with a perturbed *cell*, and under entropic OT the projection is a blurred average over many
+        perturbed cells (it shrinks every delta towards the mean delta by an amount set by ``ot_reg``), whereas
+        the argmax stays a real perturbed cell and is the same under exact OT and under a sharp enough plan.
+        """
+        p = self.params
+        paired = np.intersect1d(np.unique(ctx[cond == spec.control]), np.unique(ctx[cond == spec.perturbed]))
+        use = np.isin(ctx, paired)
+        zc = np.ascontiguousarray(z[use & (cond == spec.control)], dtype=np.float32)
+        zp = np.ascontiguousarray(z[use & (cond == spec.perturbed)], dtype=np.float32)
+        partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
+                                   tol=p["ot_tol"], cost=p["ot_cost"])
+        self.control_latent = zc
+        self.control_context = ctx[use & (cond == spec.control)].astype(str)
+        self.paired_delta = (zp[partner] - zc).astype(np.float32)
+        info["distinct_partners"] = int(len(np.unique(partner)))
+        left_out = sorted(set(np.unique(ctx)) - set(paired))
+        self._fit_extra = {
+            "ot": info,
+            "transfer": {"n_control": int(len(zc)), "n_perturbed": int(len(zp)), "contexts": paired.tolist(),
+                         "contexts_left_out": left_out, "attention": p["attention"], "ratio": p["ratio"],
+                         "n_attended": n_attended(p["ratio"], len(zc))},
+        }
+
+    # --------------------------------------------------------------------------------------- predict
+    def attention(self, source) -> sp.csr_matrix:
+        """Attention weights of the cells of ``source`` over the training control cells.
+
+        A sparse (n_source x n_training_control) matrix whose rows sum to 1; column ``j`` is the ``j``-th control
+        cell of the paired contexts, in training order (``model.control_latent[j]``).
+        """
+        from ._base import dense
+        from ._train import to_tensor
+
+        self._check_fitted()
+        self._check_genes(source, "source")
+        return self._weights(self._query_latent(to_tensor(dense(source.X))))
+
+    def _predict_matrix(self, source) -> np.ndarray:
+        from ._base import dense
+        from ._train import to_tensor
+
+        z = self._query_latent(to_tensor(dense(source.X)))
+        return self.decode(self._transfer(z))
+
+    def _transfer(self, z: np.ndarray) -> np.ndarray:
+        return (z + self._weights(z) @ self.paired_delta).astype(np.float32)
+
+    def _weights(self, z: np.ndarray) -> sp.csr_matrix:
+        return attention_weights(z, self.control_latent, self.params["ratio"], mode=self.params["attention"])
+
+    def _query_latent(self, X) -> np.ndarray:
+        """Latents of query cells: posterior means, or seeded draws (the same draws on every call)."""
+        previous = self._rng  # set while fitting (predict may run inside a training callback)
+        self._rng = self._generator(1) if self.params["latent_sampling"] else None
+        try:
+            return self._encode(X)
+        finally:
+            self._rng = previous
+
+    def _encode(self, X, chunk: int = 4096) -> np.ndarray:
+        if self._rng is None:
+            return super()._encode(X, chunk)
+        import torch
+
+        self.module.eval()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(X), chunk):
+                mu, logvar = self.module.encode(X[i:i + chunk])
+                eps = torch.randn(mu.shape, generator=self._rng, dtype=mu.dtype)
+                out.append((mu + torch.exp(0.5 * logvar) * eps).numpy())
+        return np.concatenate(out)
+
+    def _generator(self, stream: int):
+        import torch
+
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([self._seed, 7, stream]).generate_state(1)[0]))
+
+    # ----------------------------------------------------------------------------------- persistence
+    def _transfer_arrays(self) -> dict[str, np.ndarray]:
+        codes = np.unique(self.control_context, return_inverse=True)[1]  # names: _state_json
+        return {"control_latent": self.control_latent, "paired_delta": self.paired_delta,
+                "control_context_code": codes.astype(np.int32)}
+
+    def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
+        self.control_latent = arrays["control_latent"]
+        self.paired_delta = arrays["paired_delta"]
+        self.control_context = np.asarray(self._context_names, dtype=str)[arrays["control_context_code"]]
+
+    def _state_json(self) -> dict:
+        names = np.unique(self.control_context).tolist()
+        return {"seed": self._seed, "control_contexts": names}
+
+    def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
+        self._seed = state.get("seed")
+        self._context_names = list(state.get("control_contexts", []))
+        super()._load_state(state, arrays)
+
+
+# --------------------------------------------------------------------------------------------- pieces
+
+
+def n_attended(ratio: float, n_control: int) -> int:
+    """How many control cells each query attends to: ``ceil(ratio * n_control)``, at least 1."""
+    return max(1, min(n_control, math.ceil(ratio * n_control - 1e-9)))
+
+
+def attention_weights(query: np.ndarray, keys: np.ndarray, ratio: float, *, mode: str = "cell",
+                      chunk: int = 2048) -> sp.csr_matrix:
+    """Sparse (n_query x n_keys) attention of each query latent over the key latents; rows sum to 1.
+
+    Cosine similarity to every key; the top ``ceil(ratio * n_keys)`` keys are kept with weights proportional to
+    their similarity. Negative similarities get weight 0 (a key pointing away from the query is no neighbour);
+    a row whose kept similarities are all <= 0 gets equal weights over its kept keys. ``mode="first_cell"``
+    gives every row the first query's keys and weights (the ``scpram`` package's ``predict``).
+    """
+    if mode not in ATTENTION:
+        raise InputError(f"attention={mode!r} is not allowed; use one of {', '.join(map(repr, ATTENTION))}.")
+    query = np.asarray(query, dtype=np.float64)
+    keys = np.asarray(keys, dtype=np.float64)
+    n_q, n_k = len(query), len(keys)
+    k = n_attended(ratio, n_k)
+    kn = _unit(keys)
+    rows = query[:1] if mode == "first_cell" else query
+    idx_parts, w_parts = [], []
+    for i in range(0, len(rows), chunk):
+        sim = _unit(rows[i:i + chunk]) @ kn.T
+        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n_k else np.tile(np.arange(n_k), (len(sim), 1))
+        idx.sort(axis=1)
+        s = np.clip(np.take_along_axis(sim, idx, axis=1), 0.0, None)
+        tot = s.sum(axis=1, keepdims=True)
+        w = np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 1.0 / k)
+        idx_parts.append(idx)
+        w_parts.append(w)
+    idx, w = np.concatenate(idx_parts), np.concatenate(w_parts)
+    if mode == "first_cell":
+        idx, w = np.broadcast_to(idx, (n_q, k)), np.broadcast_to(w, (n_q, k))
+    indptr = np.arange(0, n_q * k + 1, k, dtype=np.int64)
+    out = sp.csr_matrix((np.ravel(w), np.ravel(idx), indptr), shape=(n_q, n_k))
+    out.has_sorted_indices = True
+    return out
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def ot_pairing(zc: np.ndarray, zp: np.ndarray, *, method: str = "sinkhorn", reg: float = 0.05,
+               max_iter: int | None = None, tol: float = 1e-3, cost: str = "sqeuclidean",
+               return_plan: bool = False) -> tuple:
+    """Pair each row of ``zc`` with a row of ``zp`` by optimal transport with uniform marginals.
+
+    Returns the partner index of every control row (the argmax of its row of the plan) and a dict describing
+    the solve: method, cost, scale, regularisation, iterations, marginal errors (L1 distance of the plan's row
+    and column sums to the uniform marginals), whether it converged, POT's warnings and, for ``"exact"``, POT's
+    result code. With ``return_plan=True`` the transport plan (n_control x n_perturbed) comes third.
+    """
+    import ot
+
+    t0 = time.perf_counter()
+    n, m = len(zc), len(zp)
+    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
+    M = cost_matrix(zc, zp, cost)
+    scale = float(np.median(M))
+    if not scale > 0:
+        scale = float(M.max()) or 1.0
+    M /= scale
+    info: dict[str, Any] = {"method": method, "cost": cost, "cost_scale": "median", "cost_median": scale,
+                            "n_control": n, "n_perturbed": m}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if method == "sinkhorn":
+            limit = SINKHORN_MAX_ITER if max_iter is None else int(max_iter)
+            # POT stops when the L2 norm of the column-marginal error is below stopThr; L1 <= sqrt(m) * L2
+            # the plain (matrix-scaling) solver is ~20x faster than the log-domain one; the log-domain solver
+            # takes over when exp(-M / reg) underflows (a row or column of the kernel all zero, or a NaN plan)
+            # float32 halves the memory traffic of the matrix-vector products that dominate the solve
+            solver = "sinkhorn"
+            with np.errstate(all="ignore"):
+                P, log = ot.sinkhorn(a.astype(np.float32), b.astype(np.float32), M.astype(np.float32), reg,
+                                     method=solver, numItermax=limit, stopThr=tol / math.sqrt(m), log=True)
+            P = np.asarray(P, dtype=np.float64)
+            if not (np.isfinite(P).all() and (P.sum(axis=1) > 0).all() and (P.sum(axis=0) > 0).all()):
+                solver = "sinkhorn_log"
+                caught.clear()
+                P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m),
+                                     log=True)
+            info.update(reg=float(reg), tol=float(tol), max_iter=limit, iterations=int(log.get("niter", -1)),
+                        solver=f"ot.sinkhorn(method={solver!r})")
+        elif method == "exact":
+            limit = EMD_MAX_ITER if max_iter is None else int(max_iter)
+            P, log = ot.emd(a, b, M, numItermax=limit, log=True)
+            info.update(max_iter=limit, result_code=int(log["result_code"]), pot_warning=log.get("warning"),
+                        cost_value=float(log["cost"]) * scale)
+        else:
+            raise InputError(f"ot={method!r} is not allowed; use one of {', '.join(map(repr, OT_METHODS))}.")
+    P = np.asarray(P)
+    err_rows = float(np.abs(P.sum(axis=1) - a).sum())
+    err_cols = float(np.abs(P.sum(axis=0) - b).sum())
+    info.update(marginal_error_control=err_rows, marginal_error_perturbed=err_cols,
+                warnings=[str(w.message) for w in caught])
+    if method == "sinkhorn":
+        info["converged"] = bool(max(err_rows, err_cols) <= tol and np.isfinite(P).all())
+    else:
+        info["converged"] = bool(info["result_code"] == 1)
+    partner = np.argmax(P, axis=1)
+    info["seconds"] = time.perf_counter() - t0
+    if not info["converged"]:
+        warnings.warn(f"scpram: optimal transport ({method}) did not converge: {info}", RuntimeWarning,
+                      stacklevel=2)
+    return (partner, info, P) if return_plan else (partner, info)
+
+
+def cost_matrix(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean") -> np.ndarray:
+    """Pairwise squared Euclidean (or Euclidean) distances in float64, as ``ot.dist`` but by one matrix product."""
+    zc, zp = np.asarray(zc, dtype=np.float64), np.asarray(zp, dtype=np.float64)
+    M = (zc * zc).sum(1)[:, None] + (zp * zp).sum(1)[None, :] - 2.0 * (zc @ zp.T)
+    np.maximum(M, 0.0, out=M)
+    if cost == "euclidean":
+        np.sqrt(M, out=M)
+    elif cost != "sqeuclidean":
+        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
+    return M
+
+
+def _validate(p: dict) -> None:
+    def bad(key, fix):
+        raise InputError(f"scpram: {key}={p[key]!r} is not allowed; {fix}")
+
+    def number(key):
+        return isinstance(p[key], (int, float)) and not isinstance(p[key], bool) and math.isfinite(p[key])
+
+    if not number("ratio") or not 0 < p["ratio"] <= 1:
+        bad("ratio", "give the share of training control cells to attend to, in (0, 1] (reference 0.05).")
+    if p["ot"] not in OT_METHODS:
+        bad("ot", "use 'sinkhorn' (entropic, default) or 'exact' (EMD).")
+    if p["ot_cost"] not in OT_COSTS:
+        bad("ot_cost", "use 'sqeuclidean' (default) or 'euclidean' (the scpram package).")
+    if p["attention"] not in ATTENTION:
+        bad("attention", "use 'cell' (published, per-cell) or 'first_cell' (reproduces the scpram package).")
+    if not number("ot_reg") or p["ot_reg"] <= 0:
+        bad("ot_reg", "give a positive entropic regularisation relative to the median cost, e.g. 0.05.")
+    if not number("ot_tol") or p["ot_tol"] <= 0:
+        bad("ot_tol", "give a positive marginal tolerance, e.g. 1e-3.")
+    if p["ot_max_iter"] is not None and (isinstance(p["ot_max_iter"], bool) or not isinstance(p["ot_max_iter"], int)
+                                         or p["ot_max_iter"] < 1):
+        bad("ot_max_iter", "give a positive integer, or None for the method's default.")
+    if not isinstance(p["latent_sampling"], bool):
+        bad("latent_sampling", "use true or false.")
+    if p["precision"] not in PRECISIONS:
+        bad("precision", f"use one of {', '.join(map(repr, PRECISIONS))}.")

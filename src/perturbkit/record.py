@@ -1,0 +1,270 @@
+"""RO-Crate packaging of a run directory (RO-Crate 1.1 + Workflow Run Crate 0.5), made with the ``rocrate`` library.
+
+Shared by ``perturbkit bench`` (``run.json``) and ``perturbkit tune`` (``record.json``): both call
+``write_crate(out, record, name=..., description=...)`` with their run record, a dict holding at least
+``kind``, ``config``, ``versions``, ``data`` (``sha256``, ``file`` or ``source``, ``dataset``), ``started`` and
+``ended``. The crate says, in ``ro-crate-metadata.json`` at the root of the run directory:
+
+- the *workflow* (the crate's ``mainEntity``): the config as run (``config.toml``; where the directory has no
+  config file, the record's config is written to ``config.json``), typed
+  ``File, SoftwareSourceCode, ComputationalWorkflow`` and written in the language "perturbkit <verb>
+  configuration", with one ``FormalParameter`` per setting (``input``) and per kind of output (``output``);
+- the *run*: one ``CreateAction`` whose ``instrument`` is the workflow, with ``startTime`` / ``endTime``, the
+  input data (a ``File`` with its sha256) and every setting's value (a ``PropertyValue`` pointing at its
+  ``FormalParameter``) as ``object``, and every output file (with sha256 and size) as ``result``;
+- the *software*: perturbkit (``SoftwareApplication`` with ``softwareVersion``) running the workflow, and the
+  libraries that shape the numbers, each with its version.
+
+:func:`write_crate` lists the files present when it is called; bench calls it after every aggregation and
+``perturbkit report`` calls it again, so the crate always lists the files that are there.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+from pathlib import Path
+from typing import Any
+
+PROFILES = {
+    "https://w3id.org/ro/wfrun/process/0.5": ("Process Run Crate", "0.5"),
+    "https://w3id.org/ro/wfrun/workflow/0.5": ("Workflow Run Crate", "0.5"),
+    "https://w3id.org/workflowhub/workflow-ro-crate/1.0": ("Workflow RO-Crate", "1.0"),
+}
+METADATA = "ro-crate-metadata.json"
+SKIP = {METADATA, "ro-crate-preview.html"}
+CONFIG_FILES = ("config.toml", "config.json")
+#: terms used here that the RO-Crate 1.1 context does not define (sha256 is schema.org's, standardised in 1.2)
+EXTRA_TERMS = {"sha256": "http://schema.org/sha256"}
+
+#: output FormalParameters: (id suffix, name, description, how a file is recognised); the first match wins
+OUTPUT_KINDS = (
+    ("scores", "scores table", "tidy scores: scenario, split, model, seed, metric, value, ci_low, ci_high",
+     lambda p: p == "scores.csv"),
+    ("summary", "summary table", "mean and 95 % interval over seeds, and rank, per model and metric",
+     lambda p: p == "summary.csv"),
+    ("record", "run record", "versions, data, splits, timings and outputs of the run",
+     lambda p: p in ("run.json", "record.json")),
+    ("cells", "cell results", "per-cell scores, results, predictions and weights", lambda p: p.startswith("cells/")),
+    ("tables", "tables", "result tables (CSV)", lambda p: p.endswith(".csv")),
+    ("figures", "figures", "figures (PNG)", lambda p: p.startswith("figures/") or p.endswith(".png")),
+    ("report", "report", "self-contained HTML report", lambda p: p.endswith(".html")),
+    ("predictions", "predictions", "predicted cells (AnnData .h5ad)", lambda p: p.endswith(".h5ad")),
+    ("models", "model weights", "fitted models: params.json + weights.safetensors",
+     lambda p: p.endswith(".safetensors") or p.endswith("params.json")),
+    ("other", "other outputs", "other files of the run directory", lambda p: True),
+)
+
+
+def _iso(ts: str) -> str:
+    """``2024-01-02T03:04:05+0100`` -> ``2024-01-02T03:04:05+01:00`` (ISO 8601 as schema.org expects)."""
+    if len(ts) > 5 and ts[-5] in "+-" and ts[-4:].isdigit():
+        return f"{ts[:-2]}:{ts[-2:]}"
+    return ts
+
+
+def _files(out: Path) -> list[str]:
+    rels = []
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out)
+        if not p.is_file() or rel.as_posix() in SKIP or any(part.startswith(".") for part in rel.parts):
+            continue
+        rels.append(rel.as_posix())
+    return rels
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"training.epochs": 10, "models.scgen.n_hidden": 800, ...}``.
+
+    Lists of tables that carry a ``label`` (bench's models) are keyed by it; other lists are kept as values.
+    """
+    flat: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) and "label" in x for x in d):
+        for x in d:  # {"label": "scgen", "model": "scgen", "params": {...}} -> models.scgen.model, .n_hidden, ...
+            rest = {k: v for k, v in x.items() if k not in ("label", "params")}
+            flat.update(_flatten({**rest, **(x.get("params") or {})}, f"{prefix}.{x['label']}"))
+    else:
+        flat[prefix] = d
+    return flat
+
+
+def _param_type(value) -> str:
+    if isinstance(value, bool):
+        return "Boolean"
+    if isinstance(value, int):
+        return "Integer"
+    if isinstance(value, float):
+        return "Float"
+    return "Text"  # strings, and lists / None written as JSON text
+
+
+def _value(value):
+    if value is None:
+        return "none"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return value
+
+
+def _id_part(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def write_crate(out: str | Path, record: dict[str, Any] | None = None, *, name: str | None = None,
+                description: str | None = None, license: str | None = None) -> Path:
+    """Write ``ro-crate-metadata.json`` describing the run directory ``out`` and every file in it.
+
+    ``record`` is the run's record (default: ``out/run.json``, the bench record). ``license`` (default: the
+    record's ``config.output.license``, else CC BY 4.0) is the license of the results; change it before
+    depositing if yours differs.
+    """
+    import base64
+
+    from rocrate.model.computerlanguage import ComputerLanguage
+    from rocrate.model.contextentity import ContextEntity
+    from rocrate.rocrate import ROCrate
+
+    from . import _io
+    from .data import DATASETS, sha256
+
+    out = Path(out)
+    if record is None:
+        record = json.loads((out / "run.json").read_text())
+    cfg = record.get("config", {})
+    versions = record.get("versions", {})
+    verb = str(record.get("kind", "perturbkit.run")).split(".")[-1]
+    pk_version = versions.get("perturbkit", "unknown")
+    crate = ROCrate(version="1.1")
+    crate.metadata.extra_terms = dict(EXTRA_TERMS)
+    root = crate.root_dataset
+    root["name"] = name or f"perturbkit {verb}: {record.get('name', out.name)}"
+    root["description"] = description or record.get("description") or (
+        f"perturbkit {verb} run on {record.get('data', {}).get('file', 'the input data')} "
+        f"(perturbkit {pk_version}).")
+    root["datePublished"] = _iso(record.get("ended") or now())
+    license_id = license or (cfg.get("output") or {}).get("license") or "https://creativecommons.org/licenses/by/4.0/"
+    root["license"] = crate.add(ContextEntity(crate, license_id, properties={"@type": "CreativeWork",
+                                                                             "name": license_id}))
+    root["conformsTo"] = [crate.add(ContextEntity(crate, pid, properties={
+        "@type": "CreativeWork", "name": pname, "version": pversion})) for pid, (pname, pversion) in PROFILES.items()]
+
+    # ---- software: perturbkit runs the workflow; the libraries that shape the numbers
+    libs = [crate.add(ContextEntity(crate, f"https://pypi.org/project/{dist}/", properties={
+        "@type": "SoftwareApplication", "name": dist, "softwareVersion": str(ver),
+        "url": f"https://pypi.org/project/{dist}/{ver}/"}))
+        for dist, ver in sorted(versions.items()) if dist not in ("perturbkit", "python") and ver != "not installed"]
+    python = crate.add(ContextEntity(crate, "https://www.python.org/", properties={
+        "@type": "SoftwareApplication", "name": "Python", "softwareVersion": str(versions.get("python", "")),
+        "url": "https://www.python.org/"}))
+    perturbkit = crate.add(ContextEntity(crate, "#perturbkit", properties={
+        "@type": "SoftwareApplication", "name": "perturbkit", "softwareVersion": pk_version,
+        "description": "predict single-cell perturbation responses and benchmark them",
+        "softwareRequirements": [python, *libs]}))
+    lang = crate.add(ComputerLanguage(crate, f"#perturbkit-{verb}-config", properties={
+        "name": f"perturbkit {verb} configuration", "alternateName": f"perturbkit-{verb}-config",
+        "version": pk_version, "description": f"the settings read by `perturbkit {verb}` (see its docs)"}))
+
+    # ---- the workflow: the config as run
+    wf_file = next((f for f in CONFIG_FILES if (out / f).is_file()), None)
+    if wf_file is None:
+        wf_file = "config.json"
+        _io.atomic_write_text(out / wf_file, json.dumps(cfg, indent=2) + "\n")
+    files = _files(out)
+    workflow = crate.add_workflow(out / wf_file, wf_file, main=True, lang=lang, properties={
+        "name": f"perturbkit {verb} config ({wf_file})",
+        "encodingFormat": "application/toml" if wf_file.endswith(".toml") else "application/json",
+        "sha256": sha256(out / wf_file), "contentSize": str((out / wf_file).stat().st_size),
+        "version": str(record.get("config_sha") or pk_version), "softwareRequirements": perturbkit})
+
+    # ---- inputs: the data (not copied: named by its sha256, RFC 6920) and every setting
+    data = dict(record.get("data", {}))
+    ds = DATASETS.get(data.get("dataset") or "")
+    inputs, objects = [], []
+    if data.get("sha256"):
+        digest = base64.urlsafe_b64encode(bytes.fromhex(data["sha256"])).decode().rstrip("=")
+        shape = f" ({data['n_cells']} cells x {data['n_genes']} genes after preprocessing)" if "n_cells" in data else ""
+        props = {"@type": "File", "name": data.get("file") or Path(str(data.get("source", "data"))).name,
+                 "sha256": data["sha256"], "encodingFormat": "application/x-hdf5",
+                 "description": (f"bundled dataset {ds.name!r}" if ds else "input data") + shape}
+        if ds is not None:
+            props["identifier"] = ds.accession
+            props["citation"] = crate.add(ContextEntity(crate, f"https://doi.org/{ds.doi}", properties={
+                "@type": "ScholarlyArticle", "name": ds.reference}))
+        data_entity = crate.add_file(f"ni:///sha-256;{digest}", properties=props)
+        fp = crate.add_formal_parameter(name="data", additionalType="File", identifier="#param-data",
+                                        description="input AnnData (.h5ad)", valueRequired=True)
+        fp["workExample"] = data_entity
+        data_entity["exampleOfWork"] = fp
+        inputs.append(fp)
+        objects.append(data_entity)
+    for pname, value in _flatten(cfg).items():
+        fp = crate.add_formal_parameter(name=pname, additionalType=_param_type(value),
+                                        identifier=f"#param-{_id_part(pname)}", valueRequired=False)
+        pv = crate.add(ContextEntity(crate, f"#pv-{_id_part(pname)}", properties={
+            "@type": "PropertyValue", "name": pname, "value": _value(value), "exampleOfWork": fp}))
+        fp["workExample"] = pv
+        inputs.append(fp)
+        objects.append(pv)
+    workflow["input"] = inputs
+
+    # ---- outputs: every file of the run directory
+    out_params, results = {}, []
+    for rel in files:
+        if rel == wf_file:
+            continue
+        kind, kname, kdesc, _match = next(k for k in OUTPUT_KINDS if k[3](rel))
+        if kind not in out_params:
+            out_params[kind] = crate.add_formal_parameter(name=kname, additionalType="File",
+                                                          identifier=f"#output-{kind}", description=kdesc)
+        fmt = mimetypes.guess_type(rel)[0] or {".h5ad": "application/x-hdf5"}.get(Path(rel).suffix,
+                                                                                   "application/octet-stream")
+        entity = crate.add_file(out / rel, rel, properties={
+            "name": rel, "encodingFormat": fmt, "sha256": sha256(out / rel),
+            "contentSize": str((out / rel).stat().st_size), "exampleOfWork": out_params[kind]})
+        out_params[kind].append_to("workExample", entity)
+        results.append(entity)
+    for fp in out_params.values():  # one example: a single value, as RO-Crate 1.1 recommends
+        if isinstance(fp.get("workExample"), list) and len(fp["workExample"]) == 1:
+            fp["workExample"] = fp["workExample"][0]
+    workflow["output"] = list(out_params.values())
+
+    # ---- the run
+    cells = record.get("cells")
+    finished = None if not isinstance(cells, dict) else sum(1 for c in cells.values() if c.get("status") == "finished")
+    props = {"@type": "CreateAction", "name": f"perturbkit {verb} run",
+             "startTime": _iso(record.get("started") or now()), "endTime": _iso(record.get("ended") or now()),
+             "actionStatus": {"@id": "http://schema.org/CompletedActionStatus" if not record.get("missing")
+                              else "http://schema.org/ActiveActionStatus"}}
+    if finished is not None:
+        props["description"] = f"{finished} of {len(cells)} cells finished"
+    action = crate.add_action(workflow, identifier=f"#{verb}-run", object=objects, result=results, properties=props)
+    action["agent"] = perturbkit
+    root["mentions"] = action
+    _io.atomic_write_text(out / METADATA, json.dumps(crate.metadata.generate(), indent=2) + "\n")
+    return out / METADATA
+
+
+def validate(out: str | Path, profile: str = "ro-crate-1.1", *, severity: str = "REQUIRED", offline: bool = True,
+             cache_path: str | Path | None = None) -> tuple[bool, list[str]]:
+    """Validate the crate in ``out`` with ``roc-validator`` (PyPI); returns (passed, issue messages).
+
+    ``profile`` is a roc-validator profile identifier (``ro-crate-1.1``, ``workflow-run-crate``, ...).
+    ``offline`` serves HTTP only from roc-validator's cache (``cache_path``; default: its user cache).
+    """
+    from rocrate_validator import services
+    from rocrate_validator.models import ValidationSettings
+
+    kwargs = {"cache_path": Path(cache_path)} if cache_path is not None else {}
+    settings = ValidationSettings(rocrate_uri=str(Path(out).resolve()), profile_identifier=profile,
+                                  requirement_severity=severity, offline=offline, **kwargs)
+    result = services.validate(settings)
+    issues = [f"{i.severity.name}: {getattr(i.check, 'identifier', '')} {i.message}" for i in result.get_issues()]
+    return result.passed(), issues
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

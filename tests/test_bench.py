@@ -1,0 +1,368 @@
+"""The benchmark harness: config errors, the cross-donor and unbalanced splits, a whole smoke run, the cell
+interface a workflow engine uses, resuming after a kill, the RO-Crate (roc-validator) and the HTML report in a
+real browser."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import perturbkit as pk
+from perturbkit import bench
+from perturbkit.cli import main
+from perturbkit.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+CONTEXT_1_1 = Path(__file__).parent / "data" / "ro-crate-1.1-context.jsonld"
+
+
+def smoke_dict() -> dict:
+    return tomllib.loads(SMOKE.read_text())
+
+
+def write_config(path: Path, d: dict) -> Path:
+    cfg = bench.config_from_dict(d)
+    path.write_text(bench.to_toml(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A 9-cell cut of the smoke config (one seed, loco on ctx0, cross_donor on ctx2, no figures), run plainly."""
+    base = tmp_path_factory.mktemp("small")
+    out = base / "run"
+    assert main(["bench", str(small_config(base)), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """configs/smoke.toml run once through the CLI (every cell, then aggregation)."""
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    assert main(["bench", str(SMOKE), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("patch, needle", [
+    ({"training": {"epoch": 3}}, "training.epoch: unknown setting. Did you mean 'epochs'"),
+    ({"seeds": "0"}, "seeds: expected a list of integers, got '0'"),
+    ({"seeds": [0, "1"]}, "seeds[1]: expected an integer"),
+    ({"evaluation": {"n_boot": 1.5}}, "evaluation.n_boot: expected an integer"),
+    ({"scenarios": {"loko": {}}}, "scenarios.loko: unknown setting. Did you mean 'loco'"),
+    ({"scenarios": {"loco": {"min_cell": 3}}}, "scenarios.loco.min_cell: unknown setting. Did you mean 'min_cells'"),
+    ({"scenarios": {"unbalanced": {"keep_fraction": 1.5}}}, "scenarios.unbalanced.keep_fraction must be in (0, 1]"),
+    ({"models": {"scgne": {}}}, "models.scgne: unknown model 'scgne'. Did you mean 'scgen'"),
+    ({"models": {"scgen": {"n_latnt": 4}}}, "models.scgen: scgen: unknown parameter 'n_latnt'. Did you mean 'n_latent'"),
+    ({"evaluation": {"metrics": ["r2_mean"]}}, "evaluation.metrics: Unknown metric 'r2_mean'"),
+    ({"data": {"sorce": "x"}}, "data.sorce: unknown setting. Did you mean 'source'"),
+    ({"output": {"figures": "yes"}}, "output.figures: expected true or false, got 'yes'"),
+])
+def test_config_errors_name_the_setting(patch, needle):
+    d = smoke_dict()
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(d.get(key), dict) and key != "models":
+            for k2, v2 in value.items():
+                if isinstance(v2, dict) and isinstance(d[key].get(k2), dict):
+                    d[key][k2].update(v2)
+                else:
+                    d[key][k2] = v2
+        elif key == "models":
+            d["models"] = {**{k: v for k, v in d["models"].items() if k != "scgen"}, **value}
+        else:
+            d[key] = value
+    with pytest.raises(InputError) as err:
+        bench.config_from_dict(d)
+    assert needle in str(err.value)
+
+
+def test_config_defaults_and_roundtrip(tmp_path):
+    cfg = bench.load_config(SMOKE)
+    assert [m.label for m in cfg.models] == ["scgen", "control", "mean_shift"]
+    assert cfg.model_params("scgen")["epochs"] == 2 and "epochs" not in cfg.model_params("control")
+    again = bench.config_from_dict(tomllib.loads(bench.to_toml(cfg)))
+    assert again.to_dict() == cfg.to_dict()
+    with pytest.raises(AttributeError):
+        cfg.seeds = (1,)
+    kang = bench.load_config(ROOT / "configs" / "kang.toml")  # the shipped config is valid
+    assert kang.data.donor_key == "donor" and kang.training.epochs == 10 and len(kang.seeds) == 3
+    assert {m.label for m in kang.models} >= {"scgen", "control", "mean_shift"}
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_cross_donor_split(syn):
+    spec = pk.PerturbSpec(donor_key="donor")
+    s = pk.split.cross_donor(syn, spec, "ctx1", ["d1"])
+    obs = syn.obs.astype(str)
+    tgt, src, tr = obs.iloc[s.target], obs.iloc[s.source], obs.iloc[s.train]
+    assert (tgt.cell_type == "ctx1").all() and (tgt.condition == "stimulated").all() and (tgt.donor == "d1").all()
+    assert (src.cell_type == "ctx1").all() and (src.condition == "control").all() and (src.donor == "d1").all()
+    assert len(tgt) == 75 and len(src) == 75
+    assert not set(s.target) & set(s.train)  # the held-out cells are never trained on
+    assert set(s.source) <= set(s.train)  # test donors' controls are training cells (scGen cross-study)
+    assert not ((tr.donor == "d1") & (tr.condition == "stimulated")).any()  # no test-donor perturbed cell
+    assert ((tr.donor == "d0") & (tr.cell_type == "ctx1") & (tr.condition == "stimulated")).sum() == 75
+    assert s.info["test_donors"] == ["d1"] and s.info["train_donors"] == ["d0"]
+    unseen = pk.split.cross_donor(syn, spec, "ctx1", ["d1"], context_seen=False, test_controls_in_train=False)
+    tr2 = obs.iloc[unseen.train]
+    assert not ((tr2.cell_type == "ctx1") & (tr2.condition == "stimulated")).any()
+    assert (tr2.donor == "d0").all()
+    assert unseen.fingerprint() != s.fingerprint()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"test_donors": ["d9"]}, "'d9'"),
+    ({"test_donors": ["d1"], "train_donors": ["d1"]}, "both test_donors and train_donors"),
+    ({"test_donors": []}, "test_donors is empty"),
+])
+def test_cross_donor_errors(syn, kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        pk.split.cross_donor(syn, pk.PerturbSpec(donor_key="donor"), "ctx1", **kwargs)
+    with pytest.raises(InputError, match="donor_key"):
+        pk.split.cross_donor(syn, pk.PerturbSpec(), "ctx1", ["d1"])
+
+
+def test_donor_folds_partition_the_donors(syn):
+    spec = pk.PerturbSpec(donor_key="donor")
+    folds = pk.split.donor_folds(syn, spec, 2, seed=3)
+    assert sorted(d for f in folds for d in f) == ["d0", "d1"]
+    assert folds == pk.split.donor_folds(syn, spec, 2, seed=3)
+    with pytest.raises(InputError, match="folds"):
+        pk.split.donor_folds(syn, spec, 5)
+
+
+def test_unbalanced_keeps_a_seeded_fraction(syn):
+    spec = pk.PerturbSpec()
+    keep = pk.split.unbalanced(syn, spec, 0.2, seed=1)
+    obs = syn.obs.iloc[keep].astype(str)
+    counts = pd.crosstab(obs.cell_type, obs.condition)
+    assert (counts["control"] == 150).all() and (counts["stimulated"] == 30).all()
+    assert np.array_equal(keep, pk.split.unbalanced(syn, spec, 0.2, seed=1))
+    assert not np.array_equal(keep, pk.split.unbalanced(syn, spec, 0.2, seed=2))
+    thin = pk.split.unbalanced(syn, spec, 0.1, contexts=["ctx0"], seed=1, protect="ctx1")
+    c2 = pd.crosstab(syn.obs.iloc[thin].cell_type.astype(str), syn.obs.iloc[thin].condition.astype(str))
+    assert c2.loc["ctx0", "stimulated"] == 15 and c2.loc["ctx1", "stimulated"] == 150
+    # a context's draw does not depend on which other contexts are thinned
+    both = pk.split.unbalanced(syn, spec, 0.1, contexts=["ctx0", "ctx2"], seed=1)
+    ctx0 = lambda idx: set(idx[syn.obs.cell_type.iloc[idx].astype(str).to_numpy() == "ctx0"])  # noqa: E731
+    assert ctx0(thin) == ctx0(both)
+    with pytest.raises(InputError, match="keep_fraction"):
+        pk.split.unbalanced(syn, spec, 0)
+
+
+# ------------------------------------------------------------------------------------------- a whole run
+
+
+def test_smoke_run_outputs(smoke_run):
+    out = smoke_run
+    for name in ("config.toml", "config.json", "scores.csv", "summary.csv", "specificity.csv", "unbalanced.csv",
+                 "unbalanced_degs.csv", "run.json", "report.html", "ro-crate-metadata.json"):
+        assert (out / name).is_file(), name
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores.columns[:8]) == ["scenario", "split", "model", "seed", "metric", "value", "ci_low", "ci_high"]
+    assert set(scores.scenario) == {"loco", "unbalanced", "cross_donor"}
+    assert set(scores.model) == {"scgen", "control", "mean_shift", "ceiling"}
+    # one ceiling per (scenario, split, seed, metric); normalised rows: control 0, the planted shift near 1
+    ceil = scores[scores.model == "ceiling"]
+    assert not ceil.duplicated(["scenario", "split", "seed", "metric"]).any()
+    norm = scores[scores.metric == "pearson_delta_norm"].groupby("model").value.mean()
+    assert norm["control"] == pytest.approx(0) and norm["mean_shift"] > 0.9
+    n_cells = len(bench.list_cells(bench.load_config(SMOKE)))
+    assert n_cells == 36 and len(list((out / "cells").iterdir())) == n_cells
+    summary = pd.read_csv(out / "summary.csv")
+    assert {"mean", "ci_low", "ci_high", "rank", "n_seeds"} <= set(summary.columns)
+    pd_all = summary[(summary.scenario == "loco") & (summary.split == "all") & (summary.metric == "pearson_delta")]
+    assert pd_all.set_index("model").loc["mean_shift", "rank"] == 1 and (pd_all.n_seeds[pd_all.model != "x"] == 2).all()
+    r = pd_all.set_index("model").loc["scgen"]
+    assert r.ci_low <= r["mean"] <= r.ci_high
+    spec = pd.read_csv(out / "specificity.csv")
+    assert set(spec.context) == {"ctx0", "ctx1"} and (spec.n_perturbed == 60).all()
+    ub = pd.read_csv(out / "unbalanced.csv")
+    assert set(ub.variant) == {"keep", "thin"} and ub[~ub.metric.str.endswith("_norm")].balanced.notna().all()
+    degs = pd.read_csv(out / "unbalanced_degs.csv")
+    assert {"real cells", "scgen", "mean_shift"} <= set(degs.model) and degs.top_k_overlap.between(0, 1).all()
+    figs = {p.name for p in (out / "figures").iterdir()}
+    for name in ("heatmap_loco_pearson_delta.png", "seeds_loco_pearson_delta.png", "specificity_pearson_delta.png",
+                 "unbalanced_pearson_delta.png", "reg_mean_scgen.png", "reg_var_scgen.png", "pca.png",
+                 "violins_top_degs.png"):
+        assert name in figs, name
+    run = json.loads((out / "run.json").read_text())
+    assert run["data"]["sha256"] and run["versions"]["perturbkit"] and not run["missing"]
+    assert all(c["status"] == "finished" for c in run["cells"].values())
+    res = json.loads((out / "cells" / "cross_donor.ctx2_f0.scgen.s0" / "result.json").read_text())
+    assert res["split_info"]["test_donors"] == ["d0"] and res["timings"]["fit_s"] > 0
+
+
+def test_crate_lists_every_file(smoke_run):
+    crate = json.loads((smoke_run / "ro-crate-metadata.json").read_text())
+    graph = {e["@id"]: e for e in crate["@graph"]}
+    root = graph["./"]
+    files = {p.relative_to(smoke_run).as_posix() for p in smoke_run.rglob("*")
+             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(smoke_run).parts)}
+    files.discard("ro-crate-metadata.json")
+    listed = {part["@id"] for part in root["hasPart"]}
+    assert files <= listed
+    action = graph["#bench-run"]
+    assert action["startTime"] and action["endTime"] and action["instrument"] == {"@id": "config.toml"}
+    assert {"@id": "scores.csv"} in action["result"]
+    assert graph["scores.csv"]["sha256"] == pk.data.sha256(smoke_run / "scores.csv")
+    params = {e["name"]: e["value"] for e in crate["@graph"] if e.get("@type") == "PropertyValue"}
+    assert params["training.epochs"] == 2 and params["models.scgen.n_hidden"] == 32
+    data = [e for e in crate["@graph"] if str(e["@id"]).startswith("ni:///sha-256;")]
+    assert len(data) == 1 and data[0]["sha256"] == json.loads((smoke_run / "run.json").read_text())["data"]["sha256"]
+    assert graph["#perturbkit"]["softwareVersion"] == pk.__version__
+
+
+
+def test_crate_validates_with_roc_validator(small_run, monkeypatch):
+    # roc-validator, offline: the RO-Crate 1.1 JSON-LD context is served from tests/data (the context as
+    # published, CC0, from the rocrate 0.9.0 wheel) instead of https://w3id.org/ro/crate/1.1/context
+    import requests
+    from rocrate_validator.utils import http as rv_http
+
+    def local_get(url, *args, **kwargs):
+        resp = requests.Response()
+        resp.url = url
+        if url.rstrip("/") == "https://w3id.org/ro/crate/1.1/context":
+            resp.status_code, resp._content = 200, CONTEXT_1_1.read_bytes()
+            resp.headers["Content-Type"] = "application/ld+json"
+        else:
+            resp.status_code, resp._content = 504, b""  # anything else: as an offline cache miss
+        return resp
+
+    def getattr_(self, name):
+        if name in ("get", "head"):
+            return local_get
+        raise AttributeError(name)
+
+    monkeypatch.setattr(rv_http.HttpRequester, "__getattr__", getattr_)
+    monkeypatch.setattr(rv_http.HttpRequester, "fetch_fresh", lambda self, url, **kw: local_get(url))
+    for profile in ("ro-crate-1.1", "workflow-run-crate"):
+        ok, issues = pk.record.validate(small_run, profile, severity="REQUIRED", offline=False,
+                                        cache_path=small_run.parent / ".rocv-cache")
+        assert ok, (profile, issues)
+
+
+def test_report_is_self_contained(smoke_run):
+    html = (smoke_run / "report.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == len(list((smoke_run / "figures").iterdir()))
+    for external in ('src="http', "<link", "<script", "url(http", "@import"):
+        assert external not in html
+    assert "Config as run" in html and "Environment" in html and "scgen" in html
+
+
+def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+    page = tmp_path / "report.html"
+    marker = ('<script>window.addEventListener("load", function () { var im = Array.from(document.images); '
+              'var ok = im.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length; '
+              'document.body.setAttribute("data-images", im.length + "/" + ok); });</script></body>')
+    page.write_text((smoke_run / "report.html").read_text().replace("</body>", marker))
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+           "--virtual-time-budget=10000", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    n = len(list((smoke_run / "figures").iterdir()))
+    assert f'data-images="{n}/{n}"' in dom, dom[-500:]
+
+
+# --------------------------------------------------------------------------------- cells, resume, kill
+
+
+def small_config(tmp_path: Path, **training) -> Path:
+    """smoke.toml cut down: one seed, loco on ctx0 and cross_donor on ctx2, no figures (9 cells)."""
+    d = smoke_dict()
+    d["seeds"] = [0]
+    d["scenarios"] = {"loco": {"contexts": ["ctx0"], "min_cells": 20},
+                      "cross_donor": {"contexts": ["ctx2"], "folds": 2, "min_cells": 10}}
+    d["output"]["figures"] = False
+    d["training"].update(training)
+    return write_config(tmp_path / "small.toml", d)
+
+
+def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
+    config, plain, out = small_run / "config.toml", small_run, tmp_path / "fanout"
+    assert main(["bench", str(config), "--list-cells"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 9 and ids[0] == "loco.ctx0.scgen.s0"
+    assert main(["bench", str(config), "--out", str(out), "--aggregate"]) == 2  # nothing finished yet
+    assert "have not finished" in capsys.readouterr().err
+    for cell in reversed(ids):  # any order, as a workflow engine may run them
+        assert main(["bench", str(config), "--out", str(out), "--cell", cell, "--no-progress"]) == 0
+    assert not (out / "scores.csv").exists()  # --cell does not aggregate
+    assert main(["bench", str(config), "--out", str(out), "--aggregate"]) == 0
+    for name in ("scores.csv", "summary.csv"):
+        assert (out / name).read_bytes() == (plain / name).read_bytes(), name
+    capsys.readouterr()
+    assert main(["bench", str(config), "--list-cells", "--json", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert all(r["finished"] for r in rows) and rows[0]["context"] == "ctx0"
+    assert main(["bench", str(config), "--out", str(out), "--cell", "loco.ctx9.scgen.s0"]) == 2
+    assert "is not a cell of this config" in capsys.readouterr().err
+
+
+def test_rerun_skips_and_other_config_is_refused(smoke_run, tmp_path, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")}
+    assert main(["bench", str(SMOKE), "--out", str(smoke_run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "36 of 36 cells already finished" in err and "up to date" in err
+    assert {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")} == before
+    d = smoke_dict()
+    d["training"]["epochs"] = 3
+    other = write_config(tmp_path / "other.toml", d)
+    assert main(["bench", str(other), "--out", str(smoke_run)]) == 2
+    err = capsys.readouterr().err
+    assert "different config" in err and "training.epochs: 2 there, 3 now" in err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["bench", str(SMOKE), "--out", str(foreign)]) == 2
+    assert "not a perturbkit bench run" in capsys.readouterr().err
+
+
+def test_killed_run_resumes_without_recomputing(tmp_path):
+    config = small_config(tmp_path, epochs=20)  # slower cells, so that the kill lands in the middle of the run
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "perturbkit", "bench", str(config), "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("cells/*/result.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()[-800:]
+    finished = {p: (p.stat().st_mtime_ns, p.read_text()) for p in out.glob("cells/*/result.json")}
+    assert 3 <= len(finished) < 9
+    assert not list(out.rglob(".*.tmp*"))  # the write in progress was removed
+    for res in finished:
+        json.loads(res.read_text())  # complete
+        pd.read_csv(res.parent / "scores.csv")
+    assert not (out / "scores.csv").exists()
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-800:]
+    assert f"{len(finished)} of 9 cells already finished" in rerun.stderr
+    for res, (mtime, text) in finished.items():  # not recomputed, not rewritten
+        assert res.stat().st_mtime_ns == mtime and res.read_text() == text
+    assert len(list(out.glob("cells/*/result.json"))) == 9
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores.scenario) == {"loco", "cross_donor"} and scores.value.notna().any()

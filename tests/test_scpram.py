@@ -1,0 +1,219 @@
+"""scPRAM: per-cell attention on hand-made latents, OT pairing and convergence, fit / predict / save on synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from conftest import SMALL
+
+import perturbkit as pk
+from perturbkit.errors import InputError
+from perturbkit.models import ScPRAM, get
+from perturbkit.models.scpram import attention_weights, ot_pairing
+
+# ------------------------------------------------------------------------------------- hand-made cells
+
+KEYS = np.array([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.2, 1.0]], dtype=np.float32)  # two groups of controls
+DELTAS = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]], dtype=np.float32)  # their paired deltas
+QUERIES = np.array([[2.0, 0.1], [0.1, 2.0], [1.0, 0.9]], dtype=np.float32)
+
+
+def _handmade(**params) -> ScPRAM:
+    """A fitted-looking ScPRAM: only the latent transfer state, set by hand (the decoder is not needed)."""
+    model = ScPRAM(ratio=0.5, **params)
+    model.control_latent, model.paired_delta = KEYS, DELTAS
+    return model
+
+
+def _expected_delta(q: np.ndarray, k: int) -> np.ndarray:
+    """The published rule written out for one query: top-k cosine similarities, weights proportional to them."""
+    sim = np.array([q @ key / np.linalg.norm(q) / np.linalg.norm(key) for key in KEYS])
+    top = np.argsort(-sim)[:k]
+    w = sim[top] / sim[top].sum()
+    return w @ DELTAS[top]
+
+
+def test_each_query_cell_gets_its_own_delta():
+    model = _handmade()
+    delta = model._transfer(QUERIES) - QUERIES
+    for q, d in zip(QUERIES, delta):
+        assert np.allclose(d, _expected_delta(q, 2), atol=1e-6)
+    # the first query's neighbours are the first group, the second query's the second group
+    assert delta[0, 1] == pytest.approx(0.0, abs=1e-6) and 1.0 < delta[0, 0] < 3.0
+    assert delta[1, 0] == pytest.approx(0.0, abs=1e-6) and 2.0 < delta[1, 1] < 4.0
+    assert not np.allclose(delta[0], delta[1])
+
+
+def test_first_cell_attention_shares_the_first_cells_delta():
+    delta = _handmade(attention="first_cell")._transfer(QUERIES) - QUERIES
+    assert np.allclose(delta, _expected_delta(QUERIES[0], 2)[None, :], atol=1e-6)
+    per_cell = _handmade()._transfer(QUERIES) - QUERIES
+    assert np.allclose(delta[0], per_cell[0]) and not np.allclose(delta[1], per_cell[1])
+
+
+def test_attention_matrix_is_sparse_row_stochastic():
+    w = attention_weights(QUERIES, KEYS, 0.5)
+    assert sp.isspmatrix_csr(w) and w.shape == (3, 4)
+    assert np.allclose(np.asarray(w.sum(axis=1)).ravel(), 1.0)
+    assert (np.diff(w.indptr) == 2).all()
+    assert set(w[0].indices) == {0, 1} and set(w[1].indices) == {2, 3}
+
+
+def test_negative_similarities_get_no_weight():
+    keys = np.array([[1.0, 0.0], [-1.0, 0.1], [-1.0, -0.1]])
+    w = attention_weights(np.array([[1.0, 0.0]]), keys, 2 / 3).toarray()
+    assert w[0, 0] == pytest.approx(1.0) and w[0, 1:].sum() == 0
+    # every kept similarity negative: equal weights over the kept keys
+    w = attention_weights(np.array([[-1.0, 0.0]]), np.array([[1.0, 0.0], [1.0, 0.1]]), 1.0).toarray()
+    assert np.allclose(w, 0.5)
+
+
+# ------------------------------------------------------------------------------------------------ OT
+
+
+def _shifted_copy(n=40, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    zc = (3 * rng.normal(size=(n, d))).astype(np.float32)
+    perm = rng.permutation(n)
+    return zc, zc[perm] + 0.5, np.argsort(perm)  # zp[j] = zc[perm[j]] + shift; zc[i]'s partner is argsort(perm)[i]
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "exact"])
+def test_ot_pairs_a_shifted_copy_with_itself(method):
+    zc, zp, truth = _shifted_copy()
+    partner, info = ot_pairing(zc, zp, method=method, reg=0.01)
+    assert info["converged"] and np.array_equal(partner, truth)
+
+
+def test_sinkhorn_plan_marginals_are_uniform_and_convergence_is_reported():
+    rng = np.random.default_rng(1)
+    zc, zp = rng.normal(size=(40, 4)), rng.normal(1.0, 1.0, size=(55, 4))
+    tol = 1e-4
+    partner, info, plan = ot_pairing(zc, zp, reg=0.05, tol=tol, return_plan=True)
+    assert plan.shape == (40, 55) and (plan >= 0).all()
+    assert np.abs(plan.sum(axis=1) - 1 / 40).sum() <= tol
+    assert np.abs(plan.sum(axis=0) - 1 / 55).sum() <= tol
+    assert info["converged"] and 0 < info["iterations"] < info["max_iter"] and info["warnings"] == []
+    assert max(info["marginal_error_control"], info["marginal_error_perturbed"]) <= tol
+    assert np.array_equal(partner, plan.argmax(axis=1))
+
+
+def test_ot_that_stops_early_says_so():
+    rng = np.random.default_rng(2)
+    zc, zp = rng.normal(size=(40, 5)), rng.normal(0.5, 2.0, size=(55, 5))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, info = ot_pairing(zc, zp, reg=0.001, tol=1e-9, max_iter=2)
+    assert not info["converged"] and info["iterations"] <= 2
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        _, info = ot_pairing(zc, zp, method="exact", max_iter=3)
+    assert not info["converged"] and info["result_code"] != 1 and info["pot_warning"]
+
+
+# -------------------------------------------------------------------------------------- synthetic data
+
+FAST = dict(SMALL, epochs=30, lr=2e-3)
+
+
+def _task(syn, holdout="ctx1"):
+    spec = pk.PerturbSpec()
+    return spec, *pk.split.holdout_cell_type(syn, spec, holdout).subsets(syn)
+
+
+@pytest.fixture(scope="module")
+def fitted(syn):
+    spec, train, source, target = _task(syn)
+    return get("scpram", **FAST).fit(train, spec, seed=0), train, source, target
+
+
+def _scores(pred, target, source):
+    from scipy.stats import linregress
+
+    pm, tm, sm = (np.asarray(a.X).mean(0) for a in (pred, target, source))
+    return linregress(tm, pm).rvalue ** 2, np.corrcoef(pm - sm, tm - sm)[0, 1]
+
+
+def test_scpram_beats_control_on_planted_effect(fitted):
+    model, train, source, target = fitted
+    r2, pdelta = _scores(model.predict(source), target, source)
+    r2_control, _ = _scores(get("control").fit(train, pk.PerturbSpec()).predict(source), target, source)
+    assert r2 > r2_control + 0.05 and pdelta > 0.8
+    info = model.fit_info
+    assert info["ot"]["converged"] and info["transfer"]["contexts_left_out"] == ["ctx1"]
+    assert info["latent"] == "posterior mean"
+    assert model.control_latent.shape == model.paired_delta.shape == (450, SMALL["n_latent"])
+
+
+def test_attention_of_source_cells(fitted):
+    model, _, source, _ = fitted
+    w = model.attention(source)
+    assert w.shape == (source.n_obs, 450) and np.allclose(np.asarray(w.sum(axis=1)).ravel(), 1.0)
+    assert (np.diff(w.indptr) == 23).all()  # ceil(0.05 * 450)
+    assert set(model.control_context[np.unique(w.indices)]) <= {"ctx0", "ctx2", "ctx3"}
+
+
+def test_same_seed_same_prediction_and_save_load_round_trip(fitted, syn, tmp_path):
+    model, train, source, _ = fitted
+    pred = model.predict(source).X
+    again = get("scpram", **FAST).fit(train, pk.PerturbSpec(), seed=0).predict(source).X
+    assert np.array_equal(pred, again)
+    loaded = pk.models.Model.load(model.save(tmp_path / "m"))
+    assert isinstance(loaded, ScPRAM) and loaded.params == model.params
+    assert np.array_equal(loaded.predict(source).X, pred)
+    assert (loaded.attention(source) != model.attention(source)).nnz == 0
+    assert np.array_equal(loaded.control_context, model.control_context)
+
+
+def test_latent_sampling_is_seeded(syn):
+    spec, train, source, _ = _task(syn)
+    params = dict(FAST, epochs=2, latent_sampling=True)
+    a = get("scpram", **params).fit(train, spec, seed=3)
+    b = get("scpram", **params).fit(train, spec, seed=3)
+    assert np.array_equal(a.predict(source).X, b.predict(source).X)
+    assert np.array_equal(a.predict(source).X, a.predict(source).X)
+    assert "posterior draw" in a.fit_info["latent"]
+
+
+def test_attention_heatmap_returns_a_figure(fitted):
+    from matplotlib.figure import Figure
+
+    model, _, source, _ = fitted
+    fig = pk.pl.attention_heatmap(model, source, max_cells=20, max_controls=30)
+    assert isinstance(fig, Figure)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("key, value", [("ratio", 0), ("ratio", 1.5), ("ratio", "a"), ("ratio", True),
+                                        ("ot", "emd"), ("attention", "first"), ("ot_reg", -1.0),
+                                        ("ot_tol", 0), ("ot_max_iter", 0), ("ot_cost", "cosine"),
+                                        ("latent_sampling", "yes"), ("precision", "float16")])
+def test_bad_values_are_refused(key, value):
+    with pytest.raises(InputError, match=key):
+        ScPRAM(**{key: value})
+
+
+def test_unknown_parameter_is_refused():
+    with pytest.raises(InputError, match="unknown parameter 'ration'"):
+        ScPRAM(ration=0.1)
+
+
+def test_predict_cli_writes_attention_figure_and_records_the_flags(syn_path, tmp_path):
+    import json
+
+    from perturbkit.cli import main
+
+    out = tmp_path / "scpram"
+    args = ["predict", "--data", str(syn_path), "--model", "scpram", "--holdout", "ctx2", "--epochs", "2",
+            "--seed", "0", "--out", str(out), "--param", "n_hidden=32", "--param", "n_latent=8",
+            "--param", "batch_size=64", "--n-boot", "5", "--no-progress",
+            "--ratio", "0.1", "--ot", "exact", "--attention", "first_cell"]
+    assert main(args) == 0
+    assert (out / "attention.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((out / "record.json").read_text())
+    params = record["models"]["scpram"]["params"]
+    assert (params["ratio"], params["ot"], params["attention"]) == (0.1, "exact", "first_cell")
+    assert record["config"]["params"]["ratio"] == 0.1 and "attention.png" in record["outputs"]
+    ot_info = record["models"]["scpram"]["fit"]["ot"]
+    assert ot_info["method"] == "exact" and ot_info["converged"] is True
