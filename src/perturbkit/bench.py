@@ -1005,11 +1005,18 @@ class CellsFailed(RuntimeError):
 
 def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] | None = None,
         do_cells: bool = True, do_aggregate: bool = True, partial: bool = False, progress: bool = True,
-        log=print) -> dict[str, Any]:
+        jobs: int = 1, keep_going: bool = False, log=print) -> dict[str, Any]:
     """Run a benchmark into ``out``: every unfinished cell (or only ``cells``), then :func:`aggregate`.
+
+    ``jobs > 1`` runs the cells in that many worker processes (each ``perturbkit bench --cell ...`` with the
+    config's ``training.threads``); the results are the same as with one process, since each cell depends
+    only on the config, its seed and the thread count. A failing cell is reported and the others go on, except
+    when ``cells`` are named without ``keep_going`` (then it raises).
 
     Returns ``{"cells": [ids run or skipped], "ran": [...], "skipped": [...], "failed": {id: error}}``.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"--jobs must be a positive integer, got {jobs!r}.")
     config_text = None
     if not isinstance(config, BenchConfig):
         config_text = Path(config).read_text() if Path(config).exists() else None
@@ -1035,6 +1042,9 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
     if skipped:
         log(f"bench: {len(skipped)} of {len(todo)} cells already finished in {out}; skipping them")
     t0 = time.perf_counter()
+    if jobs > 1 and len(pending) > 1:
+        ran, failed = _run_workers(cfg, out, ctx, pending, jobs, log=log)
+        pending = []
     for i, cell in enumerate(pending, 1):
         try:
             res = run_cell(cfg, out, cell, ctx, keep_pred=figure_cell(cfg, cell, splits),
@@ -1044,7 +1054,7 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
         except Exception as exc:  # one failing cell does not lose the others; it is reported and rerun later
             failed[cell.id] = f"{type(exc).__name__}: {exc}"
             log(f"[{i}/{len(pending)}] {cell.id}: FAILED ({failed[cell.id]})")
-            if cells:
+            if cells and not keep_going:
                 raise
             continue
         ran.append(cell.id)
@@ -1062,6 +1072,46 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
         raise CellsFailed(f"{len(failed)} cell(s) failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
                           + ". The others are saved; rerun the same command to retry the failed ones.")
     return summary
+
+
+def _run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell], jobs: int, *, log=print):
+    """Run ``pending`` in ``jobs`` processes of ``perturbkit bench --cell``; returns (ran ids, {failed id: why})."""
+    import subprocess
+    import sys
+
+    from . import _io
+
+    ctx.data  # preprocess once and cache it before the workers start, so none of them repeats it
+    worker_cfg = out / CACHE_DIR / f"config-{config_hash(cfg.to_dict())}.toml"
+    if not worker_cfg.exists():
+        _io.atomic_write_text(worker_cfg, to_toml(cfg))
+    # the expensive cells first, dealt round-robin, so the workers finish at about the same time
+    cost = {"scpram": 2, "scgen": 3}
+    order = sorted(pending, key=lambda c: -cost.get(c.model, 0))
+    groups = [order[i::jobs] for i in range(jobs)]
+    log(f"bench: {len(pending)} cells in {len(groups)} worker processes (training.threads = "
+        f"{cfg.training.threads} each)")
+    procs = []
+    for group in groups:
+        if group:
+            cmd = [sys.executable, "-m", "perturbkit", "bench", str(worker_cfg), "--out", str(out), "--no-progress",
+                   "--keep-going"]
+            for cell in group:
+                cmd += ["--cell", cell.id]
+            procs.append(subprocess.Popen(cmd))
+    try:
+        for p in procs:
+            p.wait()
+    except BaseException:  # interrupted: stop the workers; their finished cells are complete
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    ran = [c.id for c in pending if cell_result(out, c) is not None]
+    failed = {c.id: "failed in a worker process (its error is printed above)" for c in pending
+              if cell_result(out, c) is None}
+    return ran, failed
 
 
 # ============================================================================================ aggregate

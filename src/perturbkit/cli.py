@@ -206,8 +206,6 @@ def _add_tune(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    import signal
-
     from . import bench
 
     def log(*parts):
@@ -222,25 +220,16 @@ def cmd_bench(args) -> int:
         from .errors import InputError
 
         raise InputError("--out DIR is required (the run directory); only --list-cells works without it.")
-    # SIGTERM (a workflow engine or a batch system stopping the job) unwinds like Ctrl-C, so the temporary
-    # file being written is removed; finished cells are complete and the next run skips them.
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
     try:
         if args.aggregate and not args.cell:
             bench.aggregate(args.config, args.out, partial=args.partial, log=log)
         else:
             bench.run(args.config, args.out, cells=args.cell or None, do_aggregate=not args.cell or args.aggregate,
-                      partial=args.partial, progress=not args.no_progress, log=log)
+                      partial=args.partial, progress=not args.no_progress, jobs=args.jobs,
+                      keep_going=args.keep_going, log=log)
     except bench.CellsFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     out = Path(args.out)
     if (args.aggregate or not args.cell) and (out / "summary.csv").exists():
         print(bench.headline(out))
@@ -264,6 +253,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--aggregate", action="store_true", help="only build the tables, figures, report and crate "
                    "from the finished cells (with --cell: after running them)")
     p.add_argument("--partial", action="store_true", help="aggregate even though some cells have not finished")
+    p.add_argument("--jobs", type=int, default=1, help="run the cells in N worker processes, each with the "
+                   "config's training.threads (e.g. --jobs 2 with threads = 1 on a 2-core machine)")
+    p.add_argument("--keep-going", action="store_true", help="with --cell: a failing cell does not stop the others")
     p.add_argument("--no-progress", action="store_true", help="no training progress bars")
     p.set_defaults(func=cmd_bench)
 
@@ -351,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt as exc:
             print("interrupted; finished files are complete, unfinished ones were not written", file=sys.stderr)
             return getattr(exc, "exit_code", 130)
+        except BrokenPipeError:  # e.g. `perturbkit bench CONFIG --list-cells | head`
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
 
 
 if __name__ == "__main__":
