@@ -1,8 +1,18 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import perturbkit as pk
+
+
+def skip_without(reason: str) -> None:
+    """Skip a test whose system dependency is missing, but fail under CI (.ci/run installs it and sets
+    PERTURBKIT_SYSTEM_TESTS=1), so a check that CI promises can never silently not run."""
+    if os.environ.get("PERTURBKIT_SYSTEM_TESTS") == "1":
+        pytest.fail(f"required under PERTURBKIT_SYSTEM_TESTS=1: {reason}")
+    pytest.skip(reason)
 
 #: a small VAE so unit tests train in seconds; the architecture is otherwise the model's own
 SMALL = dict(n_hidden=64, n_latent=8, batch_size=64)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import skip_without
 
 import perturbkit as pk
 from perturbkit import bench
@@ -270,7 +271,7 @@ def test_report_is_self_contained(smoke_run):
 def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+        skip_without("Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
     page = tmp_path / "report.html"
     marker = ('<script>window.addEventListener("load", function () { var im = Array.from(document.images); '
               'var ok = im.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length; '

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import skip_without
 
 import perturbkit as pk
 from perturbkit.errors import InputError
@@ -256,15 +257,15 @@ def postgres():
     """A throw-away PostgreSQL server on 127.0.0.1 (initdb + pg_ctl in a temp dir; as user postgres if root)."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's `postgresql` package")
-    pytest.importorskip("psycopg2", reason="psycopg2 (pip install psycopg2-binary) is needed to talk to PostgreSQL")
+        skip_without("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's `postgresql` package")
+    import psycopg2  # noqa: F401  (the test extra installs psycopg2-binary: Optuna's PostgreSQL driver)
     root = Path(tempfile.mkdtemp(prefix="pk-pg-"))
     datadir = root / "data"
     as_user: list[str] = []
     if os.geteuid() == 0:  # initdb refuses to run as root
         runuser = shutil.which("runuser")
         if runuser is None:
-            pytest.skip("running as root without `runuser` to start PostgreSQL as user postgres")
+            skip_without("running as root without `runuser` to start PostgreSQL as user postgres")
         as_user = [runuser, "-u", "postgres", "--"]
         shutil.chown(root, "postgres")
     port = _free_port()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import snakemake  # noqa: F401  (in the `workflow` and `test` extras: pip install -e '.[test]')
 
 from perturbkit.cli import main
 
-pytest.importorskip("snakemake", reason="snakemake is in the `workflow` and `test` extras: pip install -e '.[test]'")
 
 SNAKEFILE = Path(__file__).resolve().parents[1] / "workflow" / "Snakefile"
 

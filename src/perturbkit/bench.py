@@ -180,7 +180,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """``[training]``: settings every trained model shares (a model's own table overrides them)."""
+    """``[training]``: settings every trained model shares (a model's own table may set its own ``epochs``)."""
 
     epochs: int | None = None  # None: each model's default
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -591,7 +591,7 @@ def plan_splits(cfg: BenchConfig, adata) -> list[SplitDef]:
                 in_test = np.isin(donor, group) & (ctx == c)
                 n = min(int((in_test & (cond == spec.control)).sum()), int((in_test & (cond == spec.perturbed)).sum()))
                 if n < cd.min_cells:
-                    continue  # too few cells of this context in these donors; listed in run.json as skipped
+                    continue  # too few cells of this context in these donors: no such split (--list-cells shows the rest)
                 out.append(SplitDef("cross_donor", f"{keys[c]}_f{k}", f"{c} | test donors {'+'.join(group)}", c,
                                     f"fold{k}", {"test_donors": list(group), "context_seen": cd.context_seen,
                                                  "test_controls_in_train": cd.test_controls_in_train}))
@@ -1333,7 +1333,7 @@ def run_record(cfg: BenchConfig, out: Path, ctx: Context, cells, results, missin
     adata = ctx.data()
     splits = {}
     for c in cells:
-        if c.id in results and c.split.key not in splits:
+        if c.id in results and f"{c.scenario}.{c.split.key}" not in splits:
             splits[f"{c.scenario}.{c.split.key}"] = results[c.id]["split_info"]
     return {
         "kind": RUN_KIND,

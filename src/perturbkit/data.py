@@ -408,16 +408,26 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     counts = looks_like_counts(out.X)
     normalize = counts if pp.normalize is None else pp.normalize
     steps: list[str] = []
+    notices = []
     if counts and not normalize:
-        log("warning: --normalize no, but the input looks like raw counts (non-negative integers up to "
-            f"{vmax:.0f}); the models expect log-normalised data. Pass --normalize auto (or yes) to normalise it.")
+        notices.append("--normalize no, but the input looks like raw counts (non-negative integers up to "
+                       f"{vmax:.0f}); the models expect log-normalised data. Pass --normalize auto (or yes) to "
+                       "normalise it.")
     if not counts and normalize and pp.normalize:
-        log("warning: --normalize yes, but the input does not look like raw counts (it holds non-integer values); "
-            "normalising log data again distorts it. Pass --normalize auto (or no) if it is log-normalised.")
+        notices.append("--normalize yes, but the input does not look like raw counts (it holds non-integer "
+                       "values); normalising log data again distorts it. Pass --normalize auto (or no) if it is "
+                       "log-normalised.")
     if not counts and not normalize and vmax > LOG_MAX:
-        log(f"warning: the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
-            f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
-            "Pass --normalize yes if it is not log data.")
+        notices.append(f"the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
+                       f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
+                       "Pass --normalize yes if it is not log data.")
+    if notices:
+        import warnings
+
+        from .errors import InputWarning
+
+        for note in notices:  # the CLI prints each as one "warning: ..." line on stderr
+            warnings.warn(note, InputWarning, stacklevel=2)
     out.X = out.X.astype(np.float32)
     if normalize:
         sc.pp.normalize_total(out, target_sum=pp.target_sum)
@@ -444,6 +454,7 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
         "steps": steps or ["none: input used as is"],
         "n_cells": int(out.n_obs),
         "n_genes": int(out.n_vars),
+        "warnings": notices,
     }
     out.uns[K.UNS_PREPROCESS] = {"input": info["input"], "steps": list(info["steps"])}
     log(f"preprocessing: input detected as {info['input']}; {'; '.join(info['steps'])}; "

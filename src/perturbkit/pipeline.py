@@ -125,6 +125,9 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     models.get(cfg.model)  # unknown model -> clear error before any work
     metric_names = metrics._resolve(cfg.metrics)
     models._base.check_seed(cfg.seed)
+    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
+                                    or cfg.threads < 1):
+        raise InputError(f"--threads must be >= 1, got {cfg.threads!r}.")
     params = dict(cfg.params)
     if cfg.epochs is not None:
         if cfg.epochs < 1:

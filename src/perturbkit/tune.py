@@ -26,7 +26,7 @@ import math
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +200,34 @@ def _build(cls, table: dict, where: str, convert=None):
     for key in table:
         if key not in known:
             raise _unknown(where, key, known)
+    for f in fields(cls):
+        if f.name in table:
+            _check_type(f"{where}.{f.name}", table[f.name], f.default)
     kwargs = dict(table)
     for key, fn in (convert or {}).items():
         if key in kwargs:
             kwargs[key] = fn(kwargs[key])
     return cls(**kwargs)
+
+
+def _check_type(where: str, value: Any, default: Any) -> None:
+    """Refuse a value whose type differs from the field default's (an int is fine where a float is expected)."""
+    if default is None or default is MISSING:
+        return
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, tuple):
+        ok, want = isinstance(value, (list, tuple)), "a list"
+    else:
+        return
+    if not ok:
+        raise InputError(f"{where} must be {want} (like its default {default!r}), got {value!r}.")
 
 
 def parse_dim(name: str, spec: Any) -> Dim:
@@ -274,7 +297,7 @@ def _check_param_names(model: str, names, where: str) -> None:
         raise InputError(f"model {model!r} has no parameters to tune (it does not train); tune scgen or scpram.")
     for name in names:
         if name not in known:
-            alias = f" (perturbkit calls it {ALIASES[name]!r})" if name in ALIASES else suggest(name, known)
+            alias = f" perturbkit calls it {ALIASES[name]!r}." if name in ALIASES else suggest(name, known)
             raise InputError(f"{where}: {model} has no parameter {name!r}.{alias} Known: "
                              f"{choices_text(known, 40)}.")
 
@@ -704,7 +727,8 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
     timings["trials_s"] = time.perf_counter() - t
     worker_info = {"worker": worker, "study": name, "storage": redact(url), "trials": ran,
                    "seconds": timings["trials_s"], "sampler_seed": cfg.seed + worker}
-    _io.atomic_write_text(out / "workers" / f"worker-{worker}.json", json.dumps(worker_info, indent=2) + "\n")
+    if worker_only or ran:  # a results-only run (no trial left to run) must not replace a worker's record
+        _io.atomic_write_text(out / "workers" / f"worker-{worker}.json", json.dumps(worker_info, indent=2) + "\n")
     if worker_only:
         return worker_info
 

@@ -19,6 +19,9 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "adam_eps", "val_fra
               "restore_best", "grad_clip", "precision")
 
 
+PRECISIONS = ("float32", "bfloat16", "auto")  # as models._train.PRECISIONS (kept here: no torch import)
+
+
 class VAEModel(Model):
     needs_torch = True
     DEFAULTS: dict[str, Any] = {}
@@ -34,6 +37,11 @@ class VAEModel(Model):
                 f"Known: {', '.join(sorted(self.DEFAULTS))}."
             )
         super().__init__(**{**self.DEFAULTS, **params})
+        if self.params.get("precision", "float32") not in PRECISIONS:
+            from ..errors import InputError
+
+            raise InputError(f"{self.name}: precision={self.params['precision']!r} is not allowed; use one of "
+                             f"{', '.join(map(repr, PRECISIONS))} (auto: bfloat16 on CPUs with native bfloat16).")
         self.module = None
         self.history = None
 

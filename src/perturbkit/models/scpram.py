@@ -64,7 +64,7 @@ class ScPRAM(VAEModel):
     ----------------------------------------------------------------
     ratio
         share of the training control cells each query attends to: the top ``ceil(ratio * n_control)`` by
-        cosine similarity (reference 0.05; the package's tutorial uses 0.005 on a larger data set).
+        cosine similarity (reference default 0.05; the package's PBMC tutorial uses 0.005).
     ot
         ``"sinkhorn"`` (entropic OT, default) or ``"exact"`` (network simplex EMD).
     ot_reg
@@ -73,8 +73,8 @@ class ScPRAM(VAEModel):
     ot_max_iter
         iteration limit (None: 1000 Sinkhorn iterations, 10,000,000 simplex iterations for ``"exact"``).
     ot_tol
-        Sinkhorn stops when the perturbed-side marginal of the plan is within ``ot_tol`` of uniform in total
-        variation (the L1 norm of the difference: the share of mass in the wrong place).
+        Sinkhorn stops when the L1 distance of the plan's perturbed-side marginal to uniform is below ``ot_tol``;
+        the solve counts as converged when both marginals are within ``ot_tol`` (L1) of uniform.
     ot_cost
         ``"sqeuclidean"`` (default) or ``"euclidean"`` (the package's ``ot.dist(metric="euclidean")``).
     attention
