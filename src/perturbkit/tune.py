@@ -212,7 +212,7 @@ def _build(cls, table: dict, where: str, convert=None):
 
 def _check_type(where: str, value: Any, default: Any) -> None:
     """Refuse a value whose type differs from the field default's (an int is fine where a float is expected)."""
-    if default is None or default is MISSING:
+    if default is None or default is MISSING or value is None:
         return
     if isinstance(default, bool):
         ok, want = isinstance(value, bool), "true or false"
