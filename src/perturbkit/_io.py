@@ -97,3 +97,20 @@ def signals_as_interrupt(signums=(signal.SIGTERM,)):
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML config file as a dict; a missing, unreadable or invalid file raises :class:`InputError`."""
+    import tomllib
+
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config {str(path)!r} does not exist or is not a file.")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"config {str(path)!r} is not valid TOML: {exc}.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"config {str(path)!r} is not a UTF-8 text file.") from None

@@ -26,7 +26,6 @@ import math
 import platform
 import re
 import time
-import tomllib
 import types
 import typing
 import warnings
@@ -288,16 +287,10 @@ _LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 def load_config(path: str | Path) -> BenchConfig:
     """Read a TOML config; relative data paths are resolved against the config file's folder."""
+    from ._io import read_toml
+
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"config {str(path)!r} does not exist.")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"config {str(path)!r} is not valid TOML: {exc}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"config {str(path)!r} is not a UTF-8 text file.") from None
-    return config_from_dict(raw, base_dir=path.parent)
+    return config_from_dict(read_toml(path), base_dir=path.parent)
 
 
 def config_from_dict(raw: dict[str, Any], *, base_dir: str | Path | None = None) -> BenchConfig:

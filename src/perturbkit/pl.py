@@ -28,30 +28,42 @@ def reg_mean(truth, pred, *, top_genes=None, n_labels: int = 10, title: str | No
     ``n_labels`` of them named. The legend gives ``r2_mean_all`` and ``r2_mean_top100`` exactly as the metrics
     define them (``linregress(truth_means, pred_means).rvalue ** 2``).
     """
-    from scipy.stats import linregress
+    _check_same_genes("reg_mean", truth, pred)
+    return _regression(_mean(truth.X), _mean(pred.X), list(truth.var_names), top_genes, n_labels, ax,
+                       what="mean expression (log)", title=title or "per-gene means: real vs predicted")
 
+
+def _check_same_genes(name: str, truth, pred) -> None:
     if list(truth.var_names) != list(pred.var_names):
         from .errors import InputError
 
-        raise InputError("reg_mean: truth and pred must have the same genes in the same order.")
-    x, y = _mean(truth.X), _mean(pred.X)
+        raise InputError(f"{name}: truth and pred must have the same genes in the same order.")
+
+
+def _r2(x, y) -> float:
+    """``linregress(x, y).rvalue ** 2``, NaN where either side is constant (or fewer than 2 genes)."""
+    from scipy.stats import linregress
+
+    ok = len(x) > 1 and np.ptp(x) > 0 and np.ptp(y) > 0
+    return linregress(x, y).rvalue ** 2 if ok else float("nan")
+
+
+def _regression(x, y, names, top_genes, n_labels, ax, *, what: str, title: str):
+    """Scatter of a per-gene statistic, real (x) vs predicted (y), with the top genes highlighted and R² shown."""
     fig, ax = _figure(ax)
-    r2_all = linregress(x, y).rvalue ** 2
-    ax.scatter(x, y, s=6, c="0.6", alpha=0.6, linewidths=0, label=f"all {len(x)} genes: R² = {r2_all:.3f}")
+    ax.scatter(x, y, s=6, c="0.6", alpha=0.6, linewidths=0, label=f"all {len(x)} genes: R² = {_r2(x, y):.3f}")
     if top_genes is not None and len(top_genes):
-        names = list(truth.var_names)
         pos = {g: i for i, g in enumerate(names)}
         idx = np.array([pos[g] for g in top_genes if g in pos])
-        r2_top = linregress(x[idx], y[idx]).rvalue ** 2
         ax.scatter(x[idx], y[idx], s=12, c="tab:red", linewidths=0,
-                   label=f"top {len(idx)} DEGs: R² = {r2_top:.3f}")
+                   label=f"top {len(idx)} DEGs: R² = {_r2(x[idx], y[idx]):.3f}")
         for i in idx[:n_labels]:
             ax.annotate(names[i], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
     ax.plot([lo, hi], [lo, hi], ls="--", c="k", lw=0.8)
-    ax.set_xlabel("real mean expression (log)")
-    ax.set_ylabel("predicted mean expression (log)")
-    ax.set_title(title or "per-gene means: real vs predicted")
+    ax.set_xlabel(f"real {what}")
+    ax.set_ylabel(f"predicted {what}")
+    ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     return fig
 
@@ -146,37 +158,15 @@ def reg_var(truth, pred, *, top_genes=None, n_labels: int = 10, title: str | Non
     per-gene variances, ddof=0); ``top_genes`` are highlighted and the first ``n_labels`` named.
     """
     import scipy.sparse as sp
-    from scipy.stats import linregress
 
-    if list(truth.var_names) != list(pred.var_names):
-        from .errors import InputError
-
-        raise InputError("reg_var: truth and pred must have the same genes in the same order.")
+    _check_same_genes("reg_var", truth, pred)
 
     def var(X):
-        X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+        X = X.toarray() if sp.issparse(X) else X
         return np.asarray(X, dtype=np.float64).var(axis=0)
 
-    x, y = var(truth.X), var(pred.X)
-    fig, ax = _figure(ax)
-    r2_all = linregress(x, y).rvalue ** 2 if np.ptp(x) > 0 and np.ptp(y) > 0 else float("nan")
-    ax.scatter(x, y, s=6, c="0.6", alpha=0.6, linewidths=0, label=f"all {len(x)} genes: R² = {r2_all:.3f}")
-    if top_genes is not None and len(top_genes):
-        names = list(truth.var_names)
-        pos = {g: i for i, g in enumerate(names)}
-        idx = np.array([pos[g] for g in top_genes if g in pos])
-        ok = len(idx) > 1 and np.ptp(x[idx]) > 0 and np.ptp(y[idx]) > 0
-        r2_top = linregress(x[idx], y[idx]).rvalue ** 2 if ok else float("nan")
-        ax.scatter(x[idx], y[idx], s=12, c="tab:red", linewidths=0, label=f"top {len(idx)} DEGs: R² = {r2_top:.3f}")
-        for i in idx[:n_labels]:
-            ax.annotate(names[i], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
-    ax.plot([lo, hi], [lo, hi], ls="--", c="k", lw=0.8)
-    ax.set_xlabel("real variance (log expression)")
-    ax.set_ylabel("predicted variance (log expression)")
-    ax.set_title(title or "per-gene variances: real vs predicted")
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
-    return fig
+    return _regression(var(truth.X), var(pred.X), list(truth.var_names), top_genes, n_labels, ax,
+                       what="variance (log expression)", title=title or "per-gene variances: real vs predicted")
 
 
 def _subsample(groups, max_cells: int, seed: int):

@@ -379,16 +379,11 @@ def config_from_dict(raw: dict[str, Any], *, where: str = "config") -> TuneConfi
 
 def load_config(path: str | Path) -> TuneConfig:
     """Read a tuning config from TOML (see docs/tune.md and configs/tune_*.toml)."""
-    import tomllib
+    from ._io import read_toml
+    from .data import DATASETS
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"config {str(path)!r} does not exist or is not a file.")
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"config {str(path)!r} is not valid TOML: {exc}.") from None
-    from .data import DATASETS
+    raw = read_toml(path)
 
     data = raw.get("data")
     if isinstance(data, str) and data not in DATASETS and not Path(data).is_absolute():
