@@ -1074,7 +1074,7 @@ def _run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell],
 
     from . import _io
 
-    ctx.data  # preprocess once and cache it before the workers start, so none of them repeats it
+    ctx.data()  # preprocess once and cache it before the workers start, so none of them repeats it
     worker_cfg = out / CACHE_DIR / f"config-{config_hash(cfg.to_dict())}.toml"
     if not worker_cfg.exists():
         _io.atomic_write_text(worker_cfg, to_toml(cfg))
@@ -1494,8 +1494,8 @@ def list_cells(config: BenchConfig | str | Path, out: str | Path | None = None, 
     """The cell ids of a config in run order (``as_dicts``: with scenario, split, context, model, seed and,
     when ``out`` is given, whether the cell has finished there). Reads the input's obs; runs nothing."""
     cfg = config if isinstance(config, BenchConfig) else load_config(config)
-    ctx = Context(cfg, Path(out) if out is not None else Path("."), log=lambda *a: None)
-    cells = plan(cfg, _obs_only(cfg, ctx) if out is not None else _obs_only(cfg, _NoCache(cfg)))
+    ctx = Context(cfg, Path(out), log=lambda *a: None) if out is not None else _NoCache(cfg)
+    cells = plan(cfg, _obs_only(cfg, ctx))
     if not as_dicts:
         return [c.id for c in cells]
     return [{"id": c.id, "scenario": c.scenario, "split": c.split.name, "context": c.split.context,
