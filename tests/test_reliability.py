@@ -760,7 +760,9 @@ def test_interrupt_while_writing_outputs_then_rerun(base, tmp_path, capsys, monk
     assert {p.name for p in out.iterdir()} == {"pred.h5ad", "scores.csv", ".perturbkit-pending.json"}
     assert ad.read_h5ad(out / "pred.h5ad").n_obs == 30 and len(pd.read_csv(out / "scores.csv"))
     monkeypatch.undo()
-    (out / ".scores.csv.abc123.tmp.csv").write_text("left by a SIGKILL")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process of this host that has exited
+    (out / f".scores.csv.pk{dead}@{_io._host()}.abc123.tmp.csv").write_text("left by a SIGKILL")
     rc, _, err = run_cli(argv, capsys)
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["pred.h5ad", "record.json", "reg_mean.png", "scores.csv"]
@@ -843,3 +845,30 @@ def test_two_predict_runs_are_byte_identical(base, tmp_path):
     for lib in ("python", "perturbkit", "numpy", "torch", "anndata", "scanpy", "scikit-learn", "h5py"):
         assert rec["versions"][lib] not in ("", None, "not installed")
     assert rec["data"]["sha256"] == pk.data.sha256(tmp_path / "d.h5ad") and rec["platform"]["machine"]
+
+
+def test_stale_temp_cleanup_spares_writes_in_progress(tmp_path):
+    """A rerun removes temporary files of dead writers only: never a concurrent worker's write in progress."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        host = _io._host()
+        files = {name: tmp_path / name for name in (
+            f".a.csv.pk{dead}@{host}.x.tmp.csv",       # this host, writer gone: stale
+            f".b.csv.pk{alive.pid}@{host}.x.tmp.csv",  # this host, writer running: kept
+            ".c.csv.pk1@otherhost.x.tmp.csv",          # another machine, recent: kept
+            ".d.csv.x.tmp.csv",                        # no mark, recent: kept
+        )}
+        for f in files.values():
+            f.write_text("partial")
+        old = tmp_path / ".e.csv.pk1@otherhost.x.tmp.csv"  # another machine, a day old: stale
+        old.write_text("partial")
+        os.utime(old, (time.time() - 2 * _io.STALE_AFTER_S,) * 2)
+        removed = {p.name for p in _io.remove_stale_temps(tmp_path)}
+        assert removed == {f".a.csv.pk{dead}@{host}.x.tmp.csv", old.name}
+        with _io.atomic_path(tmp_path / "z.csv") as tmp:  # our own write in progress is never stale
+            assert not _io.is_stale(tmp) and f"pk{os.getpid()}@" in tmp.name
+    finally:
+        alive.kill()
+        alive.wait()

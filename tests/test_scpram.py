@@ -217,3 +217,23 @@ def test_predict_cli_writes_attention_figure_and_records_the_flags(syn_path, tmp
     assert record["config"]["params"]["ratio"] == 0.1 and "attention.png" in record["outputs"]
     ot_info = record["models"]["scpram"]["fit"]["ot"]
     assert ot_info["method"] == "exact" and ot_info["converged"] is True
+
+
+def test_loaded_model_takes_prediction_time_flags_and_warns_about_the_rest(syn_path, tmp_path, capsys):
+    import json
+
+    from perturbkit.cli import main
+
+    base = ["predict", "--data", str(syn_path), "--model", "scpram", "--holdout", "ctx2", "--seed", "0",
+            "--n-boot", "5", "--no-progress", "--metrics", "r2_mean_all,pearson_delta"]
+    small = ["--epochs", "2", "--param", "n_hidden=32", "--param", "n_latent=8", "--param", "batch_size=64"]
+    assert main(base + small + ["--out", str(tmp_path / "a"), "--save-model", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "b"), "--load-model", str(tmp_path / "m"), "--ratio", "0.2",
+                        "--attention", "first_cell", "--param", "n_latent=4"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --load-model" in err and "n_latent cannot change a trained model" in err
+    params = json.loads((tmp_path / "b" / "record.json").read_text())["models"]["scpram"]["params"]
+    assert (params["ratio"], params["attention"], params["n_latent"]) == (0.2, "first_cell", 8)
+    assert main(base + ["--out", str(tmp_path / "c"), "--load-model", str(tmp_path / "m"), "--ratio", "2"]) == 2
+    assert "parameter 'ratio' must be in (0, 1], got 2.0" in capsys.readouterr().err

@@ -8,9 +8,12 @@ then remain; :func:`remove_stale_temps` clears those).
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +28,7 @@ def atomic_path(path: str | os.PathLike):
 
         raise InputError(f"{str(path)!r} is a directory; give the path of a file to write.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -64,9 +67,49 @@ def temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) ->
     return sorted(found)
 
 
-def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
-    """Delete the temporary files of :func:`temp_files`; returns what was removed."""
-    removed = temp_files(folder, names)
+#: temporary files of another machine (shared file system) count as stale after this long
+STALE_AFTER_S = 24 * 3600
+_OWNER = re.compile(r"\.pk(\d+)@([A-Za-z0-9]*)\.")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40]
+
+
+def _owner() -> str:
+    """The writer's mark in a temporary name: process id and host (``pk1234@host``)."""
+    return f"pk{os.getpid()}@{_host()}"
+
+
+def is_stale(tmp: Path) -> bool:
+    """True when the process that wrote ``tmp`` is gone: a dead process of this host, or (another host, or no
+    mark) a file older than :data:`STALE_AFTER_S`. Another process's write in progress is never stale."""
+    m = _OWNER.search(tmp.name)
+    if m and m.group(2) == _host():
+        pid = int(m.group(1))
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OverflowError):
+            return False
+        return False
+    try:
+        return time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
+                       recursive: bool = False) -> list[Path]:
+    """Delete the temporary files of :func:`temp_files` whose writer is gone (:func:`is_stale`); returns them.
+
+    Safe while other processes write into the same folder (``perturbkit bench --jobs``, workflow engines).
+    """
+    found = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()] if recursive else temp_files(folder, names)
+    removed = [p for p in found if is_stale(p)]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

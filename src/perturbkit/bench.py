@@ -827,13 +827,6 @@ def cell_result(out: Path, cell: Cell | str) -> dict[str, Any] | None:
         return None
 
 
-def _clean_temp(out: Path) -> None:
-    """Remove temporary files left by a process that was killed (SIGKILL) in the middle of a write."""
-    for tmp in Path(out).rglob(".*.tmp*"):
-        if tmp.is_file():
-            tmp.unlink(missing_ok=True)
-
-
 # ================================================================================================= cells
 
 
@@ -1016,7 +1009,9 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
         config = load_config(config)
     cfg = config
     out = prepare_dir(cfg, out, config_text=config_text)
-    _clean_temp(out)
+    from . import _io
+
+    _io.remove_stale_temps(out, recursive=True)  # left by a SIGKILLed process; never another worker's
     ctx = Context(cfg, out, log=log)
     everything = plan(cfg, _obs_only(cfg, ctx))
     by_id = {c.id: c for c in everything}

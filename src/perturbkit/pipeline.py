@@ -140,6 +140,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     if load_model is not None and chosen.name != cfg.model:
         raise InputError(f"--load-model {str(load_model)!r} holds a {chosen.name!r} model but --model is "
                          f"{cfg.model!r}; pass --model {chosen.name}.")
+    if load_model is not None:
+        _apply_predict_params(chosen, params, load_model)
     threads = _threads(cfg.threads) if chosen.needs_torch else None
 
     t = time.perf_counter()
@@ -230,6 +232,25 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     _io.atomic_write_text(out / "record.json", json.dumps(record, indent=2, default=_json_default) + "\n")
     (out / PENDING).unlink(missing_ok=True)
     return record
+
+
+def _apply_predict_params(model, params: dict[str, Any], path) -> None:
+    """Parameters given with ``--load-model``: those that act at prediction time (``PREDICT_PARAMS``, e.g.
+    scPRAM's ratio and attention) are applied; the others cannot change a trained model and get a warning."""
+    import warnings
+
+    from .errors import InputWarning
+
+    live = {k: v for k, v in params.items() if k in getattr(model, "PREDICT_PARAMS", ())}
+    if live:
+        type(model)(**{**model.params, **live})  # validates the new values (a bad one raises InputError)
+        model.params.update(live)
+    frozen = sorted(k for k, v in params.items() if k not in live and model.params.get(k) != v)
+    if frozen:
+        kept = ", ".join(f"{k}={model.params.get(k)!r}" for k in frozen)
+        warnings.warn(f"--load-model {str(path)!r}: {', '.join(frozen)} cannot change a trained model and "
+                      f"{'is' if len(frozen) == 1 else 'are'} ignored; it keeps {kept}. Retrain without "
+                      "--load-model to change them.", InputWarning, stacklevel=3)
 
 
 SCORE_COLUMNS = ("model", "metric", "value", "ci_low", "ci_high", "higher_is_better", "error")

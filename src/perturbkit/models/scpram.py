@@ -86,6 +86,8 @@ class ScPRAM(VAEModel):
     """
 
     name = "scpram"
+    #: parameters that act at prediction time: they may change on a loaded model (``--load-model``)
+    PREDICT_PARAMS = ("ratio", "attention")
     DEFAULTS = dict(
         n_hidden=1000, n_latent=100, n_layers=2, dropout_rate=0.0, batch_norm=False, activation="relu",
         output_activation="relu", kl_weight=5e-4, recon_scale=0.5, kl_scale=0.5, input_noise=0.1,
