@@ -55,12 +55,24 @@ def atomic_write_with(path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
-def temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:
-    """Temporary files :func:`atomic_path` left in ``folder`` (only after SIGKILL or a power cut)."""
+def read_json(path: str | os.PathLike, default=None):
+    """The JSON document in ``path``, or ``default`` when it is missing, unreadable or not JSON."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
+
+
+def temp_files(folder: str | os.PathLike, names: Iterable[str] | None = None, *,
+               recursive: bool = False) -> list[Path]:
+    """Temporary files of :func:`atomic_path` in ``folder`` (and its subfolders when ``recursive``)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
+    found = [p for p in (folder.rglob(".*") if recursive else folder.iterdir())
+             if p.name.startswith(".") and ".tmp" in p.name and p.is_file()]
     if names is not None:
         names = tuple(names)
         found = [p for p in found if any(p.name.startswith(f".{n}.") for n in names)]
@@ -108,8 +120,7 @@ def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = 
 
     Safe while other processes write into the same folder (``perturbkit bench --jobs``, workflow engines).
     """
-    found = [p for p in Path(folder).rglob(".*.tmp*") if p.is_file()] if recursive else temp_files(folder, names)
-    removed = [p for p in found if is_stale(p)]
+    removed = [p for p in temp_files(folder, names, recursive=recursive) if is_stale(p)]
     for p in removed:
         p.unlink(missing_ok=True)
     return removed

@@ -750,10 +750,7 @@ def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = 
         entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
         cfile = out / "config.json"
         if cfile.exists():
-            try:
-                old = json.loads(cfile.read_text())
-            except (OSError, ValueError):
-                old = None
+            old = _io.read_json(cfile)
             if old != config:
                 diff = _first_difference(old, config) if isinstance(old, dict) else "config.json is unreadable"
                 raise InputError(f"--out {str(out)!r} holds a bench run of a different config ({diff}). Use a new "
@@ -818,13 +815,9 @@ def cell_dir(out: Path, cell: Cell | str) -> Path:
 
 def cell_result(out: Path, cell: Cell | str) -> dict[str, Any] | None:
     """The finished cell's ``result.json``, or None when the cell has not finished."""
-    path = cell_dir(out, cell) / "result.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    from ._io import read_json
+
+    return read_json(cell_dir(out, cell) / "result.json")
 
 
 # ================================================================================================= cells
@@ -1298,9 +1291,10 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
 
 def _aggregate_is_current(cfg: BenchConfig, out: Path, cells: list[Cell]) -> bool:
     """Whether run.json already aggregates every cell of this config (so a rerun need not redo the figures)."""
-    try:
-        run = json.loads((out / "run.json").read_text())
-    except (OSError, ValueError):
+    from ._io import read_json
+
+    run = read_json(out / "run.json")
+    if not isinstance(run, dict):
         return False
     listed = run.get("cells", {})
     return (run.get("config_sha") == config_hash(cfg.to_dict()) and not run.get("missing")

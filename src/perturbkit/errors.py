@@ -20,6 +20,14 @@ def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
+def check_seed(seed, name: str = "--seed") -> None:
+    """Raise :class:`InputError` unless ``seed`` is an integer in [0, 2**32) (``name`` is used in the message)."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InputError(f"{name} must be an integer from 0 to 2**32 - 1, got {seed!r}.")
+
+
 def choices_text(choices: Iterable[str], limit: int = 12) -> str:
     choices = sorted(str(c) for c in choices)
     more = f", ... ({len(choices) - limit} more)" if len(choices) > limit else ""

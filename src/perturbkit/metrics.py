@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .errors import InputError, choices_text, suggest
+from .errors import InputError, check_seed, choices_text, suggest
 
 __all__ = [
     "METRICS",
@@ -254,11 +254,6 @@ def _check_genes(name: str, adata, ref_name: str, ref) -> None:
     )
 
 
-def _check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise InputError(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}.")
-
-
 #: largest value expected in log-normalised expression (log1p of counts normalised to 1e4 is about 9.2)
 LOG_MAX = 30.0
 
@@ -334,7 +329,7 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0) -> EvalData
             )
     _check_genes("pred", pred, "truth", truth)
     _check_genes("source", source, "truth", truth)
-    _check_seed(seed)
+    check_seed(seed, "seed")
     var_names = pd.Index(truth.var_names).astype(str)
     notes = _check_scale(arrays)
     n_genes = len(var_names)
@@ -790,7 +785,7 @@ def score(
 ) -> pd.DataFrame:
     """Score a prepared :class:`EvalData`; see :func:`evaluate` for the table and the bootstrap."""
     names = _resolve(metrics)
-    _check_seed(seed)
+    check_seed(seed, "seed")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
         raise InputError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
     if not (isinstance(ci, (int, float)) and 0 < ci < 1):

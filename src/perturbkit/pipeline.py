@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import PerturbSpec, Preprocessing
-from .errors import InputError
+from .errors import InputError, check_seed
 
 OUTPUTS = ("pred.h5ad", "scores.csv", "record.json", "reg_mean.png", "attention.png")  # attention: scPRAM only
 RECORD_KIND = "perturbkit.predict"
@@ -71,6 +71,8 @@ def versions() -> dict[str, str]:
 
 def check_out_dir(out: Path, config: dict[str, Any], *, force: bool = False) -> None:
     """Refuse to mix results: ``out`` must be new, empty, or hold a previous run of the same config."""
+    from . import _io
+
     if not out.exists():
         return
     if not out.is_dir():
@@ -78,20 +80,12 @@ def check_out_dir(out: Path, config: dict[str, Any], *, force: bool = False) -> 
     entries = [p.name for p in out.iterdir() if not p.name.startswith(".")]
     if not entries or force:
         return
-    record = out / "record.json"
-    if record.exists():
-        try:
-            old = json.loads(record.read_text())
-        except (OSError, ValueError):
-            old = {}
+    if (out / "record.json").exists():
+        old = _io.read_json(out / "record.json", {})
         if old.get("kind") == RECORD_KIND and old.get("config") == config:
             return  # a rerun of the same configuration replaces its own results
     elif (out / PENDING).exists() and set(entries) <= set(OUTPUTS):
-        try:
-            old = json.loads((out / PENDING).read_text())
-        except (OSError, ValueError):
-            old = {}
-        if old.get("config") == config:
+        if _io.read_json(out / PENDING, {}).get("config") == config:
             return  # the same configuration, interrupted while writing its outputs
     raise InputError(
         f"--out {str(out)!r} already holds other files ({', '.join(sorted(entries)[:4])}) from another run or "
@@ -99,12 +93,18 @@ def check_out_dir(out: Path, config: dict[str, Any], *, force: bool = False) -> 
     )
 
 
+def check_threads(n) -> None:
+    """Raise :class:`InputError` unless ``n`` is None (torch's default) or an integer >= 1."""
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise InputError(f"--threads must be >= 1, got {n!r}.")
+
+
 def _threads(n: int | None) -> int:
+    """Set torch's CPU threads to ``n`` (None: leave torch's default); returns the number in use."""
     import torch
 
+    check_threads(n)
     if n is not None:
-        if n < 1:
-            raise InputError(f"--threads must be >= 1, got {n}.")
         torch.set_num_threads(n)
     return torch.get_num_threads()
 
@@ -124,10 +124,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     check_out_dir(out, config, force=force)
     models.get(cfg.model)  # unknown model -> clear error before any work
     metric_names = metrics._resolve(cfg.metrics)
-    models._base.check_seed(cfg.seed)
-    if cfg.threads is not None and (isinstance(cfg.threads, bool) or not isinstance(cfg.threads, int)
-                                    or cfg.threads < 1):
-        raise InputError(f"--threads must be >= 1, got {cfg.threads!r}.")
+    check_seed(cfg.seed)
+    check_threads(cfg.threads)  # up front: models that do not train never reach _threads
     params = dict(cfg.params)
     if cfg.epochs is not None:
         if cfg.epochs < 1:

@@ -72,6 +72,17 @@ def _labels(adata, key: str) -> np.ndarray:
     return adata.obs[key].astype(str).to_numpy()
 
 
+def _donors(adata, spec: PerturbSpec) -> np.ndarray:
+    """Each cell's donor label (``spec.donor_key``), or a clear error when there is no donor column."""
+    from .errors import InputError
+
+    if spec.donor_key is None:
+        raise InputError("cross_donor needs spec.donor_key: the obs column of the donor (batch, study).")
+    if spec.donor_key not in adata.obs.columns:
+        raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.")
+    return _labels(adata, spec.donor_key)
+
+
 def donor_folds(adata, spec: PerturbSpec, n_folds: int = 2, *, seed: int = 0) -> list[tuple[str, ...]]:
     """Partition the donors (``spec.donor_key``) into ``n_folds`` seeded groups of test donors.
 
@@ -80,11 +91,7 @@ def donor_folds(adata, spec: PerturbSpec, n_folds: int = 2, *, seed: int = 0) ->
     """
     from .errors import InputError
 
-    if spec.donor_key is None:
-        raise InputError("cross_donor needs spec.donor_key: the obs column of the donor (batch, study).")
-    if spec.donor_key not in adata.obs.columns:
-        raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.")
-    donors = sorted(set(_labels(adata, spec.donor_key)))
+    donors = sorted(set(_donors(adata, spec)))
     if not isinstance(n_folds, int) or isinstance(n_folds, bool) or n_folds < 2 or n_folds > len(donors):
         raise InputError(f"cross_donor folds must be an integer from 2 to the number of donors ({len(donors)}), "
                          f"got {n_folds!r}.")
@@ -107,9 +114,7 @@ def cross_donor(adata, spec: PerturbSpec, holdout: str, test_donors, *, train_do
     from .errors import InputError, choices_text, suggest
 
     validate(adata, spec, holdout=holdout, min_cells=min_cells)
-    if spec.donor_key is None:
-        raise InputError("cross_donor needs spec.donor_key: the obs column of the donor (batch, study).")
-    donor = _labels(adata, spec.donor_key)
+    donor = _donors(adata, spec)
     known = set(donor)
     test = [str(d) for d in ([test_donors] if isinstance(test_donors, str) else test_donors)]
     train = sorted(known - set(test)) if train_donors is None else [str(d) for d in (

@@ -643,14 +643,6 @@ def _optimize(study, objective, n_total: int, *, log=print, progress: bool = Tru
 # ----------------------------------------------------------------------------------------------- run
 
 
-def _threads(n: int | None) -> int:
-    import torch
-
-    if n is not None:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
-
-
 def run(config: TuneConfig | str | Path, out: str | Path, *, trials: int | None = None, storage: str | None = None,
         study: str | None = None, worker: int = 0, worker_only: bool = False, threads: int | None = None,
         progress: bool = True, log=print, command: str | None = None,
@@ -693,7 +685,7 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
     _check_out(out, cfg)
     out.mkdir(parents=True, exist_ok=True)
     url = storage_url(storage, out)
-    n_threads = _threads(threads if threads is not None else cfg.threads)
+    n_threads = pipeline._threads(threads if threads is not None else cfg.threads)
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -827,10 +819,9 @@ def _check_out(out: Path, cfg: TuneConfig) -> None:
         raise InputError(f"--out {str(out)!r} exists and is a file; give a directory.")
     rec = out / "record.json"
     if rec.exists():
-        try:
-            old = json.loads(rec.read_text())
-        except (OSError, ValueError):
-            old = {}
+        from ._io import read_json
+
+        old = read_json(rec, {})
         if old.get("kind") != RECORD_KIND:
             raise InputError(f"--out {str(out)!r} holds another tool's run ({old.get('kind')}); choose a new "
                              "directory.")

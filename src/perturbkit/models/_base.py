@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from .. import _keys as K
 from ..data import PerturbSpec
-from ..errors import InputError, suggest
+from ..errors import InputError, check_seed, suggest
 
 FORMAT_VERSION = 1
 
@@ -248,11 +248,6 @@ def check_params(model: str, params: dict[str, Any], defaults: dict[str, Any]) -
 
 def _cli_text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def check_seed(seed) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise InputError(f"--seed must be an integer from 0 to 2**32 - 1, got {seed!r}.")
 
 
 def _json_default(o):

@@ -52,7 +52,6 @@ from ._vaemodel import VAEModel
 OT_METHODS = ("sinkhorn", "exact")
 OT_COSTS = ("sqeuclidean", "euclidean")
 ATTENTION = ("cell", "first_cell")
-PRECISIONS = ("float32", "bfloat16", "auto")  # as models._train.PRECISIONS (kept here: no torch import)
 SINKHORN_MAX_ITER = 1000
 EMD_MAX_ITER = 10_000_000
 
@@ -378,5 +377,3 @@ def _validate(p: dict) -> None:
         bad("ot_max_iter", "give a positive integer, or None for the method's default.")
     if not isinstance(p["latent_sampling"], bool):
         bad("latent_sampling", "use true or false.")
-    if p["precision"] not in PRECISIONS:
-        bad("precision", f"use one of {', '.join(map(repr, PRECISIONS))}.")
