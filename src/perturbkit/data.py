@@ -10,7 +10,7 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -371,12 +371,35 @@ def looks_like_counts(X) -> bool:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How to turn the input into the log-normalised matrix the models use."""
+    """How to turn the input into the log-normalised matrix the models use (the ``[preprocessing]`` table).
 
-    normalize: bool | None = None  # None: detect (counts -> normalise + log1p; log data -> as is)
+    Parameters
+    ----------
+    normalize
+        ``"auto"``: ``normalize_total`` + ``log1p`` only when the input looks like raw counts; ``True`` / ``False``:
+        always / never.
+    target_sum
+        ``normalize_total``'s total per cell.
+    n_top_genes
+        highly variable genes to keep (scanpy, ``hvg_flavor``); ``0`` keeps every gene.
+    hvg_flavor
+        scanpy's ``highly_variable_genes`` flavour.
+    """
+
+    normalize: bool | Literal["auto"] = "auto"
     target_sum: float = 1e4
-    n_top_genes: int | None = 2000  # None or 0: keep all genes
+    n_top_genes: int = 2000
     hvg_flavor: str = "seurat"
+
+    def check(self) -> None:
+        """Raise :class:`InputError` naming the parameter when a value is not allowed."""
+        if not (self.normalize == "auto" or isinstance(self.normalize, bool)):
+            raise InputError(f"normalize must be 'auto' (detect raw counts), true or false, got {self.normalize!r}.")
+        if isinstance(self.n_top_genes, bool) or not isinstance(self.n_top_genes, int) or self.n_top_genes < 0:
+            raise InputError(f"n_top_genes must be an integer >= 0 (0 keeps all genes), got {self.n_top_genes!r}.")
+        if isinstance(self.target_sum, bool) or not isinstance(self.target_sum, int | float) \
+                or not self.target_sum > 0:
+            raise InputError(f"target_sum must be a positive number, got {self.target_sum!r}.")
 
 
 def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
@@ -391,13 +414,7 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     check_matrix(adata)
     if not isinstance(pp, Preprocessing):
         raise InputError(f"pp must be a Preprocessing, got {type(pp).__name__}.")
-    if pp.normalize not in (None, True, False):
-        raise InputError(f"Preprocessing.normalize must be None (detect), True or False, got {pp.normalize!r}.")
-    if pp.n_top_genes is not None and (isinstance(pp.n_top_genes, bool) or not isinstance(pp.n_top_genes, int)
-                                       or pp.n_top_genes < 0):
-        raise InputError(f"--n-top-genes must be an integer >= 0 (0 keeps all genes), got {pp.n_top_genes!r}.")
-    if not (isinstance(pp.target_sum, (int, float)) and pp.target_sum > 0):
-        raise InputError(f"target_sum must be a positive number, got {pp.target_sum!r}.")
+    pp.check()
     vmax = float(_values(adata.X).max()) if _values(adata.X).size else 0.0
     if vmax == 0:
         raise InputError(
@@ -406,14 +423,14 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
         )
     out = adata.copy()
     counts = looks_like_counts(out.X)
-    normalize = counts if pp.normalize is None else pp.normalize
+    normalize = counts if pp.normalize == "auto" else pp.normalize
     steps: list[str] = []
     notices = []
     if counts and not normalize:
         notices.append("--normalize no, but the input looks like raw counts (non-negative integers up to "
                        f"{vmax:.0f}); the models expect log-normalised data. Pass --normalize auto (or yes) to "
                        "normalise it.")
-    if not counts and normalize and pp.normalize:
+    if not counts and normalize and pp.normalize is True:
         notices.append("--normalize yes, but the input does not look like raw counts (it holds non-integer "
                        "values); normalising log data again distorts it. Pass --normalize auto (or no) if it is "
                        "log-normalised.")

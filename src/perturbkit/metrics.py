@@ -712,7 +712,8 @@ def list_metrics() -> pd.DataFrame:
     )
 
 
-def _resolve(metrics: str | Iterable[str] | None) -> list[str]:
+def resolve(metrics: str | Iterable[str] | None) -> list[str]:
+    """The metric names to compute: every registered metric for None; unknown names raise :class:`InputError`."""
     if metrics is None:
         return list(METRICS)
     names = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -723,6 +724,9 @@ def _resolve(metrics: str | Iterable[str] | None) -> list[str]:
                 f"Known metrics: {choices_text(METRICS, 30)}."
             )
     return list(dict.fromkeys(names))
+
+
+_resolve = resolve  # TEMPORARY alias while callers move to `resolve`; removed once none uses it
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -784,7 +788,7 @@ def score(
     seed: int = 0,
 ) -> pd.DataFrame:
     """Score a prepared :class:`EvalData`; see :func:`evaluate` for the table and the bootstrap."""
-    names = _resolve(metrics)
+    names = resolve(metrics)
     check_seed(seed, "seed")
     if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
         raise InputError(f"n_boot must be a non-negative integer, got {n_boot!r}.")
@@ -872,7 +876,7 @@ def evaluate(
     docs/metrics.md). Read it as the spread due to finite cells, not as a bias-corrected interval.
     """
     del spec  # reserved
-    names = _resolve(metrics)
+    names = resolve(metrics)
     return score(prepare(truth, pred, source, seed=seed), names, n_boot=n_boot, ci=ci, seed=seed)
 
 

@@ -29,9 +29,35 @@ class Model:
 
     name: ClassVar[str] = "model"
     needs_torch: ClassVar[bool] = False
+    #: the model's parameters and their defaults (None: the model takes no parameters)
+    DEFAULTS: ClassVar[dict[str, Any] | None] = None
+    #: parameters that act at prediction time: they may change on a loaded model
+    PREDICT_PARAMS: ClassVar[tuple[str, ...]] = ()
+    #: options the ``predict`` command line offers as flags of their own: name -> (type, help)
+    OPTIONS: ClassVar[dict[str, tuple[type, str]]] = {}
+    #: the default search space of ``perturbkit tune``, as written in a config's ``[tune.space]`` table
+    SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}
+    #: relative cost of one fit (orders the work of ``bench --jobs``: the expensive cells first)
+    COST: ClassVar[float] = 0.0
+
+    @classmethod
+    def takes(cls, param: str) -> bool:
+        """Whether the model has the parameter ``param``."""
+        return param in (cls.DEFAULTS or {})
+
+    @classmethod
+    def summary(cls) -> str:
+        """One line saying what the model is (the first line of its docstring)."""
+        lines = (cls.__doc__ or "").strip().splitlines()
+        return lines[0].strip() if lines else cls.name
+
+    def figures(self, source) -> dict[str, Any]:
+        """The model's own figures of a fitted model and its source cells: name -> matplotlib Figure (none by
+        default; scPRAM draws its attention)."""
+        return {}
 
     def __init__(self, **params: Any):
-        defaults = getattr(self, "DEFAULTS", None)
+        defaults = self.DEFAULTS
         if defaults is None and params:
             raise InputError(f"the {self.name!r} model takes no parameters, got {sorted(params)}.")
         check_params(self.name, params, defaults or {})

@@ -23,8 +23,22 @@ PRECISIONS = ("float32", "bfloat16", "auto")  # as models._train.PRECISIONS (kep
 
 
 class VAEModel(Model):
+    """A VAE with a latent transfer step (the base of scGen and scPRAM)."""
+
     needs_torch = True
     DEFAULTS: dict[str, Any] = {}
+    #: the tutorial's knobs shared by the VAE models (a model may replace or extend them)
+    SEARCH_SPACE = {
+        "n_layers": {"type": "int", "low": 1, "high": 3},
+        "n_latent": {"type": "categorical", "choices": [10, 25, 50, 100]},
+        "n_hidden": {"type": "categorical", "choices": [128, 256, 512, 800]},
+        "dropout_rate": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.05},
+        "input_noise": {"type": "float", "low": 0.0, "high": 0.3, "step": 0.05},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "kl_weight": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+        "batch_size": {"type": "categorical", "choices": [32, 64, 128, 256]},
+        "epochs": {"type": "int", "low": 10, "high": 100, "step": 10},
+    }
 
     def __init__(self, **params: Any):
         unknown = set(params) - set(self.DEFAULTS)

@@ -32,7 +32,10 @@ from ._vaemodel import VAEModel
 
 
 class ScGen(VAEModel):
+    """scGen: a beta-VAE; the prediction decodes the source latents plus one balanced latent delta."""
+
     name = "scgen"
+    COST = 3.0
     DEFAULTS = dict(
         n_hidden=800, n_latent=100, n_layers=2, dropout_rate=0.2, batch_norm=True, activation="leaky_relu",
         output_activation="relu", kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,

@@ -85,8 +85,19 @@ class ScPRAM(VAEModel):
     """
 
     name = "scpram"
-    #: parameters that act at prediction time: they may change on a loaded model (``--load-model``)
+    COST = 2.0
     PREDICT_PARAMS = ("ratio", "attention")
+    OPTIONS = {
+        "ratio": (float, "share of control cells attended to"),
+        "ot": (str, "optimal transport, sinkhorn or exact"),
+        "attention": (str, "cell (published) or first_cell (pip package)"),
+    }
+    SEARCH_SPACE = {
+        **{k: v for k, v in VAEModel.SEARCH_SPACE.items() if k not in ("lr", "kl_weight", "batch_size", "epochs")},
+        "n_hidden": {"type": "categorical", "choices": [128, 256, 512, 1000]},
+        "ratio": {"type": "float", "low": 0.005, "high": 0.2, "log": True},
+        **{k: VAEModel.SEARCH_SPACE[k] for k in ("lr", "kl_weight", "batch_size", "epochs")},
+    }
     DEFAULTS = dict(
         n_hidden=1000, n_latent=100, n_layers=2, dropout_rate=0.0, batch_norm=False, activation="relu",
         output_activation="relu", kl_weight=5e-4, recon_scale=0.5, kl_scale=0.5, input_noise=0.1,
@@ -163,6 +174,12 @@ class ScPRAM(VAEModel):
         self._check_fitted()
         self._check_genes(source, "source")
         return self._weights(self._query_latent(to_tensor(dense(source.X))))
+
+    def figures(self, source) -> dict[str, Any]:
+        """``attention``: the tutorial's heatmap of the query cells' attention over the training control cells."""
+        from .. import pl
+
+        return {"attention": pl.attention_heatmap(self, source)}
 
     def _predict_matrix(self, source) -> np.ndarray:
         from ._base import dense
