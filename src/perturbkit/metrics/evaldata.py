@@ -1,0 +1,352 @@
+"""Prepared evaluation data: the input checks, :func:`prepare` and :class:`EvalData`, and the Wilcoxon DEGs.
+
+:func:`prepare` validates truth / pred / source once and returns an :class:`EvalData` that caches the per-gene
+moments, the top DEGs and the PCA embedding; :func:`top_degs` ranks genes with scanpy's Wilcoxon test.
+Importing this module loads numpy, scipy.sparse and pandas only; scanpy, anndata and scikit-learn load when
+used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..data import LOG_MAX
+from ..errors import InputError, InputWarning, check_seed
+
+#: most principal components of the embedding used by ``edistance`` and ``mmd``
+MAX_PCS = 50
+
+
+# --------------------------------------------------------------------------------------- prepared data
+
+
+class Embedding(NamedTuple):
+    """PCA coordinates of the three cell sets (rows are cells)."""
+
+    truth: np.ndarray
+    pred: np.ndarray
+    source: np.ndarray
+
+
+class EvalData:
+    """Validated, dense float64 copies of truth / pred / source, with lazily cached derived pieces.
+
+    Build it with :func:`prepare`. Every metric function takes one ``EvalData`` and returns a float.
+
+    Attributes
+    ----------
+    truth_X, pred_X, source_X
+        cells x genes float64 arrays of the real target cells, the predicted cells and the source cells.
+    var_names
+        the shared gene names (a ``pandas.Index``).
+    n_top
+        number of top DEGs used by the ``*_top100`` metrics (100 unless there are fewer genes).
+    seed
+        seed of the PCA (and of nothing else; DEGs are deterministic).
+    notes
+        human-readable notes about choices made while preparing (e.g. ``n_top`` clamped).
+    """
+
+    def __init__(self, truth_X, pred_X, source_X, var_names, *, n_top: int = 100, seed: int = 0, notes=()):
+        self.truth_X = truth_X
+        self.pred_X = pred_X
+        self.source_X = source_X
+        self.var_names = var_names
+        self.n_top = int(n_top)
+        self.seed = int(seed)
+        self.notes = list(notes)
+
+    def __repr__(self) -> str:
+        return (
+            f"EvalData(truth={self.truth_X.shape[0]} cells, pred={self.pred_X.shape[0]} cells, "
+            f"source={self.source_X.shape[0]} cells, genes={len(self.var_names)}, n_top={self.n_top})"
+        )
+
+    # per-gene moments (ddof=0, as numpy's default and scGen's reg_var_plot)
+    @cached_property
+    def truth_mean(self) -> np.ndarray:
+        return self.truth_X.mean(axis=0)
+
+    @cached_property
+    def pred_mean(self) -> np.ndarray:
+        return self.pred_X.mean(axis=0)
+
+    @cached_property
+    def source_mean(self) -> np.ndarray:
+        return self.source_X.mean(axis=0)
+
+    @cached_property
+    def truth_var(self) -> np.ndarray:
+        return self.truth_X.var(axis=0)
+
+    @cached_property
+    def pred_var(self) -> np.ndarray:
+        return self.pred_X.var(axis=0)
+
+    @cached_property
+    def source_var(self) -> np.ndarray:
+        return self.source_X.var(axis=0)
+
+    # DEGs (Wilcoxon, scanpy), in rank order
+    @cached_property
+    def top_genes(self) -> list[str]:
+        """The ``n_top`` real DEGs: Wilcoxon of truth vs source cells, highest scores first."""
+        return _wilcoxon_top(self.truth_X, self.source_X, self.var_names, self.n_top)
+
+    @cached_property
+    def top_idx(self) -> np.ndarray:
+        return self.var_names.get_indexer(self.top_genes)
+
+    @cached_property
+    def pred_top_genes(self) -> list[str]:
+        """The ``n_top`` predicted DEGs: Wilcoxon of pred vs the same source cells."""
+        return _wilcoxon_top(self.pred_X, self.source_X, self.var_names, self.n_top)
+
+    # PCA embedding of edistance / mmd
+    @cached_property
+    def _pca(self) -> tuple[Embedding, dict[str, Any]]:
+        import sklearn
+        from sklearn.decomposition import PCA
+
+        fit_on = np.vstack([self.source_X, self.truth_X])
+        n_comps = min(MAX_PCS, fit_on.shape[0] - 1, fit_on.shape[1])
+        pca = PCA(n_components=n_comps, svd_solver="randomized", random_state=self.seed).fit(fit_on)
+        emb = Embedding(
+            truth=pca.transform(self.truth_X),
+            pred=pca.transform(self.pred_X),
+            source=pca.transform(self.source_X),
+        )
+        info = {
+            "method": "PCA",
+            "library": f"scikit-learn {sklearn.__version__}",
+            "svd_solver": "randomized",
+            "random_state": self.seed,
+            "n_comps": int(n_comps),
+            "fit_on": "source + truth cells (real data only); values as given, centred, not scaled",
+            "pred": "projected with the fitted PCA (PCA.transform)",
+            "n_cells_fit": int(fit_on.shape[0]),
+            "n_genes": int(fit_on.shape[1]),
+            "explained_variance_ratio": float(pca.explained_variance_ratio_.sum()),
+        }
+        return emb, info
+
+    @property
+    def embedding(self) -> Embedding:
+        """PCA coordinates used by ``edistance`` and ``mmd`` (computed on first use, then cached)."""
+        return self._pca[0]
+
+    @property
+    def embedding_info(self) -> dict[str, Any]:
+        """How :attr:`embedding` was made (for run records). Computes the PCA if it has not run yet."""
+        return dict(self._pca[1])
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether the PCA has been computed (so :attr:`embedding_info` costs nothing)."""
+        return "_pca" in self.__dict__
+
+    def with_moments(self, **moments: np.ndarray) -> EvalData:
+        """A cell-less copy whose per-gene moments are replaced (bootstrap replicates).
+
+        Keeps the DEG set computed on the full data; anything needing cells raises AttributeError.
+        """
+        rep = object.__new__(EvalData)
+        rep.var_names, rep.n_top, rep.seed, rep.notes = self.var_names, self.n_top, self.seed, self.notes
+        for key in ("top_genes", "top_idx", "pred_top_genes"):
+            if key in self.__dict__:
+                rep.__dict__[key] = self.__dict__[key]
+        rep.__dict__.update(moments)
+        return rep
+
+
+def _dense(name: str, adata) -> np.ndarray:
+    if not (hasattr(adata, "X") and hasattr(adata, "var_names") and hasattr(adata, "obs_names")):
+        raise InputError(f"{name} must be an AnnData object, got {type(adata).__name__}.")
+    X = adata.X
+    if X is None:
+        raise InputError(f"{name}.X is empty (None). Put the expression matrix in {name}.X.")
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise InputError(f"{name}.X must be 2-dimensional (cells x genes), got shape {X.shape}.")
+    if X.shape[0] == 0 or X.shape[1] == 0:
+        raise InputError(
+            f"{name} is empty ({X.shape[0]} cells x {X.shape[1]} genes); metrics need cells and genes."
+        )
+    if X.shape[0] < 2:
+        raise InputError(
+            f"{name} has {X.shape[0]} cell; metrics need at least 2 cells in each of truth, pred and source "
+            "(variances and Wilcoxon tests are undefined for one cell)."
+        )
+    bad = ~np.isfinite(X)
+    if bad.any():
+        cell, gene = np.argwhere(bad)[0]
+        raise InputError(
+            f"{name}.X has {int(bad.sum())} NaN/inf values (first at cell {adata.obs_names[cell]!r}, gene "
+            f"{adata.var_names[gene]!r}); metrics need finite numbers. Fix the model output or drop those "
+            f"cells, e.g. {name} = {name}[np.isfinite({name}.X).all(axis=1)].copy() for a dense X."
+        )
+    return X
+
+
+def _check_genes(name: str, adata, ref_name: str, ref) -> None:
+    genes, ref_genes = pd.Index(adata.var_names), pd.Index(ref.var_names)
+    if genes.equals(ref_genes):
+        return
+    missing, extra = ref_genes.difference(genes), genes.difference(ref_genes)
+    if len(missing) == 0 and len(extra) == 0:
+        raise InputError(
+            f"{name} has the same genes as {ref_name} but in a different order. "
+            f"Fix: {name} = {name}[:, {ref_name}.var_names].copy()"
+        )
+    if len(missing) == 0:
+        fix = f"{name} = {name}[:, {ref_name}.var_names].copy()"
+    else:
+        fix = (
+            f"keep the shared genes in the same order everywhere, e.g. genes = "
+            f"{ref_name}.var_names.intersection({name}.var_names); then subset truth, pred and source with "
+            "[:, genes].copy()"
+        )
+    raise InputError(
+        f"{name} and {ref_name} have different genes: {len(missing)} of {ref_name}'s {len(ref_genes)} genes "
+        f"are missing from {name}{_examples(missing)}, and {len(extra)} of {name}'s genes are not in "
+        f"{ref_name}{_examples(extra)}. Fix: {fix}"
+    )
+
+
+def _count_scale(X: np.ndarray) -> bool:
+    """True when X looks like counts (non-negative integers above 20) or unlogged values (above LOG_MAX).
+
+    Wider than :func:`perturbkit.data.looks_like_counts` (which asks only "raw counts?" of one input, on
+    its first 2000 cells): this also flags non-integer values above :data:`perturbkit.data.LOG_MAX` and
+    takes the maximum and minimum over all cells, since it decides whether truth, pred and source share one
+    scale.
+    """
+    top = float(X.max()) if X.size else 0.0
+    integer = bool(np.all(np.equal(np.mod(X[:2000], 1), 0)))
+    return top > LOG_MAX or (integer and top > 20 and float(X.min()) >= 0)
+
+
+def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
+    """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts."""
+    scale = {name: _count_scale(X) for name, X in arrays.items()}
+    counts = [name for name, c in scale.items() if c]
+    if counts and len(counts) < len(scale):
+        logs = [name for name in scale if name not in counts]
+        raise InputError(
+            f"{' and '.join(counts)} look{'s' if len(counts) == 1 else ''} like raw counts or unlogged values "
+            f"(max {max(float(arrays[n].max()) for n in counts):.3g}) but {' and '.join(logs)} look"
+            f"{'s' if len(logs) == 1 else ''} log-normalised (max {max(float(arrays[n].max()) for n in logs):.3g}); "
+            "comparing them is meaningless. Put all three on the same scale, e.g. sc.pp.normalize_total(a, "
+            "target_sum=1e4); sc.pp.log1p(a) on the count objects."
+        )
+    if counts:
+        note = ("truth, pred and source look like raw counts or unlogged values; the metrics are defined on "
+                "log-normalised expression (scGen, scPRAM) and on counts they are dominated by the most expressed "
+                "genes. Scored as given; normalise (normalize_total + log1p) for comparable numbers.")
+        warnings.warn(note, InputWarning, stacklevel=3)
+        return [note]
+    return []
+
+
+def _examples(index, k: int = 3) -> str:
+    return f" (e.g. {', '.join(repr(str(g)) for g in index[:k])})" if len(index) else ""
+
+
+def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0) -> EvalData:
+    """Validate truth / pred / source once and return an :class:`EvalData` for the metric functions.
+
+    Parameters
+    ----------
+    truth
+        AnnData of the real target cells (perturbed cells of the held-out context).
+    pred
+        AnnData of the predicted target cells.
+    source
+        AnnData of the source cells the prediction started from (control cells of the same context).
+    n_top
+        number of top DEGs for the ``*_top100`` metrics. If there are fewer genes, it is clamped to the number
+        of genes (so ``*_top100`` equals ``*_all``) and a note is added to ``EvalData.notes`` and warned.
+    seed
+        random state of the PCA behind ``edistance`` and ``mmd``.
+
+    Raises
+    ------
+    InputError
+        if an object is not an AnnData, is empty, has fewer than 2 cells or non-finite values, has duplicate
+        gene names, or if the three objects do not have identical ``var_names`` in the same order.
+    """
+    if isinstance(n_top, bool) or not isinstance(n_top, (int, np.integer)) or n_top < 1:
+        raise InputError(f"n_top must be a positive integer, got {n_top!r}.")
+    objs = {"truth": truth, "pred": pred, "source": source}
+    arrays = {name: _dense(name, obj) for name, obj in objs.items()}
+    for name, obj in objs.items():
+        if not pd.Index(obj.var_names).is_unique:
+            dup = pd.Index(obj.var_names)[pd.Index(obj.var_names).duplicated()].unique()
+            raise InputError(
+                f"{name} has {len(dup)} duplicate gene names{_examples(dup)}. "
+                f"Fix: {name}.var_names_make_unique() (the same way in truth, pred and source)."
+            )
+    _check_genes("pred", pred, "truth", truth)
+    _check_genes("source", source, "truth", truth)
+    check_seed(seed, "seed")
+    var_names = pd.Index(truth.var_names).astype(str)
+    notes = _check_scale(arrays)
+    n_genes = len(var_names)
+    if n_top > n_genes:
+        note = f"n_top={n_top} is more than the {n_genes} genes; using all {n_genes} genes as the top DEGs."
+        warnings.warn(note, UserWarning, stacklevel=2)
+        notes.append(note)
+        n_top = n_genes
+    return EvalData(
+        arrays["truth"], arrays["pred"], arrays["source"], var_names, n_top=n_top, seed=seed, notes=notes
+    )
+
+
+# ---------------------------------------------------------------------------------------------- DEGs
+
+
+def _wilcoxon_top(target_X: np.ndarray, source_X: np.ndarray, var_names: pd.Index, n: int) -> list[str]:
+    import anndata as ad
+    import scanpy as sc
+
+    n_t, n_s = target_X.shape[0], source_X.shape[0]
+    group = pd.Categorical(["target"] * n_t + ["source"] * n_s, categories=["target", "source"])
+    tmp = ad.AnnData(
+        X=np.vstack([target_X, source_X]),
+        obs=pd.DataFrame({"group": group}, index=pd.RangeIndex(n_t + n_s).astype(str)),
+        var=pd.DataFrame(index=pd.Index(var_names).astype(str)),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.rank_genes_groups(
+            tmp,
+            "group",
+            groups=["target"],
+            reference="source",
+            method="wilcoxon",
+            n_genes=int(n),
+            use_raw=False,
+        )
+    return [str(g) for g in tmp.uns["rank_genes_groups"]["names"]["target"][: int(n)]]
+
+
+def top_degs(target, source, n: int = 100) -> list[str]:
+    """The top ``n`` DEGs of ``target`` vs ``source`` cells, in rank order.
+
+    ``scanpy.tl.rank_genes_groups(method="wilcoxon")`` on a new AnnData holding the target and source cells
+    with a group column (the inputs are not modified); the first ``n`` names of the target group, i.e. the
+    genes with the highest Wilcoxon z-scores (most up-regulated first). ``n`` is clamped to the number of
+    genes.
+    """
+    t, s = _dense("target", target), _dense("source", source)
+    _check_genes("source", source, "target", target)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InputError(f"n must be a positive integer, got {n!r}.")
+    return _wilcoxon_top(t, s, pd.Index(target.var_names).astype(str), min(int(n), t.shape[1]))
