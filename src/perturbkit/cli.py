@@ -25,7 +25,9 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
 def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         p.add_argument("--data", default="kang2018", help="bundled dataset name or path of an .h5ad file")
-        p.add_argument("--model", default="scgen", help="scgen, scpram, control or mean_shift")
+        from .models import MODELS
+
+        p.add_argument("--model", default="scgen", help=", ".join(MODELS) + " (perturbkit list models)")
         p.add_argument("--holdout", required=True, help="context whose perturbed cells are held out and predicted")
         _add_spec(p)
     g = p.add_argument_group("preprocessing")
@@ -38,9 +40,10 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded; default: torch's)")
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a model parameter, e.g. --param n_latent=50 (repeatable)")
-    t.add_argument("--ratio", type=float, default=None, help="scpram: share of control cells attended to")
-    t.add_argument("--ot", default=None, help="scpram: optimal transport, sinkhorn or exact")
-    t.add_argument("--attention", default=None, help="scpram: cell (published) or first_cell (pip package)")
+    g = p.add_argument_group("model options (each model declares its own; also settable as --param KEY=VALUE)")
+    for opt, (kind, text, owners) in _model_options().items():
+        g.add_argument(f"--{opt.replace('_', '-')}", dest=opt, type=kind, default=None,
+                       help=f"{', '.join(owners)}: {text}")
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     e.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for intervals (default 100)")
@@ -50,6 +53,17 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         e.add_argument("--load-model", default=None, metavar="DIR", help="use a model saved with --save-model")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _model_options() -> dict[str, tuple[type, str, list[str]]]:
+    """The ``OPTIONS`` the registered models declare: name -> (type, help, models that take it)."""
+    from .models import MODELS
+
+    out: dict[str, tuple[type, str, list[str]]] = {}
+    for name, cls in MODELS.items():
+        for opt, (kind, text) in cls.OPTIONS.items():
+            out.setdefault(opt, (kind, text, []))[2].append(name)
+    return out
 
 
 def _parse_value(text: str):
@@ -70,13 +84,11 @@ def _config(args, *, data: str, model: str, holdout: str, spec):
             raise InputError(f"--param {item!r} must look like KEY=VALUE, e.g. --param n_latent=50.")
         key, value = item.split("=", 1)
         params[key.strip()] = _parse_value(value.strip())
-    for key in ("ratio", "ot", "attention"):
-        if getattr(args, key) is not None:
-            params[key] = getattr(args, key)
-    if args.n_top_genes < 0:
-        raise InputError(f"--n-top-genes must be >= 0 (0 keeps all genes), got {args.n_top_genes}.")
-    pp = Preprocessing(normalize={"auto": None, "yes": True, "no": False}[args.normalize],
-                       n_top_genes=args.n_top_genes or None)
+    for opt in _model_options():
+        if getattr(args, opt, None) is not None:
+            params[opt] = getattr(args, opt)
+    pp = Preprocessing(normalize={"auto": "auto", "yes": True, "no": False}[args.normalize],
+                       n_top_genes=args.n_top_genes)
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
     if args.n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {args.n_boot}.")
@@ -104,11 +116,10 @@ def cmd_predict(args) -> int:
     spec = PerturbSpec(condition_key=args.condition_key, control=args.control, perturbed=args.perturbed,
                        context_key=args.context_key)
     cfg = _config(args, data=args.data, model=args.model, holdout=args.holdout, spec=spec)
-    run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
-                load_model=args.load_model, command=_command())
+    record = run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
+                         load_model=args.load_model, command=_command())
     _print_table(Path(args.out))
-    extra = ", attention.png" if (Path(args.out) / "attention.png").exists() else ""
-    print(f"wrote {args.out}/pred.h5ad, scores.csv, record.json, reg_mean.png{extra}")
+    print(f"wrote {args.out}/{', '.join(record['outputs'])}, record.json")
     return 0
 
 
@@ -151,7 +162,7 @@ def cmd_list(args) -> int:
         from .models import MODELS
 
         for name, cls in MODELS.items():
-            print(f"{name:12s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            print(f"{name:12s} {cls.summary()}")
     else:
         from .data import DATASETS
 
@@ -309,6 +320,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: parameter name, as library messages say it (``InputError.params``) -> the flag of this command line that sets it
+FLAGS = {
+    "data": "--data", "model": "--model", "holdout": "--holdout", "condition_key": "--condition-key",
+    "control": "--control", "perturbed": "--perturbed", "context_key": "--context-key",
+    "n_top_genes": "--n-top-genes", "normalize": "--normalize", "epochs": "--epochs", "seed": "--seed",
+    "threads": "--threads", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
+    "metrics": "--metrics", "n_boot": "--n-boot", "out": "--out", "force": "--force", "save_model": "--save-model",
+    "load_model": "--load-model", "truth": "--truth", "pred": "--pred", "source": "--source", "output": "--output",
+    "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going",
+    "list_cells": "--list-cells", "worker": "--worker", "worker_only": "--worker-only", "aggregate": "--aggregate",
+    "trials": "--trials", "study": "--study", "storage": "--storage", "json": "--json",
+}
+
+
+def with_flags(exc: BaseException) -> str:
+    """The message of ``exc`` with each parameter in ``exc.params`` written as its flag (:data:`FLAGS`).
+
+    Whole words outside quoted values (paths, labels): ``seed must be ...`` -> ``--seed must be ...``,
+    ``pass n_top_genes=0`` -> ``pass --n-top-genes 0``, ``pass model='scgen'`` -> ``pass --model scgen``. Left
+    alone: ``spec.control``, ``adata``, ``truth.var_names``, and a name right after a quoted value (``a 'scgen'
+    model``: a noun, not the parameter).
+    """
+    import re
+
+    text = str(exc)
+    names = sorted((n for n in getattr(exc, "params", ()) if n in FLAGS), key=len, reverse=True)
+    if not names:
+        return text
+    quoted = r"""(?<!\w)'[^']*'(?!\w)|(?<!\w)"[^"]*"(?!\w)"""
+    pattern = re.compile(
+        rf"(?P<quoted>{quoted})"
+        rf"|(?<![\w.-])(?<!' )(?<!\" )(?P<name>{'|'.join(map(re.escape, names))})\b(?!\.\w|[\[(])"
+        r"""(?P<eq>=(?:'(?P<v1>[^'\s]*)'(?!\w)|"(?P<v2>[^"\s]*)"(?!\w))?)?"""
+    )
+
+    def flag(m: re.Match) -> str:
+        if m["quoted"]:
+            return m["quoted"]
+        if not m["eq"]:
+            return FLAGS[m["name"]]
+        value = m["v1"] if m["v1"] is not None else m["v2"]
+        return f"{FLAGS[m['name']]} {value if value is not None else ''}"
+
+    return pattern.sub(flag, text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -338,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except InputError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {with_flags(exc)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as exc:
             print("interrupted; finished files are complete, unfinished ones were not written", file=sys.stderr)
