@@ -23,39 +23,45 @@ import perturbkit as pk
 from perturbkit.errors import InputError
 
 TINY = """
-model = "scgen"
-data = "{data}"
-holdout = "ctx0"
-metric = "pearson_delta"
-trials = {trials}
-threads = 1
+seeds = [0, 1]
+
+[data]
+source = "{data}"
 
 [preprocessing]
 n_top_genes = 0
 
-[params]
+[training]
 epochs = 3
+threads = 1
+
+[models.scgen]
 n_hidden = 32
 n_latent = 8
 batch_size = 64
 
-[space]
+[evaluation]
+metrics = ["r2_mean_top100", "pearson_delta"]
+n_boot = 10
+
+[tune]
+holdout = "ctx0"
+metric = "pearson_delta"
+trials = {trials}
+
+[tune.space]
 use_defaults = false
 n_layers = {{ type = "int", low = 1, high = 2 }}
 dropout_rate = {{ type = "float", low = 0.0, high = 0.3 }}
 lr = {{ type = "float", low = 1e-3, high = 1e-2, log = true }}
 
-[sampler]
+[tune.sampler]
 n_startup_trials = 3
 
-[pruner]
+[tune.pruner]
 n_startup_trials = 2
-
-[final]
-seeds = [0, 1]
-metrics = ["r2_mean_top100", "pearson_delta"]
-n_boot = 10
 """
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write_config(path: Path, data: Path, trials: int = 5, extra: str = "") -> Path:
@@ -71,10 +77,15 @@ def quiet(*args, **kwargs):
 
 
 def test_import_stays_light():
-    code = ("import sys, perturbkit as pk, perturbkit.tune; pk.tune.DEFAULT_SPACES; "
+    code = ("import sys, perturbkit as pk, perturbkit.tune; pk.tune.default_space('scgen'); "
             "print(','.join(m for m in ('torch', 'optuna', 'sqlalchemy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def scgen(**tables):
+    """A tune config dict: [models.scgen] plus ``tables``."""
+    return {"models": {"scgen": {}}, **tables}
 
 
 def test_default_spaces_parse_and_hold_the_tutorial_knobs():
@@ -82,25 +93,33 @@ def test_default_spaces_parse_and_hold_the_tutorial_knobs():
         space = pk.tune.default_space(model)
         assert {"n_layers", "n_latent", "n_hidden", "dropout_rate", "input_noise", "lr", "kl_weight",
                 "batch_size", "epochs"} <= set(space)
+        assert list(space) == list(pk.models.MODELS[model].SEARCH_SPACE)  # the model class's own space
     assert "ratio" in pk.tune.default_space("scpram") and "ratio" not in pk.tune.default_space("scgen")
-    cfg = pk.tune.config_from_dict({"model": "scpram", "params": {"epochs": 3}})
-    assert "epochs" not in cfg.space and cfg.params == {"epochs": 3}  # a fixed parameter is not searched
-    assert cfg.direction == "maximize"
-    assert pk.tune.config_from_dict({"metric": "edistance"}).direction == "minimize"
+    for raw in ({"models": {"scpram": {}}, "training": {"epochs": 3}}, {"models": {"scpram": {"epochs": 3}}}):
+        cfg = pk.tune.config_from_dict(raw)
+        assert "epochs" not in cfg.space and cfg.params == {"epochs": 3}  # a fixed parameter is not searched
+        assert cfg.direction == "maximize"
+    assert pk.tune.config_from_dict(scgen(tune={"metric": "edistance"})).direction == "minimize"
 
 
 @pytest.mark.parametrize("raw, needle", [
-    ({"modle": "scgen"}, "Did you mean 'model'"),
-    ({"space": {"noise_rate": {"type": "float", "low": 0, "high": 0.3}}}, "perturbkit calls it 'input_noise'"),
-    ({"space": {"n_layers": {"type": "int", "low": 3, "high": 1}}}, "low (3) must be below high (1)"),
-    ({"space": {"lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}}, "needs low > 0"),
-    ({"space": {"lr": {"type": "flaot", "low": 0.1, "high": 0.2}}}, "Did you mean 'float'"),
-    ({"space": {"lr": {"type": "float", "lo": 0.1, "high": 0.2}}}, "Did you mean 'low'"),
-    ({"space": {"lr": 0.001}}, "a fixed value belongs in [params]"),
-    ({"validation": {"contexts": ["CD4 T cells"]}}, "never see the held-out target"),
-    ({"pruner": {"knd": "median"}}, "Did you mean 'kind'"),
-    ({"metric": "pearson_delt"}, "Did you mean 'pearson_delta'"),
-    ({"model": "control"}, "no parameters to tune"),
+    (scgen(modles={}), "Did you mean 'models'"),
+    (scgen(tune={"space": {"noise_rate": {"type": "float", "low": 0, "high": 0.3}}}),
+     "perturbkit calls it 'input_noise'"),
+    (scgen(tune={"space": {"n_layers": {"type": "int", "low": 3, "high": 1}}}),
+     "low (3) must be below high (1)"),
+    (scgen(tune={"space": {"lr": {"type": "float", "low": 0.0, "high": 1e-2, "log": True}}}),
+     "needs low > 0"),
+    (scgen(tune={"space": {"lr": {"type": "flaot", "low": 0.1, "high": 0.2}}}), "Did you mean 'float'"),
+    (scgen(tune={"space": {"lr": {"type": "float", "lo": 0.1, "high": 0.2}}}), "Did you mean 'low'"),
+    (scgen(tune={"space": {"lr": 0.001}}), "a fixed value belongs in the model's table [models.scgen]"),
+    (scgen(tune={"validation": {"contexts": ["CD4 T cells"]}}), "never see the held-out target"),
+    (scgen(tune={"pruner": {"knd": "median"}}), "Did you mean 'kind'"),
+    (scgen(tune={"metric": "pearson_delt"}), "Did you mean 'pearson_delta'"),
+    ({"models": {"control": {}}}, "no parameters to tune"),
+    ({}, "exactly one model"),
+    ({"models": {"scgen": {}, "scpram": {}}}, "exactly one model"),
+    (scgen(training={"threads": 0}), "training.threads must be >= 1"),
 ])
 def test_bad_config_names_the_fix(raw, needle):
     with pytest.raises(InputError) as exc:
@@ -108,11 +127,92 @@ def test_bad_config_names_the_fix(raw, needle):
     assert needle in str(exc.value)
 
 
+@pytest.mark.parametrize("raw, needle", [
+    ({"model": "scgen"}, "[models.scgen]"),
+    ({"data": "kang2018"}, '[data] source = "kang2018"'),
+    ({"holdout": "ctx0"}, "[tune] holdout"),
+    ({"metric": "pearson_delta"}, "[tune] metric"),
+    ({"trials": 3}, "[tune] trials"),
+    ({"seed": 0}, "[tune] seed"),
+    ({"threads": 1}, "threads -> [training] threads"),
+    ({"params": {"epochs": 2}}, "fixed model parameters now go in the model's table [models.NAME]"),
+    ({"model": "scpram", "params": {"epochs": 2}}, "the model's table [models.scpram]"),
+    ({"space": {}}, "[space] -> [tune.space]"),
+    ({"spec": {"control": "ctrl"}}, "now go in the [data] table"),
+    ({"final": {"seeds": [0, 1]}}, "final.seeds -> seeds"),
+    ({"final": {"n_boot": 10}}, "final.n_boot -> [evaluation] n_boot"),
+    ({"validation": {}}, "[validation] -> [tune.validation]"),
+    ({"sampler": {}}, "[sampler] -> [tune.sampler]"),
+    ({"pruner": {}}, "[pruner] -> [tune.pruner]"),
+])
+def test_old_config_keys_name_their_new_place(raw, needle):
+    with pytest.raises(InputError) as exc:
+        pk.tune.config_from_dict({**scgen(), **raw})
+    assert needle in str(exc.value)
+
+
+def test_an_old_config_file_names_every_moved_key(tmp_path):
+    old = tmp_path / "old.toml"
+    old.write_text('model = "scgen"\ndata = "kang2018"\nthreads = 1\n'
+                   '[params]\nepochs = 2\n[final]\nseeds = [0]\n')
+    with pytest.raises(InputError) as exc:
+        pk.tune.load_config(old)
+    text = str(exc.value)
+    for needle in ("[models.scgen]", "[data] source", "[training] threads", "final.seeds -> seeds"):
+        assert needle in text
+
+
 def test_relative_data_path_is_relative_to_the_config(tmp_path, syn_path):
     (tmp_path / "sub").mkdir()
     shutil.copy(syn_path, tmp_path / "sub" / "d.h5ad")
     cfg = pk.tune.load_config(write_config(tmp_path / "sub" / "c.toml", Path("d.h5ad")))
-    assert cfg.data == str((tmp_path / "sub" / "d.h5ad").resolve())
+    assert cfg.data.source == str((tmp_path / "sub" / "d.h5ad").resolve())
+
+
+@pytest.mark.parametrize("bench_config, holdout", [("smoke.toml", "ctx0"), ("kang.toml", "CD4 T cells")])
+def test_bench_tables_parse_the_same_in_a_tune_config(tmp_path, bench_config, holdout):
+    """[data], [preprocessing], [training], [models.NAME], [evaluation] and seeds copied from a bench config
+    into a tune config give the same tables as bench reads from it."""
+    from perturbkit import bench
+    from perturbkit import config as C
+
+    raw = C.read(CONFIGS / bench_config)
+    shared = {k: raw[k] for k in ("seeds", "data", "preprocessing", "training", "evaluation")}
+    tune_raw = {**shared, "models": {"scgen": raw["models"]["scgen"]}, "tune": {"holdout": holdout}}
+    path = tmp_path / "tune.toml"
+    path.write_text(C.to_toml(tune_raw))
+    cfg = pk.tune.load_config(path)
+    b = bench.load_config(CONFIGS / bench_config)
+    assert (cfg.data, cfg.preprocessing, cfg.training, cfg.evaluation, cfg.seeds) == \
+        (b.data, b.preprocessing, b.training, b.evaluation, b.seeds)
+    assert [cfg.model] == [m for m in b.models if m.label == "scgen"]
+    assert cfg.params == cfg.model.build_params(b.training)  # the parameters bench builds scgen with
+    assert cfg.params["epochs"] == raw["training"]["epochs"] and "epochs" not in cfg.space
+
+
+def test_kang_configs_keep_their_meaning():
+    for model in ("scgen", "scpram"):
+        cfg = pk.tune.load_config(CONFIGS / f"tune_{model}_kang.toml")
+        assert cfg.name == model and cfg.params == {"epochs": 2} and cfg.training.threads == 1
+        assert cfg.data.source == "kang2018" and cfg.preprocessing.n_top_genes == 2000
+        assert (cfg.tune.holdout, cfg.tune.metric, cfg.tune.trials, cfg.tune.seed) == ("CD4 T cells",
+                                                                                      "pearson_delta", 30, 0)
+        assert set(cfg.space) == set(pk.models.MODELS[model].SEARCH_SPACE) - {"epochs"}
+        assert cfg.seeds == (0, 1, 2) and cfg.evaluation.n_boot == 100 and cfg.evaluation.metrics == "all"
+        assert cfg.tune.validation.n_contexts == 1 and cfg.tune.sampler.n_startup_trials == 10
+        assert (cfg.tune.pruner.kind, cfg.tune.pruner.n_startup_trials, cfg.tune.pruner.n_warmup_steps) == \
+            ("median", 5, 1)
+
+
+def test_config_round_trips_through_toml():
+    """record.json's config, written back as TOML, is the same config (the space written out in full)."""
+    import tomllib
+
+    from perturbkit.config import to_toml
+
+    cfg = pk.tune.load_config(CONFIGS / "tune_scpram_kang.toml")
+    again = pk.tune.config_from_dict(tomllib.loads(to_toml(cfg.to_dict())))
+    assert again == cfg and again.default_study_name("x") == cfg.default_study_name("x")
 
 
 # ------------------------------------------------------------------------------------- training callback
@@ -219,20 +319,124 @@ def test_objective_never_sees_the_held_out_target(syn, tmp_path):
 def test_a_study_refuses_another_configuration(tuned, tmp_path, syn_path):
     cfg, out = tuned
     other = write_config(tmp_path / "other.toml", syn_path, extra="")
-    other.write_text(other.read_text().replace("epochs = 3", "epochs = 2"))
+    other.write_text(other.read_text().replace("epochs = 3", "epochs = 2"))  # [training] epochs: a param
     name = json.loads((out / "record.json").read_text())["study"]["name"]
     with pytest.raises(InputError, match="another configuration .*params"):
-        pk.tune.run(other, tmp_path / "o", storage=str(out / "study.db"), study=name, progress=False, log=quiet)
+        pk.tune.run(other, tmp_path / "o", storage=str(out / "study.db"), study=name, progress=False,
+                    log=quiet)
 
 
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys):
     from perturbkit.cli import main
 
     bad = tmp_path / "bad.toml"
-    bad.write_text('model = "scgen"\n[space]\nnoise_rate = { type = "float", low = 0.0, high = 0.3 }\n')
+    bad.write_text('[models.scgen]\n[tune.space]\nnoise_rate = { type = "float", low = 0.0, high = 0.3 }\n')
     assert main(["tune", str(bad), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "input_noise" in err[0]
+
+
+def test_out_must_be_new_or_a_tuning_run_of_the_same_model(tmp_path, syn_path):
+    cfg = write_config(tmp_path / "c.toml", syn_path)
+    other_tool = tmp_path / "bench"
+    other_tool.mkdir()
+    (other_tool / "run.json").write_text("{}")
+    with pytest.raises(InputError, match="already holds other files"):
+        pk.tune.run(cfg, other_tool, progress=False, log=quiet)
+    other_model = tmp_path / "scpram"
+    other_model.mkdir()
+    record = {"kind": "perturbkit.tune", "best": {"model": "scpram"}}
+    (other_model / "record.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="tuning run of model 'scpram'"):
+        pk.tune.run(cfg, other_model, progress=False, log=quiet)
+
+
+def test_cli_threads_0_is_refused(tmp_path, syn_path, capsys):
+    from perturbkit.cli import main
+
+    cfg = write_config(tmp_path / "c.toml", syn_path)
+    assert main(["tune", str(cfg), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------- a model of one's own
+
+
+TOY = """
+seeds = [0, 1]
+
+[data]
+source = "synthetic"
+
+[data.synthetic]
+n_contexts = 3
+n_cells = 60
+n_genes = 30
+
+[preprocessing]
+n_top_genes = 0
+
+[models.toy]
+
+[evaluation]
+metrics = ["r2_mean_all", "pearson_delta"]
+n_boot = 0
+
+[tune]
+holdout = "ctx0"
+metric = "r2_mean_all"     # pearson_delta does not see the scale of a shift
+trials = 4
+
+[tune.validation]
+min_cells = 10
+
+[tune.sampler]
+n_startup_trials = 2
+"""
+
+
+def test_toy_model_tunes_without_touching_generic_code(tmp_path, monkeypatch):
+    """A model class that sets DEFAULTS and SEARCH_SPACE is tunable: registering it is all it takes (it does
+    not train, so it has no history and is never pruned)."""
+    from perturbkit.models import MODELS, Model
+    from perturbkit.models._base import balanced_means, dense
+
+    class Toy(Model):
+        """Control cells plus a scaled balanced mean shift."""
+
+        name = "toy"
+        DEFAULTS = {"scale": 1.0}
+        SEARCH_SPACE = {"scale": {"type": "float", "low": 0.0, "high": 2.0}}
+
+        def _fit(self, adata, spec, *, seed, progress):
+            cond = adata.obs[spec.condition_key].astype(str).to_numpy()
+            ctx = adata.obs[spec.context_key].astype(str).to_numpy()
+            ctrl, pert = balanced_means(dense(adata.X), cond, ctx, spec)
+            self.shift = pert - ctrl
+
+        def _predict_matrix(self, source):
+            return dense(source.X) + self.params.get("scale", self.DEFAULTS["scale"]) * self.shift
+
+    assert not Toy.needs_torch
+    monkeypatch.setitem(MODELS, "toy", Toy)
+    cfg = tmp_path / "toy.toml"
+    cfg.write_text(TOY)
+    assert pk.tune.default_space("toy") == {"scale": pk.tune.Dim("float", 0.0, 2.0)}
+    record = pk.tune(cfg, tmp_path / "run", progress=False, log=quiet)  # the module is callable: pk.tune.run
+    trials = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert list(trials.number) == [0, 1, 2, 3] and set(trials.state) == {"COMPLETE"}
+    assert trials.user_attrs_epochs_run.isna().all()  # no history: nothing trained
+    best = record["best"]
+    assert best["model"] == "toy" and set(best["sampled"]) == {"scale"} and 0 <= best["sampled"]["scale"] <= 2
+    assert best["validation_value"] == pytest.approx(trials.value.max())
+    assert best["default_params"] == {} and record["study"]["name"].startswith("perturbkit-toy-")
+    summ = pd.read_csv(tmp_path / "run" / "final_summary.csv")
+    got = summ[summ.metric == "r2_mean_all"].set_index("model")
+    assert {"toy:tuned", "toy:default", "control", "mean_shift", "ceiling"} <= set(got.index)
+    assert (got.loc[["toy:tuned", "toy:default"], "n_seeds"] == 2).all()
+    # the default toy is the mean_shift baseline: the same prediction, the same scores
+    assert got.loc["toy:default", "mean"] == pytest.approx(got.loc["mean_shift", "mean"])
 
 
 # ------------------------------------------------------------------------------ PostgreSQL, several workers
@@ -254,10 +458,12 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def postgres():
-    """A throw-away PostgreSQL server on 127.0.0.1 (initdb + pg_ctl in a temp dir; as user postgres if root)."""
+    """A throw-away PostgreSQL server on 127.0.0.1 (initdb + pg_ctl in a temp dir; as user postgres if
+    root)."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
-        skip_without("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's `postgresql` package")
+        skip_without("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's `postgresql` "
+                     "package")
     import psycopg2  # noqa: F401  (the test extra installs psycopg2-binary: Optuna's PostgreSQL driver)
     root = Path(tempfile.mkdtemp(prefix="pk-pg-"))
     datadir = root / "data"
@@ -273,15 +479,16 @@ def postgres():
         subprocess.run([*as_user, initdb, "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                         "--no-sync"], check=True, capture_output=True, text=True)
         opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-o", opts, "-l", str(root / "log"), "-w", "-t", "60",
-                        "start"], check=True, capture_output=True, text=True)
+        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-o", opts, "-l", str(root / "log"), "-w", "-t",
+                        "60", "start"], check=True, capture_output=True, text=True)
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(root, ignore_errors=True)
         raise RuntimeError(f"could not start PostgreSQL: {exc.stderr}") from None
     try:
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-m", "fast", "-w", "stop"], capture_output=True)
+        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
