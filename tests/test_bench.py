@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import pytest
 from conftest import skip_without
 
 import perturbkit as pk
-from perturbkit import bench
+from perturbkit import bench, scenarios
 from perturbkit.cli import main
 from perturbkit.errors import InputError
 
@@ -94,13 +95,14 @@ def test_config_errors_name_the_setting(patch, needle):
 def test_config_defaults_and_roundtrip(tmp_path):
     cfg = bench.load_config(SMOKE)
     assert [m.label for m in cfg.models] == ["scgen", "control", "mean_shift"]
-    assert cfg.model_params("scgen")["epochs"] == 2 and "epochs" not in cfg.model_params("control")
+    params = {label: cfg.model(label).build_params(cfg.training) for label in ("scgen", "control")}
+    assert params["scgen"]["epochs"] == 2 and "epochs" not in params["control"]
     again = bench.config_from_dict(tomllib.loads(bench.to_toml(cfg)))
     assert again.to_dict() == cfg.to_dict()
     with pytest.raises(AttributeError):
         cfg.seeds = (1,)
     kang = bench.load_config(ROOT / "configs" / "kang.toml")  # the shipped config is valid
-    assert kang.data.donor_key == "donor" and kang.training.epochs == 10 and len(kang.seeds) == 3
+    assert kang.data.spec.donor_key == "donor" and kang.training.epochs == 10 and len(kang.seeds) == 3
     assert {m.label for m in kang.models} >= {"scgen", "control", "mean_shift"}
 
 
@@ -283,6 +285,67 @@ def test_report_renders_in_headless_chromium(smoke_run, tmp_path):
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
     n = len(list((smoke_run / "figures").iterdir()))
     assert f'data-images="{n}/{n}"' in dom, dom[-500:]
+
+
+# ------------------------------------------------------------------------------------- a new scenario
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """``[scenarios.toy]``: hold out one context, as loco does."""
+
+    context: str = "ctx0"
+
+
+class Toy(scenarios.Scenario):
+    """A scenario defined here, outside perturbkit: one held-out context and a table of its own."""
+
+    name = "toy"
+    Config = ToyConfig
+    TABLES = (scenarios.Table("toy.csv", "Toy scenario table", caption="Each model's mean on the toy task.",
+                              left=3),)
+
+    @classmethod
+    def plan(cls, conf, cfg, adata, before):
+        return [scenarios.SplitDef(cls.name, scenarios.slug(conf.context), conf.context, conf.context)]
+
+    @classmethod
+    def split(cls, sd, adata, spec):
+        return pk.split.holdout_cell_type(adata, spec, sd.context)
+
+    @classmethod
+    def tables(cls, agg):
+        s = agg.summary[(agg.summary.scenario == cls.name) & (agg.summary.split != "all")]
+        return {"toy.csv": s[["split", "model", "metric", "mean"]]}
+
+
+def test_toy_scenario_touches_no_generic_module(tmp_path, monkeypatch):
+    monkeypatch.setitem(scenarios.SCENARIOS, "toy", Toy)
+    d = smoke_dict()
+    d["seeds"] = [0]
+    d["models"] = {"mean_shift": {}}
+    d["scenarios"] = {"toy": {"context": "ctx1"}}
+    bad = {**d, "scenarios": {"toy": {"contxt": "ctx1"}}}
+    with pytest.raises(InputError, match=r"scenarios.toy.contxt: unknown setting. Did you mean 'context'"):
+        bench.config_from_dict(bad)
+    cfg = bench.config_from_dict(d)
+    assert cfg.to_dict()["scenarios"] == {"loco": None, "unbalanced": None, "cross_donor": None,
+                                          "toy": {"context": "ctx1"}}
+    out = tmp_path / "toy"
+    done = bench.run(cfg, out, progress=False, log=lambda *a: None)
+    assert done["ran"] == ["toy.ctx1.mean_shift.s0", "toy.ctx1.control.s0"] and not done["failed"]
+    res = json.loads((out / "cells" / "toy.ctx1.mean_shift.s0" / "result.json").read_text())
+    assert res["split_info"]["n_target"] == 60 and res["context"] == "ctx1"
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores.scenario) == {"toy"} and set(scores.split) == {"ctx1"}
+    toy = pd.read_csv(out / "toy.csv")
+    assert set(toy.model) == {"mean_shift", "control", "ceiling"}
+    assert toy[toy.metric == "pearson_delta"].set_index("model")["mean"]["mean_shift"] > 0.9
+    assert "toy.csv" in json.loads((out / "run.json").read_text())["tables"]
+    assert (out / "figures" / "heatmap_toy_pearson_delta.png").is_file()
+    html = (out / "report.html").read_text()
+    assert "<h2>Toy scenario table</h2>" in html and "Each model&#x27;s mean on the toy task." in html
+    assert "ro-crate-metadata.json" in {p.name for p in out.iterdir()}
 
 
 # --------------------------------------------------------------------------------- cells, resume, kill

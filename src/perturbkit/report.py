@@ -3,6 +3,10 @@
 Everything is inside the file: figures as base64 PNG ``data:`` URIs, tables as HTML, the config as run and the
 environment (library versions, platform). No script, stylesheet, font or image is fetched, so the report
 opens offline and can be mailed or deposited as is.
+
+The report reads only the run directory and the scenario registry (:data:`perturbkit.scenarios.SCENARIOS`):
+each scenario's ``TABLES`` (file, title, caption) and ``FIGURES`` (figure-name prefix, section title) say what
+it shows; the figures the models drew themselves are those ``run.json`` lists as ``model_figures``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def _fmt(v) -> str:
 
 
 def table_html(df, *, left: int = 1, best: str | None = None) -> str:
-    """A DataFrame as an HTML table; the first ``left`` columns left-aligned; ``best`` rows (bool column) bold."""
+    """A DataFrame as an HTML table; the first ``left`` columns left-aligned; ``best`` rows (bool column)
+    bold."""
     cols = [c for c in df.columns if c != best]
     head = "".join(f'<th class="{"l" if i < left else ""}">{_e(c)}</th>' for i, c in enumerate(cols))
     rows = []
@@ -93,12 +98,35 @@ def _summary_tables(summary, metrics) -> str:
     return "".join(parts)
 
 
+def _figure_section(title: str, figures: list[Path], *, captions: bool = True) -> str:
+    if not figures:
+        return ""
+    images = (_img(f, f.stem.replace("_", " ") if captions else f.stem) for f in figures)
+    return f"<h2>{_e(title)}</h2>" + "".join(images)
+
+
+def scenario_table(out: Path, table, metrics: list[str]) -> str:
+    """A scenario's table (a :class:`~perturbkit.scenarios.Table`) as HTML, '' when the run has none; with
+    ``table.headline_only`` only the rows of ``metrics``."""
+    import pandas as pd
+
+    path = out / table.file
+    if not path.exists():
+        return ""
+    df = pd.read_csv(path, keep_default_na=False) if table.strings else pd.read_csv(path)
+    if table.headline_only and "metric" in df.columns:
+        df = df[df.metric.isin(metrics)]
+    note = f"<p class='note'>{_e(table.caption)}</p>" if table.caption else ""
+    return f"<h{table.level}>{_e(table.title)}</h{table.level}>{note}" + table_html(df, left=table.left)
+
+
 def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     """Write ``report.html`` (or ``path``) for the bench run directory ``out``; returns its path."""
     import pandas as pd
 
     from . import _io
     from .errors import InputError
+    from .scenarios import SCENARIOS
 
     out = Path(out)
     if not (out / "run.json").exists():
@@ -134,39 +162,30 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
                     "tables below hold the finished ones only.</p>")
     body.append("<h2>Summary</h2><p class='note'>Mean over seeds of each scenario's splits, with the 95 % "
                 "Student-t interval over seeds in brackets and the model's rank (#1 = best by the metric's "
-                "direction). <code>_norm</code>: 0 = the no-change control baseline, 1 = the ceiling (one half of "
-                "the real cells against the other).</p>")
+                "direction). <code>_norm</code>: 0 = the no-change control baseline, 1 = the ceiling (one "
+                "half of the real cells against the other).</p>")
     if summary is not None:
         body.append(_summary_tables(summary, metrics))
     present = sorted((out / "figures").glob("*.png")) if (out / "figures").exists() else []
     order = {name: i for i, name in enumerate(run.get("figures", []))}  # the order they were made in
     figs = sorted(present, key=lambda f: (order.get(f"figures/{f.name}", len(order)), f.name))
-    groups = [("Models x contexts", "heatmap_"), ("Cell-type specificity", "specificity_"),
-              ("Balanced vs unbalanced", "unbalanced_"), ("Seed variability", "seeds_"),
-              ("Example predictions", ("reg_mean_", "reg_var_", "pca", "umap", "violins")),
-              ("scPRAM attention", "attention_")]
+    model_figs = set(run.get("model_figures", []))
+    groups = [("Models x contexts", "heatmap_"),
+              *((title, prefix) for s in SCENARIOS.values() for prefix, title in s.FIGURES.items()),
+              ("Seed variability", "seeds_"),
+              ("Example predictions", ("reg_mean_", "reg_var_", "pca", "umap", "violins"))]
     used = set()
     for title, prefix in groups:
-        chosen = [f for f in figs if f.name.startswith(prefix) and f not in used]
-        if not chosen:
-            continue
+        chosen = [f for f in figs if f.name.startswith(prefix) and f not in used
+                  and f"figures/{f.name}" not in model_figs]
         used.update(chosen)
-        body.append(f"<h2>{_e(title)}</h2>" + "".join(_img(f, f.stem.replace("_", " ")) for f in chosen))
-    rest = [f for f in figs if f not in used]
-    if rest:
-        body.append("<h2>Other figures</h2>" + "".join(_img(f, f.stem) for f in rest))
-    if (out / "specificity.csv").exists():
-        spec = pd.read_csv(out / "specificity.csv")
-        spec = spec[spec.metric.isin(metrics[:2])]
-        body.append("<h2>Cell-type specificity table</h2>" + table_html(spec, left=5))
-    if (out / "unbalanced.csv").exists():
-        ub = pd.read_csv(out / "unbalanced.csv")
-        body.append("<h2>Balanced vs unbalanced table</h2>" + table_html(ub[ub.metric.isin(metrics[:2])], left=4))
-    if (out / "unbalanced_degs.csv").exists():
-        degs = pd.read_csv(out / "unbalanced_degs.csv", keep_default_na=False)
-        body.append("<h3>How the top DEGs change</h3><p class='note'>Overlap of the top-100 DEGs (Wilcoxon vs "
-                    "the source control cells) between the balanced and the unbalanced run, for the real cells "
-                    "and each model's prediction.</p>" + table_html(degs, left=4))
+        body.append(_figure_section(title, chosen))
+    chosen = [f for f in figs if f"figures/{f.name}" in model_figs]
+    used.update(chosen)
+    body.append(_figure_section("Model figures", chosen))
+    body.append(_figure_section("Other figures", [f for f in figs if f not in used], captions=False))
+    for scenario in SCENARIOS.values():
+        body += [scenario_table(out, table, metrics[:2]) for table in scenario.TABLES]
     timing = run.get("timing_totals_s", {})
     if timing:
         body.append("<h2>Time spent</h2>" + table_html(pd.DataFrame(
@@ -177,10 +196,11 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     body.append("<h2>Environment</h2>" + "<table>" + "".join(
         f'<tr><th class="l">{_e(k)}</th><td class="l">{_e(v)}</td></tr>'
         for k, v in [*run["versions"].items(), *run.get("platform", {}).items()]) + "</table>")
-    body.append(f"<p class='note'>Preprocessing: {_e('; '.join(run.get('preprocessing', {}).get('steps', [])))}. "
+    steps = "; ".join(run.get("preprocessing", {}).get("steps", []))
+    body.append(f"<p class='note'>Preprocessing: {_e(steps)}. "
                 "Every file of the run is listed with its sha256 in ro-crate-metadata.json.</p>")
     doc = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
            f"<title>perturbkit bench: {_e(run['name'])}</title><style>{CSS}</style></head><body>"
-           + "\n".join(body) + "</body></html>\n")
+           + "\n".join(part for part in body if part) + "</body></html>\n")
     _io.atomic_write_text(path, doc)
     return path

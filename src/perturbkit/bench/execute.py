@@ -1,0 +1,236 @@
+"""Running cells: one cell (:func:`run_cell`), many in worker processes, and a whole run (:func:`run`)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, suggest
+from .aggregate import aggregate, aggregate_is_current
+from .config import BenchConfig, config_hash, load_config, to_toml
+from .data import Context
+from .plan import Cell, ceiling_model, keeps_degs, keeps_prediction, plan, splits_of
+from .rundir import CACHE_DIR, RUN_KIND, SCORE_COLUMNS, cell_dir, cell_result, prepare_dir
+
+
+def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, keep_pred: bool = False,
+             degs: bool = False, progress: bool = False, log=print) -> dict[str, Any]:
+    """Fit, predict and score one cell; write ``cells/<id>/``; return its result (``result.json``).
+
+    ``keep_pred``: write the prediction (``pred.h5ad``, for the example figures) and the model's own figures
+    (``<name>.png``); ``degs``: record the real and predicted top DEGs. Every file is written to a temporary
+    name and renamed; ``result.json`` last, so a cell with a ``result.json`` is finished and complete.
+    """
+    from .. import _io, metrics, models, runner
+    from ..data import sha256
+
+    out = Path(out)
+    cdir = cell_dir(out, cell)
+    done = cell_result(out, cell)
+    if done is not None:
+        return done
+    started, t_start = runner.stamp(), time.perf_counter()
+    adata = ctx.data()
+    s = ctx.split(cell.split)
+    train, source, target = s.subsets(adata)
+    mc = cfg.model(cell.model)
+    model = models.get(mc.model, **mc.build_params(cfg.training))
+    fitted = runner.fit_predict(model, train, source, ctx.spec, seed=cell.seed, threads=cfg.training.threads,
+                                progress=progress)
+    pred, timings = fitted.pred, dict(fitted.timings)
+    t = time.perf_counter()
+    metric_names = cfg.evaluation.metric_names()
+    with warnings.catch_warnings():  # fewer genes than top DEGs: in the scores' notes, not warned per cell
+        warnings.filterwarnings("ignore", message=r"n_top=\d+ is more than", category=UserWarning)
+        scores, eval_info = runner.score(target, source, {cell.model: pred}, metric_names,
+                                         n_boot=cfg.evaluation.n_boot, seed=cell.seed,
+                                         ceiling=cell.model == ceiling_model(cfg))  # once per (split, seed)
+    scores = scores[~scores.metric.str.endswith("_norm")]  # normalised once all models are in: aggregate()
+    timings["evaluate_s"] = time.perf_counter() - t
+    if degs:
+        t = time.perf_counter()
+        degs = {"real": metrics.top_degs(target, source, 100), "pred": metrics.top_degs(pred, source, 100)}
+        timings["degs_s"] = time.perf_counter() - t
+    else:
+        degs = None
+    scores = scores.assign(scenario=cell.scenario, split=cell.split.name, seed=cell.seed,
+                           context=cell.split.context, variant=cell.split.variant, n_train=len(s.train),
+                           n_source=len(s.source), n_target=len(s.target))
+    scores = scores[list(SCORE_COLUMNS)]
+
+    t = time.perf_counter()
+    files = {}
+    runner.write_csv(cdir / "scores.csv", scores)
+    files["scores.csv"] = sha256(cdir / "scores.csv")
+    if cfg.output.save_predictions or keep_pred:
+        pred.uns["perturbkit"] = {"cell": cell.id, "model": cell.model, "seed": cell.seed}
+        _io.atomic_write_with(cdir / "pred.h5ad", lambda p: pred.write_h5ad(p))
+        files["pred.h5ad"] = sha256(cdir / "pred.h5ad")
+    if cfg.output.save_weights:
+        try:
+            model.save(cdir / "model")
+            for f in sorted((cdir / "model").iterdir()):
+                files[f"model/{f.name}"] = sha256(f)
+        except NotImplementedError:
+            pass
+    if keep_pred:  # the model's own figures, drawn while it is in memory (scPRAM: its attention)
+        for name, fig in model.figures(source).items():
+            fig.axes[0].set_title(f"{cell.model} {name}: {cell.split.context} (seed {cell.seed})", fontsize=9,
+                                  pad=18)
+            runner.write_png(cdir / f"{name}.png", fig)
+            files[f"{name}.png"] = sha256(cdir / f"{name}.png")
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    result = {
+        "kind": RUN_KIND + ".cell",
+        "cell": cell.id,
+        "scenario": cell.scenario,
+        "split": cell.split.name,
+        "split_key": cell.split.key,
+        "context": cell.split.context,
+        "variant": cell.split.variant,
+        "model": cell.model,
+        "registry_model": mc.model,
+        "seed": cell.seed,
+        "n_genes": int(adata.n_vars),
+        "config_sha": config_hash(cfg.to_dict()),
+        "data_sha256": ctx.digest,
+        "started": started,
+        "ended": runner.stamp(),
+        "timings": timings,
+        "torch_threads": fitted.threads,
+        "split_info": s.to_dict(adata.obs_names),
+        "params": model.params,
+        "fit": model.fit_info,
+        "evaluation": {"metrics": metric_names, "n_boot": cfg.evaluation.n_boot, "seed": cell.seed,
+                       **eval_info},
+        "degs": degs,
+        "versions": runner.versions(),
+        "files": files,
+    }
+    text = json.dumps(result, indent=1, default=runner.json_default) + "\n"
+    _io.atomic_write_text(cdir / "result.json", text)
+    return result
+
+
+class CellsFailed(RuntimeError):
+    """Some cells raised; the others finished and were aggregated."""
+
+
+def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] | None = None,
+        do_cells: bool = True, do_aggregate: bool = True, partial: bool = False, progress: bool = True,
+        jobs: int = 1, keep_going: bool = False, log=print) -> dict[str, Any]:
+    """Run a benchmark into ``out``: every unfinished cell (or only ``cells``), then :func:`aggregate`.
+
+    ``jobs > 1`` runs the cells in that many worker processes (each ``perturbkit bench --cell ...`` with the
+    config's ``training.threads``); the results are the same as with one process, since each cell depends
+    only on the config, its seed and the thread count. A failing cell is reported and the others go on, except
+    when ``cells`` are named without ``keep_going`` (then it raises).
+
+    Returns ``{"cells": [ids run or skipped], "ran": [...], "skipped": [...], "failed": {id: error}}``.
+    """
+    from .. import _io
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"--jobs must be a positive integer, got {jobs!r}.")
+    config_text = None
+    if not isinstance(config, BenchConfig):
+        config_text = Path(config).read_text() if Path(config).exists() else None
+        config = load_config(config)
+    cfg = config
+    out = prepare_dir(cfg, out, config_text=config_text)
+    _io.remove_stale_temps(out, recursive=True)  # left by a SIGKILLed process; never another worker's
+    ctx = Context(cfg, out, log=log)
+    everything = plan(cfg, ctx.planning_data())
+    by_id = {c.id: c for c in everything}
+    if cells:
+        unknown = [c for c in cells if c not in by_id]
+        if unknown:
+            raise InputError(f"--cell {unknown[0]!r} is not a cell of this config."
+                             f"{suggest(unknown[0], by_id)} List them with --list-cells.")
+        todo = [by_id[c] for c in dict.fromkeys(cells)]
+    else:
+        todo = everything if do_cells else []
+    splits = splits_of(everything)
+    ran, failed = [], {}
+    pending = [c for c in todo if cell_result(out, c) is None]
+    skipped = [c.id for c in todo if cell_result(out, c) is not None]
+    if skipped:
+        log(f"bench: {len(skipped)} of {len(todo)} cells already finished in {out}; skipping them")
+    t0 = time.perf_counter()
+    if jobs > 1 and len(pending) > 1:
+        ran, failed = run_workers(cfg, out, ctx, pending, jobs, log=log)
+        pending = []
+    for i, cell in enumerate(pending, 1):
+        try:
+            res = run_cell(cfg, out, cell, ctx, keep_pred=keeps_prediction(cfg, cell, splits),
+                           degs=keeps_degs(cfg, cell, splits), progress=progress, log=log)
+        except InputError:
+            raise
+        except Exception as exc:  # one failing cell does not lose the others; it is reported and rerun later
+            failed[cell.id] = f"{type(exc).__name__}: {exc}"
+            log(f"[{i}/{len(pending)}] {cell.id}: FAILED ({failed[cell.id]})")
+            if cells and not keep_going:
+                raise
+            continue
+        ran.append(cell.id)
+        tm = res["timings"]
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / i * (len(pending) - i)
+        log(f"[{i}/{len(pending)}] {cell.id}: fit {tm['fit_s']:.1f} s, evaluate {tm['evaluate_s']:.1f} s, "
+            f"total {tm['total_s']:.1f} s (elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left)")
+    summary = {"cells": [c.id for c in todo], "ran": ran, "skipped": skipped, "failed": failed}
+    if do_aggregate and not ran and not failed and aggregate_is_current(cfg, out, everything):
+        log(f"bench: {out} is complete and its tables, figures, report and crate are up to date")
+    elif do_aggregate:
+        aggregate(cfg, out, partial=partial or bool(failed), ctx=ctx, log=log)
+    if failed:
+        why = "; ".join(f"{k}: {v}" for k, v in failed.items())
+        raise CellsFailed(f"{len(failed)} cell(s) failed: {why}. The others are saved; rerun the same "
+                          "command to retry the failed ones.")
+    return summary
+
+
+def run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell], jobs: int, *, log=print):
+    """Run ``pending`` in ``jobs`` processes of ``perturbkit bench --cell``.
+
+    Returns (ran ids, {failed id: why}).
+    """
+    import subprocess
+    import sys
+
+    from .. import _io, models
+
+    ctx.data()  # preprocess once and cache it before the workers start, so none of them repeats it
+    worker_cfg = out / CACHE_DIR / f"config-{config_hash(cfg.to_dict())}.toml"
+    if not worker_cfg.exists():
+        _io.atomic_write_text(worker_cfg, to_toml(cfg))
+    # the expensive cells first (by the model's COST), dealt round-robin: the workers finish at about one time
+    order = sorted(pending, key=lambda c: -models.MODELS[cfg.model(c.model).model].COST)
+    groups = [order[i::jobs] for i in range(jobs)]
+    log(f"bench: {len(pending)} cells in {len(groups)} worker processes (training.threads = "
+        f"{cfg.training.threads} each)")
+    procs = []
+    for group in groups:
+        if group:
+            cmd = [sys.executable, "-m", "perturbkit", "bench", str(worker_cfg), "--out", str(out),
+                   "--no-progress", "--keep-going"]
+            for cell in group:
+                cmd += ["--cell", cell.id]
+            procs.append(subprocess.Popen(cmd))
+    try:
+        for p in procs:
+            p.wait()
+    except BaseException:  # interrupted: stop the workers; their finished cells are complete
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    ran = [c.id for c in pending if cell_result(out, c) is not None]
+    failed = {c.id: "failed in a worker process (its error is printed above)" for c in pending
+              if cell_result(out, c) is None}
+    return ran, failed
