@@ -147,7 +147,7 @@ def test_save_load_roundtrip(syn, tmp_path, name):
     assert meta["model"] == name and meta["var_names"] == list(syn.var_names)
     loaded = pk.models.Model.load(tmp_path / "m")
     assert np.array_equal(loaded.predict(source).X, model.predict(source).X)
-    with pytest.raises(InputError, match="genes do not match"):
+    with pytest.raises(InputError, match="source has the same genes as the model but in a different order"):
         loaded.predict(source[:, ::-1].copy())
 
 

@@ -110,23 +110,27 @@ def dataset_path(name: str) -> Path:
     return path
 
 
-def read_h5ad(path: str | os.PathLike, what: str = "--data"):
-    """Read an .h5ad file with errors that say what is wrong with it (``what`` names the option in them)."""
+def read_h5ad(path: str | os.PathLike, what: str = "data"):
+    """Read an .h5ad file with errors that say what is wrong with it.
+
+    ``what`` names the parameter in them (the errors carry it as ``params``, which the command line turns into
+    its flag).
+    """
     import anndata as ad
     import h5py
 
     path = Path(path)
     if not path.exists():
-        hint = " Give an existing .h5ad file or 'kang2018'." if what == "--data" else " Give an existing .h5ad file."
-        raise InputError(f"{what}: file {str(path)!r} does not exist.{hint}")
+        hint = " Give an existing .h5ad file" + (" or 'kang2018'." if what == "data" else ".")
+        raise InputError(f"{what}: file {str(path)!r} does not exist.{hint}", params=(what,))
     if path.is_dir():
-        raise InputError(f"{what}: {str(path)!r} is a directory, not an .h5ad file.")
+        raise InputError(f"{what}: {str(path)!r} is a directory, not an .h5ad file.", params=(what,))
     with open(path, "rb") as fh:
         magic = fh.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
         raise InputError(
             f"{what}: {str(path)!r} is not an HDF5/.h5ad file (it does not start with the HDF5 signature). "
-            "Save your AnnData with adata.write_h5ad(path)."
+            "Save your AnnData with adata.write_h5ad(path).", params=(what,)
         )
     try:
         with h5py.File(path, "r") as fh:
@@ -134,19 +138,22 @@ def read_h5ad(path: str | os.PathLike, what: str = "--data"):
     except Exception as exc:  # truncated or corrupt HDF5
         raise InputError(
             f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
-            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path)."
+            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path).",
+            params=(what,),
         ) from None
     if not {"obs", "var"} <= keys:
         raise InputError(
             f"{what}: {str(path)!r} is an HDF5 file but not an AnnData .h5ad (it has no 'obs' and 'var' groups; "
-            f"top-level keys: {choices_text(keys) or 'none'}). Save your AnnData with adata.write_h5ad(path)."
+            f"top-level keys: {choices_text(keys) or 'none'}). Save your AnnData with "
+            "adata.write_h5ad(path).", params=(what,),
         )
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for truncated or corrupt files
         raise InputError(
             f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
-            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path)."
+            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path).",
+            params=(what,),
         ) from None
 
 
@@ -180,8 +187,8 @@ def load_any(data: str, *, verify: bool = True):
     path = Path(data)
     if not path.exists() and path.suffix != ".h5ad" and os.sep not in data:
         raise InputError(
-            f"--data {data!r} is neither a bundled dataset ({choices_text(DATASETS)}) nor an existing file."
-            f"{suggest(data, DATASETS)}"
+            f"data {data!r} is neither a bundled dataset ({choices_text(DATASETS)}) nor an existing file."
+            f"{suggest(data, DATASETS)}", params=("data",)
         )
     adata = read_h5ad(path)
     return adata, sha256(path), {"dataset": None, "file": str(path)}
@@ -257,6 +264,58 @@ def check_matrix(adata, what: str = "data") -> None:
             raise InputError(f"{what}: duplicated {axis}, e.g. {dup}. Fix with {fix}.")
 
 
+def check_same_genes(what: str, adata, ref_what: str, ref_genes, *, fix: str | None = None, where: str = "",
+                     params: tuple[str, ...] = ()) -> None:
+    """Raise :class:`InputError` unless ``adata`` has exactly the genes ``ref_genes``, in the same order.
+
+    Parameters
+    ----------
+    what
+        the name of ``adata`` in the message (e.g. ``"pred"``, ``"source"``).
+    adata
+        the AnnData (anything with ``var_names``) to check.
+    ref_what
+        the name of the reference in the message (e.g. ``"truth"``, ``"the model"``).
+    ref_genes
+        the reference genes in their order (e.g. ``truth.var_names`` or a model's ``var_names``).
+    fix
+        the fix to print; by default ``{what} = {what}[:, {ref_what}.var_names].copy()`` when ``adata`` has
+        all the reference genes (in another order, or with extra ones), and subsetting every input to the
+        shared genes when some are missing.
+    where
+        an optional prefix naming the function or option (``"reg_mean"`` -> ``"reg_mean: pred ..."``).
+    params
+        the parameter names the fix mentions (see :class:`~perturbkit.errors.InputError`).
+
+    The message says which case it is: the same genes in another order, or how many reference genes are
+    missing and how many genes are extra, with examples of each.
+    """
+    genes, ref = pd.Index([str(g) for g in adata.var_names]), pd.Index([str(g) for g in ref_genes])
+    if genes.equals(ref):
+        return
+    missing, extra = ref.difference(genes, sort=False), genes.difference(ref, sort=False)
+    prefix = f"{where}: " if where else ""
+    if fix is None and len(missing) == 0:
+        fix = f"{what} = {what}[:, {ref_what}.var_names].copy()"
+    elif fix is None:
+        fix = (f"keep the shared genes in the same order everywhere, e.g. genes = "
+               f"{ref_what}.var_names.intersection({what}.var_names); then subset every input with "
+               "[:, genes].copy()")
+    if len(missing) == 0 and len(extra) == 0:
+        raise InputError(f"{prefix}{what} has the same genes as {ref_what} but in a different order. "
+                         f"Fix: {fix}", params=params)
+    possessive = f"{ref_what}'" if ref_what.endswith("s") else f"{ref_what}'s"
+    raise InputError(
+        f"{prefix}{what} and {ref_what} have different genes: {len(missing)} of {possessive} {len(ref)} "
+        f"genes are missing from {what}{_examples(missing)}, and {len(extra)} of {what}'s genes are not in "
+        f"{ref_what}{_examples(extra)}. Fix: {fix}", params=params
+    )
+
+
+def _examples(genes, k: int = 3) -> str:
+    return f" (e.g. {', '.join(repr(str(g)) for g in genes[:k])})" if len(genes) else ""
+
+
 def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells: int = 3) -> None:
     """Check ``adata`` against ``spec`` (and the held-out context); raise :class:`InputError` if unusable.
 
@@ -278,48 +337,51 @@ def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells:
             )
     if spec.condition_key == spec.context_key:
         raise InputError(
-            f"--condition-key and --context-key are both {spec.condition_key!r}; the context (e.g. cell type) "
-            "must be a different obs column from the condition."
+            f"condition_key and context_key are both {spec.condition_key!r}; the context (e.g. cell type) "
+            "must be a different obs column from the condition.", params=("condition_key", "context_key")
         )
     if holdout is not None and not isinstance(holdout, str):
-        raise InputError(f"--holdout must be a string, got {type(holdout).__name__} {holdout!r}; use {str(holdout)!r}.")
+        raise InputError(f"holdout must be a string, got {type(holdout).__name__} {holdout!r}; use "
+                         f"{str(holdout)!r}.", params=("holdout",))
     if isinstance(min_cells, bool) or not isinstance(min_cells, (int, np.integer)) or min_cells < 1:
         raise InputError(f"min_cells must be a positive integer, got {min_cells!r}.")
     check_matrix(adata)
     obs = adata.obs
-    for flag, key in (("--condition-key", spec.condition_key), ("--context-key", spec.context_key)):
+    for name, key in (("condition_key", spec.condition_key), ("context_key", spec.context_key)):
         if key not in obs.columns:
             raise InputError(
-                f"{flag} {key!r} is not an obs column.{suggest(key, obs.columns)} "
-                f"obs columns: {choices_text(obs.columns)}."
+                f"{name} {key!r} is not an obs column.{suggest(key, obs.columns)} "
+                f"obs columns: {choices_text(obs.columns)}.", params=(name,)
             )
     if spec.donor_key is not None and spec.donor_key not in obs.columns:
         raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.{suggest(spec.donor_key, obs.columns)}")
     cond = obs[spec.condition_key].astype(str)
     labels = set(cond.unique())
-    for flag, label in (("--control", spec.control), ("--perturbed", spec.perturbed)):
+    for name, label in (("control", spec.control), ("perturbed", spec.perturbed)):
         if label not in labels:
             raise InputError(
-                f"{flag} {label!r} is not a value of obs[{spec.condition_key!r}].{suggest(label, labels)} "
-                f"Values: {choices_text(labels)}."
+                f"{name} {label!r} is not a value of obs[{spec.condition_key!r}].{suggest(label, labels)} "
+                f"Values: {choices_text(labels)}.", params=(name,)
             )
     if spec.control == spec.perturbed:
-        raise InputError(f"--control and --perturbed are both {spec.control!r}; they must differ.")
+        raise InputError(f"control and perturbed are both {spec.control!r}; they must differ.",
+                         params=("control", "perturbed"))
     ctx = obs[spec.context_key].astype(str)
     if holdout is not None:
         contexts = set(ctx.unique())
         if holdout not in contexts:
             raise InputError(
-                f"--holdout {holdout!r} is not a value of obs[{spec.context_key!r}].{suggest(holdout, contexts)} "
-                f"Values: {choices_text(contexts)}."
+                f"holdout {holdout!r} is not a value of obs[{spec.context_key!r}]."
+                f"{suggest(holdout, contexts)} Values: {choices_text(contexts)}.", params=("holdout",)
             )
         in_ctx = ctx == holdout
         for label, what in ((spec.control, "control"), (spec.perturbed, "perturbed")):
             n = int((in_ctx & (cond == label)).sum())
             if n < min_cells:
                 raise InputError(
-                    f"--holdout {holdout!r} has {n} {what} cells (obs[{spec.condition_key!r}] == {label!r}); at "
-                    f"least {min_cells} are needed to predict and evaluate. Choose a context with more cells."
+                    f"holdout {holdout!r} has {n} {what} cells (obs[{spec.condition_key!r}] == {label!r}); "
+                    f"at least {min_cells} are needed to predict and evaluate. Choose a context with more "
+                    "cells.", params=("holdout",)
                 )
         train = ~(in_ctx & (cond == spec.perturbed))
         for label, what in ((spec.control, "control"), (spec.perturbed, "perturbed")):
@@ -394,9 +456,14 @@ class Preprocessing:
     def check(self) -> None:
         """Raise :class:`InputError` naming the parameter when a value is not allowed."""
         if not (self.normalize == "auto" or isinstance(self.normalize, bool)):
-            raise InputError(f"normalize must be 'auto' (detect raw counts), true or false, got {self.normalize!r}.")
-        if isinstance(self.n_top_genes, bool) or not isinstance(self.n_top_genes, int) or self.n_top_genes < 0:
-            raise InputError(f"n_top_genes must be an integer >= 0 (0 keeps all genes), got {self.n_top_genes!r}.")
+            raise InputError(f"normalize must be 'auto' (detect raw counts), true or false, got "
+                             f"{self.normalize!r}.", params=("normalize",))
+        if isinstance(self.n_top_genes, bool) or not isinstance(self.n_top_genes, int):
+            raise InputError(f"n_top_genes must be an integer >= 0 (0 keeps all genes), got "
+                             f"{self.n_top_genes!r}.", params=("n_top_genes",))
+        if self.n_top_genes < 0:
+            raise InputError(f"n_top_genes must be >= 0 (0 keeps all genes), got {self.n_top_genes}.",
+                             params=("n_top_genes",))
         if isinstance(self.target_sum, bool) or not isinstance(self.target_sum, int | float) \
                 or not self.target_sum > 0:
             raise InputError(f"target_sum must be a positive number, got {self.target_sum!r}.")
@@ -427,24 +494,24 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     steps: list[str] = []
     notices = []
     if counts and not normalize:
-        notices.append("--normalize no, but the input looks like raw counts (non-negative integers up to "
-                       f"{vmax:.0f}); the models expect log-normalised data. Pass --normalize auto (or yes) to "
-                       "normalise it.")
+        notices.append("normalize is off, but the input looks like raw counts (non-negative integers up to "
+                       f"{vmax:.0f}); the models expect log-normalised data. Set normalize to auto (or on) "
+                       "to normalise it.")
     if not counts and normalize and pp.normalize is True:
-        notices.append("--normalize yes, but the input does not look like raw counts (it holds non-integer "
-                       "values); normalising log data again distorts it. Pass --normalize auto (or no) if it is "
-                       "log-normalised.")
+        notices.append("normalize is on, but the input does not look like raw counts (it holds non-integer "
+                       "values); normalising log data again distorts it. Set normalize to auto (or off) if "
+                       "it is log-normalised.")
     if not counts and not normalize and vmax > LOG_MAX:
         notices.append(f"the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
                        f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
-                       "Pass --normalize yes if it is not log data.")
+                       "Turn normalize on if it is not log data.")
     if notices:
         import warnings
 
         from .errors import InputWarning
 
         for note in notices:  # the CLI prints each as one "warning: ..." line on stderr
-            warnings.warn(note, InputWarning, stacklevel=2)
+            warnings.warn(InputWarning(note, params=("normalize",)), stacklevel=2)
     out.X = out.X.astype(np.float32)
     if normalize:
         sc.pp.normalize_total(out, target_sum=pp.target_sum)
@@ -456,13 +523,14 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
             sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=True)
         except Exception as exc:  # scanpy fails deep inside on degenerate data (e.g. almost all genes constant)
             raise InputError(
-                f"--n-top-genes {n_top}: selecting highly variable genes failed ({type(exc).__name__}: {exc}); "
-                f"only {_n_varying(out.X)} of {out.n_vars} genes vary across cells. Pass --n-top-genes 0 to keep "
-                "all genes, or check that X holds the expression matrix you meant."
+                f"n_top_genes {n_top}: selecting highly variable genes failed ({type(exc).__name__}: {exc}); "
+                f"only {_n_varying(out.X)} of {out.n_vars} genes vary across cells. Pass n_top_genes=0 to "
+                "keep all genes, or check that X holds the expression matrix you meant.",
+                params=("n_top_genes",)
             ) from None
         if out.n_vars == 0:
-            raise InputError(f"--n-top-genes {n_top}: no gene was selected as highly variable; pass "
-                             "--n-top-genes 0 to keep all genes.")
+            raise InputError(f"n_top_genes {n_top}: no gene was selected as highly variable; pass "
+                             "n_top_genes=0 to keep all genes.", params=("n_top_genes",))
         steps.append(f"highly_variable_genes(n_top_genes={n_top}, flavor={pp.hvg_flavor!r})")
     elif n_top and n_top > adata.n_vars:
         steps.append(f"kept all {out.n_vars} genes (fewer than n_top_genes={n_top})")

@@ -7,7 +7,23 @@ from collections.abc import Iterable
 
 
 class InputError(ValueError):
-    """Raised for bad user input. The CLI turns it into one line and exit code 2."""
+    """Raised for bad user input. The CLI turns it into one line and exit code 2.
+
+    Parameters
+    ----------
+    message
+        what is wrong, naming the parameter (Python name, e.g. ``n_top_genes``), the value and the fix.
+    params
+        the parameter names the message mentions; the command line rewrites each into its flag
+        (``n_top_genes`` -> ``--n-top-genes``), so one message serves Python, config files and the CLI.
+    """
+
+    def __init__(self, message: str = "", params: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.params = tuple(params)
+
+    def __reduce__(self):  # keep params across pickling (bench --jobs workers)
+        return type(self), (str(self), self.params)
 
 
 def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
@@ -20,12 +36,12 @@ def suggest(value: str, choices: Iterable[str], n: int = 3) -> str:
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
-def check_seed(seed, name: str = "--seed") -> None:
+def check_seed(seed, name: str = "seed") -> None:
     """Raise :class:`InputError` unless ``seed`` is an integer in [0, 2**32) (``name`` is used in the message)."""
     import numpy as np
 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise InputError(f"{name} must be an integer from 0 to 2**32 - 1, got {seed!r}.")
+        raise InputError(f"{name} must be an integer from 0 to 2**32 - 1, got {seed!r}.", params=(name,))
 
 
 def choices_text(choices: Iterable[str], limit: int = 12) -> str:
@@ -37,8 +53,16 @@ def choices_text(choices: Iterable[str], limit: int = 12) -> str:
 class InputWarning(UserWarning):
     """Input that is usable but probably not what was meant (e.g. raw counts where log data is expected).
 
-    The CLI prints it as one line ``warning: ...`` on stderr.
+    The CLI prints it as one line ``warning: ...`` on stderr. Like :class:`InputError` it may carry
+    ``params``, the parameter names its message mentions.
     """
+
+    def __init__(self, message: str = "", params: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.params = tuple(params)
+
+    def __reduce__(self):  # keep params across pickling (bench --jobs workers)
+        return type(self), (str(self), self.params)
 
 
 class Interrupted(KeyboardInterrupt):

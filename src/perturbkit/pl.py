@@ -28,16 +28,11 @@ def reg_mean(truth, pred, *, top_genes=None, n_labels: int = 10, title: str | No
     ``n_labels`` of them named. The legend gives ``r2_mean_all`` and ``r2_mean_top100`` exactly as the metrics
     define them (``linregress(truth_means, pred_means).rvalue ** 2``).
     """
-    _check_same_genes("reg_mean", truth, pred)
+    from .data import check_same_genes
+
+    check_same_genes("pred", pred, "truth", truth.var_names, where="reg_mean")
     return _regression(_mean(truth.X), _mean(pred.X), list(truth.var_names), top_genes, n_labels, ax,
                        what="mean expression (log)", title=title or "per-gene means: real vs predicted")
-
-
-def _check_same_genes(name: str, truth, pred) -> None:
-    if list(truth.var_names) != list(pred.var_names):
-        from .errors import InputError
-
-        raise InputError(f"{name}: truth and pred must have the same genes in the same order.")
 
 
 def _r2(x, y) -> float:
@@ -159,7 +154,9 @@ def reg_var(truth, pred, *, top_genes=None, n_labels: int = 10, title: str | Non
     """
     import scipy.sparse as sp
 
-    _check_same_genes("reg_var", truth, pred)
+    from .data import check_same_genes
+
+    check_same_genes("pred", pred, "truth", truth.var_names, where="reg_var")
 
     def var(X):
         X = X.toarray() if sp.issparse(X) else X

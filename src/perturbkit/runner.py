@@ -134,7 +134,7 @@ def run_task(models: dict[str, Any], task, adata, spec, *, seed: int, metric_nam
 def check_threads(n, name: str = "threads") -> None:
     """Raise :class:`InputError` unless ``n`` is None (torch's default) or an integer >= 1."""
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise InputError(f"{name} must be >= 1, got {n!r}.")
+        raise InputError(f"{name} must be >= 1, got {n!r}.", params=(name,))
 
 
 @contextmanager
@@ -169,12 +169,13 @@ def check_out(out: Path, *, accepts: Callable[[Path, list[str]], bool], force: b
     if not out.exists():
         return
     if not out.is_dir():
-        raise InputError(f"out {str(out)!r} exists and is a file; give a directory.")
+        raise InputError(f"out {str(out)!r} exists and is a file; give a directory.", params=("out",))
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if not entries or force or accepts(out, entries):
         return
     raise InputError(f"out {str(out)!r} already holds other files ({', '.join(entries[:4])}) from {what}. Choose a "
-                     "new or empty directory (or, for predict, overwrite it with force).")
+                     "new or empty directory (or, for predict, overwrite it with force).",
+                     params=("out", "force"))
 
 
 # ================================================================================= versions, time, JSON

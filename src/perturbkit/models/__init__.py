@@ -20,7 +20,8 @@ def get(name: str, **params) -> Model:
     from ..errors import InputError, choices_text, suggest
 
     if name not in MODELS:
-        raise InputError(f"--model {name!r} is unknown.{suggest(name, MODELS)} Models: {choices_text(MODELS)}.")
+        raise InputError(f"model {name!r} is unknown.{suggest(name, MODELS)} Models: {choices_text(MODELS)}.",
+                         params=("model",))
     return MODELS[name](**params)
 
 

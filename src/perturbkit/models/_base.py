@@ -18,6 +18,9 @@ from ..data import PerturbSpec
 from ..errors import InputError, check_seed, suggest
 
 FORMAT_VERSION = 1
+#: the parameters that the messages of Model.save / Model.load name
+LOAD_PARAMS = ("load_model", "save_model")
+SAVED_BY = "written by Model.save / save_model"
 
 
 def dense(X) -> np.ndarray:
@@ -112,7 +115,8 @@ class Model:
         self._check_fitted()
         path = Path(path)
         if path.exists() and not path.is_dir():
-            raise InputError(f"--save-model {str(path)!r} is a file; give a folder (new or written by --save-model).")
+            raise InputError(f"save_model {str(path)!r} is a file; give a folder (new, or one {SAVED_BY}).",
+                             params=("save_model",))
         path.mkdir(parents=True, exist_ok=True)
         from .. import __version__
 
@@ -139,36 +143,38 @@ class Model:
         pfile, wfile = path / "params.json", path / "weights.safetensors"
         for f in (pfile, wfile):
             if not f.exists():
-                raise InputError(f"--load-model: {str(f)!r} is missing; give a folder written by --save-model.")
+                raise InputError(f"load_model: {str(f)!r} is missing; give a folder {SAVED_BY}.",
+                                 params=LOAD_PARAMS)
         try:
             meta = json.loads(pfile.read_text())
             arrays = load_file(str(wfile))
         except Exception as exc:
-            raise InputError(f"--load-model: {str(path)!r} is not a readable saved model ({exc}).") from None
+            raise InputError(f"load_model: {str(path)!r} is not a readable saved model ({exc}).",
+                             params=LOAD_PARAMS) from None
         from . import MODELS
 
         if not isinstance(meta, dict):
-            raise InputError(f"--load-model: {str(pfile)!r} does not hold a JSON object; it was not written by "
-                             "--save-model.")
+            raise InputError(f"load_model: {str(pfile)!r} does not hold a JSON object; it was not "
+                             f"{SAVED_BY}.", params=LOAD_PARAMS)
         missing = [k for k in ("model", "params", "spec", "var_names") if k not in meta]
         if missing:
-            raise InputError(f"--load-model: {str(pfile)!r} lacks {missing}; it is incomplete or was not written by "
-                             "--save-model. Save the model again.")
+            raise InputError(f"load_model: {str(pfile)!r} lacks {missing}; it is incomplete or was not "
+                             f"{SAVED_BY}. Save the model again.", params=LOAD_PARAMS)
         version = meta.get("format_version", FORMAT_VERSION)
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise InputError(f"--load-model: {str(path)!r} has format_version {version!r}; this perturbkit reads "
-                             f"up to {FORMAT_VERSION}. Upgrade perturbkit.")
+            raise InputError(f"load_model: {str(path)!r} has format_version {version!r}; this perturbkit "
+                             f"reads up to {FORMAT_VERSION}. Upgrade perturbkit.", params=LOAD_PARAMS)
         name = meta.get("model")
         if name not in MODELS:
-            raise InputError(f"--load-model: saved model {name!r} is unknown to this perturbkit."
-                             f"{suggest(str(name), MODELS)}")
+            raise InputError(f"load_model: saved model {name!r} is unknown to this perturbkit."
+                             f"{suggest(str(name), MODELS)}", params=LOAD_PARAMS)
         model_cls = MODELS[name]
         if cls is not Model and cls is not model_cls:
             raise InputError(f"{str(path)!r} holds a {name!r} model, not {cls.name!r}.")
         if not isinstance(meta["params"], dict) or not isinstance(meta["spec"], dict) \
                 or not isinstance(meta["var_names"], list):
-            raise InputError(f"--load-model: {str(pfile)!r} has malformed params, spec or var_names; save the "
-                             "model again.")
+            raise InputError(f"load_model: {str(pfile)!r} has malformed params, spec or var_names; save the "
+                             "model again.", params=LOAD_PARAMS)
         model = model_cls(**meta["params"])
         try:
             model.spec = PerturbSpec(**meta["spec"])
@@ -179,8 +185,9 @@ class Model:
         except Exception as exc:  # weights that do not fit the parameters, missing arrays, bad spec
             first = " ".join(ln.strip() for ln in str(exc).strip().splitlines()[:2])[:300]
             raise InputError(
-                f"--load-model: the weights in {str(wfile)!r} do not match its params.json "
-                f"({type(exc).__name__}: {first}). The folder was altered or mixes two saves; save the model again."
+                f"load_model: the weights in {str(wfile)!r} do not match its params.json "
+                f"({type(exc).__name__}: {first}). The folder was altered or mixes two saves; save the model "
+                "again.", params=LOAD_PARAMS,
             ) from None
         return model
 
@@ -189,19 +196,16 @@ class Model:
         if self.var_names is None:
             raise InputError(f"The {self.name!r} model is not fitted yet: call fit(adata, spec) or load() first.")
 
-    def _check_genes(self, adata, what: str) -> None:
-        genes = [str(v) for v in adata.var_names]
-        if genes != self.var_names:
-            missing = [g for g in self.var_names if g not in set(genes)]
-            extra = [g for g in genes if g not in set(self.var_names)]
-            parts = ([f"{len(missing)} of the model's genes are missing (e.g. {missing[:3]})"] if missing else []) \
-                + ([f"{len(extra)} genes are not the model's (e.g. {extra[:3]})"] if extra else [])
-            detail = ", ".join(parts) or "the same genes in another order"
-            raise InputError(
-                f"{what}: genes do not match the model's {len(self.var_names)} training genes: {detail}. "
-                f"Subset and order them with adata[:, model.var_names].copy(), and preprocess the same way "
-                "(on the command line: the same data, --n-top-genes and --normalize as when it was saved)."
-            )
+    def _check_genes(self, adata, what: str, *, where: str = "") -> None:
+        """Raise :class:`InputError` unless ``adata`` holds the model's training genes in their order."""
+        from ..data import check_same_genes
+
+        # params: the fix names n_top_genes and normalize; callers' what / where may name load_model
+        check_same_genes(what, adata, "the model", self.var_names, where=where,
+                         params=("n_top_genes", "normalize", *LOAD_PARAMS),
+                         fix="subset and order them with adata[:, model.var_names].copy(), and preprocess "
+                         "the same way (the same data, n_top_genes and normalize as when the model was "
+                         "fitted).")
 
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
         raise NotImplementedError
@@ -264,7 +268,7 @@ def check_params(model: str, params: dict[str, Any], defaults: dict[str, Any]) -
         else:
             raise InputError(
                 f"{model}: parameter {key!r} must be {'an' if want == 'int' else 'a'} {want} (like its default {defaults[key]!r}), got {got} "
-                f"{value!r}; e.g. --param {key}={_cli_text(defaults[key])}."
+                f"{value!r}; e.g. {key}={_value_text(defaults[key])}."
             )
         if key in _RANGES and got in ("int", "float"):
             ok, text = _RANGES[key]
@@ -272,7 +276,7 @@ def check_params(model: str, params: dict[str, Any], defaults: dict[str, Any]) -
                 raise InputError(f"{model}: parameter {key!r} must be {text}, got {value!r}.")
 
 
-def _cli_text(value) -> str:
+def _value_text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
