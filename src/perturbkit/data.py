@@ -520,7 +520,9 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     n_top = pp.n_top_genes
     if n_top and n_top < out.n_vars:
         try:
-            sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=True)
+            sc.pp.highly_variable_genes(out, n_top_genes=n_top, flavor=pp.hvg_flavor, subset=False)
+            out = out[:, _top_variable(out.var, n_top)].copy()
+            out.var["highly_variable"] = True
         except Exception as exc:  # scanpy fails deep inside on degenerate data (e.g. almost all genes constant)
             raise InputError(
                 f"n_top_genes {n_top}: selecting highly variable genes failed ({type(exc).__name__}: {exc}); "
@@ -545,6 +547,21 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     log(f"preprocessing: input detected as {info['input']}; {'; '.join(info['steps'])}; "
         f"{out.n_obs} cells x {out.n_vars} genes")
     return out, info
+
+
+def _top_variable(var: pd.DataFrame, n: int) -> np.ndarray:
+    """Indices (in gene order) of the ``n`` genes scanpy ranks most variable, ties broken by gene order.
+
+    scanpy keeps every gene at or above the n-th score, so genes whose normalised dispersions tie to float
+    precision are kept or dropped depending on the summation order, which differs between dense, CSR and CSC
+    input. Scores are compared to 5 decimals here, so the same data gives the same genes in any layout.
+    """
+    col = next((c for c in ("dispersions_norm", "variances_norm") if c in var.columns), None)
+    if col is None:  # a flavour without a score column: scanpy's own choice
+        return np.flatnonzero(var["highly_variable"].to_numpy(bool))
+    score = np.round(np.nan_to_num(var[col].to_numpy(float), nan=-np.inf), 5)
+    order = np.lexsort((np.arange(len(score)), -score))
+    return np.sort(order[:n])
 
 
 # ------------------------------------------------------------------------------------------ synthetic
