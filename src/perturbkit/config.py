@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from .data import PerturbSpec, Preprocessing
+from .spec import PerturbSpec, Preprocessing
 from .errors import InputError, choices_text, suggest
 
 # ============================================================================================ the loader

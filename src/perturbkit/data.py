@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,36 +18,7 @@ import scipy.sparse as sp
 
 from . import _keys as K
 from .errors import InputError, choices_text, suggest
-
-
-@dataclass(frozen=True)
-class PerturbSpec:
-    """Which obs columns and labels describe the perturbation.
-
-    Parameters
-    ----------
-    condition_key
-        obs column holding the condition of each cell.
-    control, perturbed
-        the two labels of ``condition_key`` to compare.
-    context_key
-        obs column of the context a response is predicted for (usually the cell type).
-    donor_key
-        optional obs column of the donor / batch / study (used by cross-donor scenarios).
-    """
-
-    condition_key: str = K.CONDITION
-    control: str = K.CONTROL
-    perturbed: str = K.PERTURBED
-    context_key: str = K.CONTEXT
-    donor_key: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def validate(self, adata, *, holdout: str | None = None, min_cells: int = 3) -> None:
-        """Check that ``adata`` carries this spec; raise :class:`InputError` naming the fix otherwise."""
-        validate(adata, self, holdout=holdout, min_cells=min_cells)
+from .spec import PerturbSpec, Preprocessing
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -307,12 +278,13 @@ def check_same_genes(what: str, adata, ref_what: str, ref_genes, *, fix: str | N
     possessive = f"{ref_what}'" if ref_what.endswith("s") else f"{ref_what}'s"
     raise InputError(
         f"{prefix}{what} and {ref_what} have different genes: {len(missing)} of {possessive} {len(ref)} "
-        f"genes are missing from {what}{_examples(missing)}, and {len(extra)} of {what}'s genes are not in "
-        f"{ref_what}{_examples(extra)}. Fix: {fix}", params=params
+        f"genes are missing from {what}{examples(missing)}, and {len(extra)} of {what}'s genes are not in "
+        f"{ref_what}{examples(extra)}. Fix: {fix}", params=params
     )
 
 
-def _examples(genes, k: int = 3) -> str:
+def examples(genes, k: int = 3) -> str:
+    """`` (e.g. 'a', 'b', 'c')`` for the first ``k`` of ``genes`` (names in a message); '' when empty."""
     return f" (e.g. {', '.join(repr(str(g)) for g in genes[:k])})" if len(genes) else ""
 
 
@@ -429,44 +401,6 @@ def looks_like_counts(X) -> bool:
         return False
     integer = bool(np.all(np.equal(np.mod(vals, 1), 0)))
     return integer and float(vals.max()) > 20
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How to turn the input into the log-normalised matrix the models use (the ``[preprocessing]`` table).
-
-    Parameters
-    ----------
-    normalize
-        ``"auto"``: ``normalize_total`` + ``log1p`` only when the input looks like raw counts; ``True`` / ``False``:
-        always / never.
-    target_sum
-        ``normalize_total``'s total per cell.
-    n_top_genes
-        highly variable genes to keep (scanpy, ``hvg_flavor``); ``0`` keeps every gene.
-    hvg_flavor
-        scanpy's ``highly_variable_genes`` flavour.
-    """
-
-    normalize: bool | Literal["auto"] = "auto"
-    target_sum: float = 1e4
-    n_top_genes: int = 2000
-    hvg_flavor: str = "seurat"
-
-    def check(self) -> None:
-        """Raise :class:`InputError` naming the parameter when a value is not allowed."""
-        if not (self.normalize == "auto" or isinstance(self.normalize, bool)):
-            raise InputError(f"normalize must be 'auto' (detect raw counts), true or false, got "
-                             f"{self.normalize!r}.", params=("normalize",))
-        if isinstance(self.n_top_genes, bool) or not isinstance(self.n_top_genes, int):
-            raise InputError(f"n_top_genes must be an integer >= 0 (0 keeps all genes), got "
-                             f"{self.n_top_genes!r}.", params=("n_top_genes",))
-        if self.n_top_genes < 0:
-            raise InputError(f"n_top_genes must be >= 0 (0 keeps all genes), got {self.n_top_genes}.",
-                             params=("n_top_genes",))
-        if isinstance(self.target_sum, bool) or not isinstance(self.target_sum, int | float) \
-                or not self.target_sum > 0:
-            raise InputError(f"target_sum must be a positive number, got {self.target_sum!r}.")
 
 
 def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):

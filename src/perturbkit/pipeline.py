@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import PerturbSpec, Preprocessing
+from .spec import PerturbSpec, Preprocessing
 from .errors import InputError, check_seed
 
 OUTPUTS = ("pred.h5ad", "scores.csv", "record.json", "reg_mean.png")  # + the model's own figures (NAME.png)
@@ -107,7 +107,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
     timings["preprocess_s"] = time.perf_counter() - t
     if load_model is not None:
-        chosen._check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
+        chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
     task = split.holdout_cell_type(adata, cfg.spec, cfg.holdout)
     log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} {cfg.spec.perturbed!r} "
         f"cells from {len(task.source)} {cfg.spec.control!r} cells")

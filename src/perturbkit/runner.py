@@ -160,11 +160,12 @@ def torch_threads(n: int | None, *, active: bool = True, restore: bool = True):
 # ======================================================================================= output directory
 
 
-def check_out(out: Path, *, accepts: Callable[[Path, list[str]], bool], force: bool = False,
+def check_out(out: Path, *, accepts: Callable[[Path, list[str]], bool], force: bool | None = None,
               what: str = "another run or tool") -> None:
     """The one output-directory guard: ``out`` must be new, empty, or a directory that ``accepts(out, entries)``
-    (a previous run of the same configuration; ``entries``: its visible file names); ``force`` takes any
-    directory. A file, or a directory of anything else, raises :class:`InputError` naming the fix."""
+    (a previous run of the same configuration; ``entries``: its visible file names). ``force=True`` takes any
+    directory; callers that offer no force leave it None (the message then does not offer it). A file, or a
+    directory of anything else, raises :class:`InputError` naming the fix."""
     out = Path(out)
     if not out.exists():
         return
@@ -173,9 +174,9 @@ def check_out(out: Path, *, accepts: Callable[[Path, list[str]], bool], force: b
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if not entries or force or accepts(out, entries):
         return
-    raise InputError(f"out {str(out)!r} already holds other files ({', '.join(entries[:4])}) from {what}. Choose a "
-                     "new or empty directory (or, for predict, overwrite it with force).",
-                     params=("out", "force"))
+    fix = "Choose a new or empty directory" + (", or overwrite them with force." if force is not None else ".")
+    raise InputError(f"out {str(out)!r} already holds other files ({', '.join(entries[:4])}) from {what}. {fix}",
+                     params=("out", "force") if force is not None else ("out",))
 
 
 # ================================================================================= versions, time, JSON

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config as C
-from ..data import Preprocessing
+from ..spec import Preprocessing
 from ..errors import InputError, choices_text, suggest
 
 HEADLINE_METRICS = ("r2_mean_all", "r2_mean_top100", "pearson_delta", "edistance")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ..data import LOG_MAX
+from ..data import LOG_MAX, check_same_genes, examples
 from ..errors import InputError, InputWarning, check_seed
 
 #: most principal components of the embedding used by ``edistance`` and ``mmd``
@@ -195,31 +195,6 @@ def _dense(name: str, adata) -> np.ndarray:
     return X
 
 
-def _check_genes(name: str, adata, ref_name: str, ref) -> None:
-    genes, ref_genes = pd.Index(adata.var_names), pd.Index(ref.var_names)
-    if genes.equals(ref_genes):
-        return
-    missing, extra = ref_genes.difference(genes), genes.difference(ref_genes)
-    if len(missing) == 0 and len(extra) == 0:
-        raise InputError(
-            f"{name} has the same genes as {ref_name} but in a different order. "
-            f"Fix: {name} = {name}[:, {ref_name}.var_names].copy()"
-        )
-    if len(missing) == 0:
-        fix = f"{name} = {name}[:, {ref_name}.var_names].copy()"
-    else:
-        fix = (
-            f"keep the shared genes in the same order everywhere, e.g. genes = "
-            f"{ref_name}.var_names.intersection({name}.var_names); then subset truth, pred and source with "
-            "[:, genes].copy()"
-        )
-    raise InputError(
-        f"{name} and {ref_name} have different genes: {len(missing)} of {ref_name}'s {len(ref_genes)} genes "
-        f"are missing from {name}{_examples(missing)}, and {len(extra)} of {name}'s genes are not in "
-        f"{ref_name}{_examples(extra)}. Fix: {fix}"
-    )
-
-
 def _count_scale(X: np.ndarray) -> bool:
     """True when X looks like counts (non-negative integers above 20) or unlogged values (above LOG_MAX).
 
@@ -255,10 +230,6 @@ def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
     return []
 
 
-def _examples(index, k: int = 3) -> str:
-    return f" (e.g. {', '.join(repr(str(g)) for g in index[:k])})" if len(index) else ""
-
-
 def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0) -> EvalData:
     """Validate truth / pred / source once and return an :class:`EvalData` for the metric functions.
 
@@ -290,11 +261,11 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0) -> EvalData
         if not pd.Index(obj.var_names).is_unique:
             dup = pd.Index(obj.var_names)[pd.Index(obj.var_names).duplicated()].unique()
             raise InputError(
-                f"{name} has {len(dup)} duplicate gene names{_examples(dup)}. "
+                f"{name} has {len(dup)} duplicate gene names{examples(dup)}. "
                 f"Fix: {name}.var_names_make_unique() (the same way in truth, pred and source)."
             )
-    _check_genes("pred", pred, "truth", truth)
-    _check_genes("source", source, "truth", truth)
+    check_same_genes("pred", pred, "truth", truth.var_names)
+    check_same_genes("source", source, "truth", truth.var_names)
     check_seed(seed, "seed")
     var_names = pd.Index(truth.var_names).astype(str)
     notes = _check_scale(arrays)
@@ -346,7 +317,7 @@ def top_degs(target, source, n: int = 100) -> list[str]:
     genes.
     """
     t, s = _dense("target", target), _dense("source", source)
-    _check_genes("source", source, "target", target)
+    check_same_genes("source", source, "target", target.var_names)
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}.")
     return _wilcoxon_top(t, s, pd.Index(target.var_names).astype(str), min(int(n), t.shape[1]))

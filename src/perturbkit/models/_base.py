@@ -97,7 +97,7 @@ class Model:
 
         self._check_fitted()
         check_matrix(source, "source")
-        self._check_genes(source, "source")
+        self.check_genes(source, "source")
         X = self._predict_matrix(source)
         obs = source.obs.copy()
         if self.spec.condition_key in obs:
@@ -196,7 +196,7 @@ class Model:
         if self.var_names is None:
             raise InputError(f"The {self.name!r} model is not fitted yet: call fit(adata, spec) or load() first.")
 
-    def _check_genes(self, adata, what: str, *, where: str = "") -> None:
+    def check_genes(self, adata, what: str, *, where: str = "") -> None:
         """Raise :class:`InputError` unless ``adata`` holds the model's training genes in their order."""
         from ..data import check_same_genes
 

@@ -120,7 +120,7 @@ class VAEModel(Model):
         from ._train import to_tensor
 
         self._check_fitted()
-        self._check_genes(adata, "adata")
+        self.check_genes(adata, "adata")
         return self._encode(to_tensor(adata.X))
 
     def _encode(self, X, chunk: int = 4096) -> np.ndarray:

@@ -172,7 +172,7 @@ class ScPRAM(VAEModel):
         from ._train import to_tensor
 
         self._check_fitted()
-        self._check_genes(source, "source")
+        self.check_genes(source, "source")
         return self._weights(self._query_latent(to_tensor(dense(source.X))))
 
     def figures(self, source) -> dict[str, Any]:

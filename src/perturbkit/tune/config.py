@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from ..config import (DataConfig, EvaluationConfig, ModelConfig, TrainingConfig, build, load_data,
                       load_preprocessing, model_tables, plain, positive, read, replace, seeds)
-from ..data import PerturbSpec, Preprocessing
+from ..spec import PerturbSpec, Preprocessing
 from ..errors import InputError, check_seed, choices_text, suggest
 
 RECORD_KIND = "perturbkit.tune"

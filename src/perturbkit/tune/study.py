@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..data import PerturbSpec
+from ..spec import PerturbSpec
 from ..errors import InputError, choices_text, suggest
 from .config import TuneConfig
 
