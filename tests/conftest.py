@@ -14,14 +14,27 @@ def skip_without(reason: str) -> None:
         pytest.fail(f"required under PERTURBKIT_SYSTEM_TESTS=1: {reason}")
     pytest.skip(reason)
 
+# The one place tests take small models and synthetic data from.
+
 #: a small VAE so unit tests train in seconds; the architecture is otherwise the model's own
-SMALL = dict(n_hidden=64, n_latent=8, batch_size=64)
+SMALL = dict(n_hidden=32, n_latent=8, batch_size=64)
+#: the same as command-line arguments
+SMALL_ARGS = [arg for key, value in SMALL.items() for arg in ("--param", f"{key}={value}")]
+#: the same as lines of a [models.NAME] table
+SMALL_TOML = "".join(f"{key} = {value}\n" for key, value in SMALL.items())
+
+
+def synthetic(**kw):
+    """Seeded synthetic data with a planted effect (:func:`perturbkit.data.synthetic`): 4 contexts x 2
+    conditions x 150 cells, the first 10 of 60 genes responding; keywords change any of it."""
+    return pk.data.synthetic(**{"n_contexts": 4, "n_cells": 150, "n_genes": 60, "n_responsive": 10, "effect": 1.5,
+                                "seed": 0, **kw})
 
 
 @pytest.fixture(scope="session")
 def syn():
-    """Seeded synthetic data with a planted effect on the first 10 of 60 genes (4 contexts)."""
-    return pk.data.synthetic(n_contexts=4, n_cells=150, n_genes=60, n_responsive=10, effect=1.5, seed=0)
+    """:func:`synthetic` with its defaults."""
+    return synthetic()
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +42,40 @@ def syn_path(tmp_path_factory, syn):
     path = tmp_path_factory.mktemp("data") / "syn.h5ad"
     syn.write_h5ad(path)
     return path
+
+
+@pytest.fixture
+def offline_rocv(monkeypatch):
+    """``check(crate_dir, profile, severity) -> (passed, issues)``: :func:`perturbkit.record.validate` with
+    roc-validator offline. The RO-Crate 1.1 JSON-LD context is served from tests/data (the context as published,
+    CC0, from the rocrate 0.9.0 wheel) instead of https://w3id.org/ro/crate/1.1/context; any other URL answers
+    as an offline cache miss."""
+    from pathlib import Path
+
+    import requests
+    from rocrate_validator.utils import http as rv_http
+
+    context = Path(__file__).parent / "data" / "ro-crate-1.1-context.jsonld"
+
+    def local_get(url, *args, **kwargs):
+        resp = requests.Response()
+        resp.url = url
+        if url.rstrip("/") == "https://w3id.org/ro/crate/1.1/context":
+            resp.status_code, resp._content = 200, context.read_bytes()
+            resp.headers["Content-Type"] = "application/ld+json"
+        else:
+            resp.status_code, resp._content = 504, b""
+        return resp
+
+    def getattr_(self, name):
+        if name in ("get", "head"):
+            return local_get
+        raise AttributeError(name)
+
+    monkeypatch.setattr(rv_http.HttpRequester, "__getattr__", getattr_)
+    monkeypatch.setattr(rv_http.HttpRequester, "fetch_fresh", lambda self, url, **kw: local_get(url))
+
+    def check(crate_dir, profile: str, severity: str = "REQUIRED"):
+        return pk.record.validate(crate_dir, profile, severity=severity, offline=False,
+                                  cache_path=Path(crate_dir).parent / ".rocv-cache")
+    return check

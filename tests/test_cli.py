@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SMALL_ARGS
+
 from perturbkit.cli import main
 
-FAST = ["--param", "n_hidden=32", "--param", "n_latent=8", "--param", "batch_size=64", "--n-boot", "10",
-        "--no-progress"]
+FAST = [*SMALL_ARGS, "--n-boot", "10", "--no-progress"]
 
 
 def predict(syn_path, out, *extra):

@@ -25,18 +25,20 @@ import pytest
 import scipy.sparse as sp
 
 import perturbkit as pk
+from conftest import SMALL, SMALL_ARGS, synthetic
+
 from perturbkit import _io
 from perturbkit.cli import main
 from perturbkit.errors import InputError, InputWarning, Interrupted
 from perturbkit.models import get
 
 SPEC = pk.PerturbSpec()
-TINY_VAE = ["--param", "n_hidden=32", "--param", "n_latent=8", "--param", "batch_size=64"]
+TINY_VAE = SMALL_ARGS
 
 
 def tiny(**kw):
     """3 contexts x 2 conditions x 30 cells, 20 genes, log-scale values (ctx0, ctx1, ctx2)."""
-    return pk.data.synthetic(**{"n_contexts": 3, "n_cells": 30, "n_genes": 20, "n_responsive": 5, "seed": 0, **kw})
+    return synthetic(**{"n_contexts": 3, "n_cells": 30, "n_genes": 20, "n_responsive": 5, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +256,7 @@ def saved(base, tmp_path_factory):
     """A tiny scGen saved with --save-model, with the data it was trained on (20 genes, all kept)."""
     tmp = tmp_path_factory.mktemp("saved")
     base.write_h5ad(tmp / "data.h5ad")
-    model = get("scgen", epochs=1, n_hidden=32, n_latent=8).fit(base, SPEC, seed=0)
+    model = get("scgen", epochs=1, **SMALL).fit(base, SPEC, seed=0)
     model.save(tmp / "model")
     return tmp
 
@@ -855,7 +857,7 @@ def test_kill_predict_mid_training_then_rerun(base, tmp_path):
     base.write_h5ad(tmp_path / "d.h5ad")
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "perturbkit", "predict", "--data", str(tmp_path / "d.h5ad"), "--holdout",
-            "ctx1", "--epochs", "40", "--param", "n_hidden=32", "--param", "n_latent=8", "--param", "batch_size=64",
+            "ctx1", "--epochs", "40", *SMALL_ARGS,
             "--n-top-genes", "0", "--n-boot", "5", "--metrics", "r2_mean_all,pearson_delta", "--threads", "1",
             "--out", str(out), "--save-model", str(tmp_path / "model")]
     rc, err = _start_and_kill(argv, sig, _epochs_done(2))

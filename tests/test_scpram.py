@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.sparse as sp
-from conftest import SMALL
+from conftest import SMALL, SMALL_ARGS
 
 import perturbkit as pk
 from perturbkit.errors import InputError
@@ -206,8 +206,7 @@ def test_predict_cli_writes_attention_figure_and_records_the_flags(syn_path, tmp
 
     out = tmp_path / "scpram"
     args = ["predict", "--data", str(syn_path), "--model", "scpram", "--holdout", "ctx2", "--epochs", "2",
-            "--seed", "0", "--out", str(out), "--param", "n_hidden=32", "--param", "n_latent=8",
-            "--param", "batch_size=64", "--n-boot", "5", "--no-progress",
+            "--seed", "0", "--out", str(out), *SMALL_ARGS, "--n-boot", "5", "--no-progress",
             "--ratio", "0.1", "--ot", "exact", "--attention", "first_cell"]
     assert main(args) == 0
     assert (out / "attention.png").read_bytes()[:4] == b"\x89PNG"
@@ -226,7 +225,7 @@ def test_loaded_model_takes_prediction_time_flags_and_warns_about_the_rest(syn_p
 
     base = ["predict", "--data", str(syn_path), "--model", "scpram", "--holdout", "ctx2", "--seed", "0",
             "--n-boot", "5", "--no-progress", "--metrics", "r2_mean_all,pearson_delta"]
-    small = ["--epochs", "2", "--param", "n_hidden=32", "--param", "n_latent=8", "--param", "batch_size=64"]
+    small = ["--epochs", "2", *SMALL_ARGS]
     assert main(base + small + ["--out", str(tmp_path / "a"), "--save-model", str(tmp_path / "m")]) == 0
     capsys.readouterr()
     assert main(base + ["--out", str(tmp_path / "b"), "--load-model", str(tmp_path / "m"), "--ratio", "0.2",

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import skip_without
+from conftest import SMALL, SMALL_TOML, skip_without
 
 import perturbkit as pk
 from perturbkit.errors import InputError
@@ -36,10 +36,7 @@ epochs = 3
 threads = 1
 
 [models.scgen]
-n_hidden = 32
-n_latent = 8
-batch_size = 64
-
+{small}
 [evaluation]
 metrics = ["r2_mean_top100", "pearson_delta"]
 n_boot = 10
@@ -65,7 +62,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def write_config(path: Path, data: Path, trials: int = 5, extra: str = "") -> Path:
-    path.write_text(TINY.format(data=data, trials=trials) + extra)
+    path.write_text(TINY.format(data=data, trials=trials, small=SMALL_TOML) + extra)
     return path
 
 
@@ -222,7 +219,7 @@ def test_training_callback_sees_every_epoch_changes_nothing_and_can_stop(syn):
     spec = pk.PerturbSpec()
     task = pk.split.holdout_cell_type(syn, spec, "ctx0")
     train, source, _ = task.subsets(syn)
-    small = dict(n_hidden=32, n_latent=8, batch_size=64, epochs=3)
+    small = dict(SMALL, epochs=3)
     plain = pk.models.get("scgen", **small).fit(train, spec, seed=1)
     seen, preds = [], []
 

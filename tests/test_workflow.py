@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import snakemake  # noqa: F401  (in the `workflow` and `test` extras: pip install -e '.[test]')
 
+from conftest import SMALL_TOML
+
 from perturbkit.cli import main
 
 
@@ -50,10 +52,7 @@ contexts = ["ctx0", "ctx1"]
 min_cells = 20
 
 [models.scgen]
-n_hidden = 32
-n_latent = 8
-batch_size = 64
-"""
+""" + SMALL_TOML
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -86,7 +85,7 @@ def test_snakemake_bench_equals_plain_bench(tmp_path, capsys):
 
 def test_snakemake_plans_tuning_workers_then_results(tmp_path):
     cfg = tmp_path / "tune.toml"
-    cfg.write_text('model = "scgen"\n')
+    cfg.write_text('[models.scgen]\n')
     res = snakemake(tmp_path, "-n", "-p", "tune", "--config", f"tune={cfg}", f"tune_out={tmp_path / 't'}",
                     "tune_workers=3", "tune_trials=12", "tune_storage=postgresql://u@db.example/optuna")
     out = res.stdout + res.stderr
