@@ -288,6 +288,38 @@ def _add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def cmd_workflow_crate(args) -> int:
+    from . import record
+    from .errors import InputError
+
+    if not (Path(args.workflow) / record.WORKFLOW_MAIN).is_file():
+        raise InputError(f"--workflow {args.workflow!r} holds no {record.WORKFLOW_MAIN}; give the workflow/ folder of "
+                         "a perturbkit checkout.")
+    path = record.write_workflow_crate(args.workflow, args.out, authors=tuple(args.author),
+                                       organization=args.organization)
+    todo = [flag for flag, given in (("--author", args.author), ("--organization", args.organization)) if not given]
+    print(f"wrote {path}: a Workflow RO-Crate of {args.workflow} (upload the .zip to WorkflowHub"
+          + (f"; replace its placeholders first: {' '.join(todo)}" if todo else "") + ")")
+    return 0
+
+
+def _add_workflow_crate(sub) -> None:
+    p = sub.add_parser("workflow-crate", help="package the Snakemake workflow as a Workflow RO-Crate for WorkflowHub",
+                       description="Write the Workflow RO-Crate of workflow/ (Snakefile as main entity, its config "
+                       "schema as inputs, profiles, example config, licence, authors): a folder, or a .zip to upload "
+                       "to WorkflowHub. See docs/cluster.md.")
+    p.add_argument("--workflow", default="workflow", help="the workflow folder (default: ./workflow)")
+    p.add_argument("--out", default="perturbkit-workflow.crate.zip",
+                   help="folder or .zip file to write (default: perturbkit-workflow.crate.zip)")
+    p.add_argument("--author", action="append", default=[], metavar="NAME",
+                   help="an author, 'Name' or 'Name <https://orcid.org/...>'; repeat for several (default: a "
+                   "placeholder to fill in)")
+    p.add_argument("--organization", default=None, metavar="NAME",
+                   help="the authors' organisation and the crate's publisher, 'Name' or 'Name <https://ror.org/...>' "
+                   "(default: a placeholder to fill in)")
+    p.set_defaults(func=cmd_workflow_crate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -317,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tune(sub)
     _add_bench(sub)
     _add_report(sub)
+    _add_workflow_crate(sub)
     return parser
 
 
@@ -385,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             shown.add((str(msg), cat))
             if issubclass(cat, InputWarning) or str(filename).startswith(own):
-                print(f"warning: {msg}", file=sys.stderr)
+                print(f"warning: {with_flags(msg)}", file=sys.stderr)
             elif args.debug:
                 show(msg, cat, filename, lineno, file, line)
 

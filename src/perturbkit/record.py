@@ -268,3 +268,278 @@ def validate(out: str | Path, profile: str = "ro-crate-1.1", *, severity: str = 
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ================================================================================= the workflow as a crate
+
+#: the profile WorkflowHub accepts for a workflow (a Snakemake one here), and the files of a workflow folder
+#: the crate is built from: the main workflow, the JSON Schema of its config (its inputs), an example config
+WORKFLOW_PROFILE = "https://w3id.org/workflowhub/workflow-ro-crate/1.0"
+WORKFLOW_MAIN = "Snakefile"
+WORKFLOW_SCHEMA = "schemas/config.schema.yaml"
+WORKFLOW_EXAMPLE = "example.yaml"
+WORKFLOW_README = "README.md"
+BIOSCHEMAS_WORKFLOW = "https://bioschemas.org/profiles/ComputationalWorkflow/1.0-RELEASE"
+AUTHOR_PLACEHOLDER = "YOUR NAME (placeholder: give --author, or edit creator before publishing)"
+ORGANIZATION_PLACEHOLDER = "YOUR ORGANISATION (placeholder: give --organization, or edit publisher before publishing)"
+SCHEMA_TYPES = {"string": "Text", "integer": "Integer", "number": "Float", "boolean": "Boolean"}
+
+
+def header(path: Path) -> str:
+    """The first paragraph of a file's leading ``#`` comment, as one line (what the file is)."""
+    lines = []
+    for line in path.read_text().splitlines():
+        text = line[1:].strip() if line.startswith("#") else None
+        if not text:
+            break
+        lines.append(text)
+    return " ".join(lines)
+
+
+def _workflow_params(crate, schema: dict[str, Any]) -> tuple[list, list]:
+    """FormalParameters of the workflow's config schema: every property an input, every ``x-output`` an output."""
+    inputs, outputs = [], []
+    for pname, prop in (schema.get("properties") or {}).items():
+        default = prop.get("default")
+        inputs.append(crate.add_formal_parameter(
+            name=pname, additionalType=SCHEMA_TYPES.get(prop.get("type"), "Text"), identifier=f"#param-{pname}",
+            description=prop.get("description"), valueRequired=pname in schema.get("required", ()),
+            defaultValue=None if default is None else str(default)))
+        if prop.get("x-output"):
+            outputs.append(crate.add_formal_parameter(
+                name=f"{pname} directory", additionalType="Dataset", identifier=f"#output-{pname}",
+                description=f"the run directory given as {pname}: {prop['x-output']}"))
+    return inputs, outputs
+
+
+def write_workflow_crate(workflow_dir: str | Path, out: str | Path, *, authors: tuple[str, ...] = (),
+                         organization: str | None = None, name: str | None = None) -> Path:
+    """Package a Snakemake workflow folder (perturbkit's ``workflow/``) as a Workflow RO-Crate for WorkflowHub.
+
+    Parameters
+    ----------
+    workflow_dir
+        the folder holding ``Snakefile`` (the crate's ``mainEntity``), ``schemas/config.schema.yaml`` (the
+        workflow's inputs) and ``example.yaml`` (an example config); every other file in it (the profiles)
+        goes into the crate too. Bench or tuning configs (``.toml``) that the example config names, relative
+        to the folder above ``workflow_dir``, are copied to the same relative path, and so is ``LICENSE``.
+    out
+        a folder (new, empty, or an earlier workflow crate, which is replaced) or a ``.zip`` file (the form
+        WorkflowHub uploads).
+    authors
+        the workflow's creators (a name, or ``NAME <ORCID URL>``); without any, one placeholder author to
+        fill in before publishing.
+    organization
+        the authors' organisation, the crate's publisher (default: a placeholder); ``NAME <ROR URL>`` too.
+    name
+        the crate's name (default: "perturbkit workflow (Snakemake): ..."); its description is the Snakefile's
+        first comment paragraph.
+
+    Returns
+    -------
+    the path of the folder or zip file written.
+    """
+    import re
+    import shutil
+    import tempfile
+    from importlib.metadata import PackageNotFoundError, metadata, version
+
+    import yaml
+    from rocrate.model.contextentity import ContextEntity
+    from rocrate.model.person import Person
+    from rocrate.rocrate import ROCrate
+
+    from . import __version__, runner
+    from .errors import InputError
+
+    wdir, out = Path(workflow_dir).resolve(), Path(out)
+    if not (wdir / WORKFLOW_MAIN).is_file():
+        raise InputError(f"workflow_dir {str(workflow_dir)!r} holds no {WORKFLOW_MAIN}; give the workflow/ folder of "
+                         "a perturbkit checkout.", params=("workflow_dir",))
+    is_zip = out.suffix == ".zip"
+    if is_zip and out.exists() and not (out.is_file() and _is_workflow_crate(out)):
+        raise InputError(f"out {str(out)!r} exists and is not a workflow crate; give a new file name.",
+                         params=("out",))
+    if not is_zip:
+        runner.check_out(out, accepts=lambda folder, entries: _is_workflow_crate(folder),
+                         what="something other than a workflow crate")
+    schema = yaml.safe_load((wdir / WORKFLOW_SCHEMA).read_text()) if (wdir / WORKFLOW_SCHEMA).is_file() else {}
+    example = yaml.safe_load((wdir / WORKFLOW_EXAMPLE).read_text()) if (wdir / WORKFLOW_EXAMPLE).is_file() else {}
+    try:
+        smk_version = version("snakemake")
+    except PackageNotFoundError:
+        smk_version = None
+    try:
+        license_id = metadata("perturbkit").get("License-Expression") or "BSD-3-Clause"
+    except PackageNotFoundError:
+        license_id = "BSD-3-Clause"
+
+    crate = ROCrate(version="1.1")
+    root = crate.root_dataset
+    snakefile_about = header(wdir / WORKFLOW_MAIN)
+    root["name"] = name or "perturbkit workflow (Snakemake): benchmark cells and tuning workers as jobs"
+    root["description"] = (f"{snakefile_about} Written in Snakemake; profiles for a laptop, SLURM and Kubernetes; "
+                           f"every job runs perturbkit {__version__}.")
+    root["datePublished"] = _iso(now())
+    root["version"] = __version__
+    root["keywords"] = ["single-cell", "perturbation", "benchmark", "hyperparameter tuning", "Snakemake"]
+    root["license"] = crate.add(ContextEntity(crate, f"https://spdx.org/licenses/{license_id}", properties={
+        "@type": "CreativeWork", "name": license_id, "identifier": f"https://spdx.org/licenses/{license_id}"}))
+    def named(text: str, local_id: str) -> tuple[str, str]:  # "Name <https://...>" -> (url, name)
+        m = re.fullmatch(r"\s*(.*?)\s*<\s*(https?://\S+)\s*>\s*", text)
+        return (m.group(2), m.group(1)) if m else (local_id, text.strip())
+
+    org_id, org_name = named(organization or ORGANIZATION_PLACEHOLDER, "#organization")
+    org = crate.add(ContextEntity(crate, org_id, properties={"@type": "Organization", "name": org_name,
+                                                             **({"url": org_id} if "://" in org_id else {})}))
+    root["publisher"] = org
+    people = [crate.add(Person(crate, pid, properties={"name": pname, "affiliation": org}))
+              for pid, pname in (named(a, f"#author-{i}") for i, a in enumerate(authors or (AUTHOR_PLACEHOLDER,), 1))]
+    root["creator"] = root["author"] = people[0] if len(people) == 1 else people
+    perturbkit = crate.add(ContextEntity(crate, "#perturbkit", properties={
+        "@type": "SoftwareApplication", "name": "perturbkit", "softwareVersion": __version__,
+        "description": "predict single-cell perturbation responses and benchmark them; every job runs it"}))
+
+    # ---- the main workflow, its inputs (the config schema) and outputs (the run directories)
+    main = crate.add_workflow(wdir / WORKFLOW_MAIN, WORKFLOW_MAIN, main=True, lang="snakemake",
+                              lang_version=smk_version, properties={
+                                  "name": f"perturbkit workflow ({WORKFLOW_MAIN})", "description": snakefile_about,
+                                  "version": __version__, "creator": root["creator"], "license": root["license"],
+                                  "dateCreated": root["datePublished"], "conformsTo": crate.add(ContextEntity(
+                                      crate, BIOSCHEMAS_WORKFLOW, properties={
+                                          "@type": "CreativeWork", "name": "Bioschemas ComputationalWorkflow",
+                                          "version": BIOSCHEMAS_WORKFLOW.rsplit("/", 1)[-1]})),
+                                  "softwareRequirements": perturbkit,
+                                  "encodingFormat": "text/x-snakemake"})
+    main["input"], main["output"] = _workflow_params(crate, schema)
+
+    # ---- the other files: profiles, schema, example config (+ the configs it names), licence
+    descriptions = {WORKFLOW_SCHEMA: "JSON Schema of the workflow's config (its inputs)",
+                    WORKFLOW_EXAMPLE: f"example config: snakemake -s {WORKFLOW_MAIN} --configfile {WORKFLOW_EXAMPLE}"}
+    for rel in _files(wdir):
+        if rel == WORKFLOW_MAIN or "__pycache__" in rel:
+            continue
+        if rel == WORKFLOW_README:  # WorkflowHub shows it: about the crate, markdown
+            crate.add_file(wdir / rel, rel, properties={"name": rel, "about": root, "encodingFormat": "text/markdown"})
+            continue
+        about = descriptions.get(rel) or header(wdir / rel) or rel
+        fmt = "text/yaml" if rel.endswith((".yaml", ".yml")) else mimetypes.guess_type(rel)[0] or "text/plain"
+        crate.add_file(wdir / rel, rel, properties={"name": rel, "description": about, "encodingFormat": fmt})
+    for key, value in (example or {}).items():
+        src = wdir.parent / str(value)
+        if isinstance(value, str) and value.endswith(".toml") and src.is_file():
+            crate.add_file(src, value, properties={
+                "name": value, "encodingFormat": "application/toml",
+                "description": f"the {key!r} config of {WORKFLOW_EXAMPLE}: {header(src) or value}"})
+    if (wdir.parent / "LICENSE").is_file():
+        crate.add_file(wdir.parent / "LICENSE", "LICENSE", properties={
+            "name": "LICENSE", "description": f"licence ({license_id})", "encodingFormat": "text/plain"})
+
+    if is_zip:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            crate.write_zip(Path(tmp) / out.name)
+            Path(tmp, out.name).replace(out)
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    crate.write(out)
+    return out
+
+
+def _is_workflow_crate(path: Path) -> bool:
+    """Whether ``path`` (a folder or a .zip) is a crate that :func:`write_workflow_crate` wrote."""
+    import zipfile
+
+    try:
+        if path.is_dir():
+            text = (path / METADATA).read_text()
+        else:
+            with zipfile.ZipFile(path) as zf:
+                text = zf.read(METADATA).decode()
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError):
+        return False
+    return WORKFLOW_PROFILE in text and '"#perturbkit"' in text
+
+
+def link_workflow(out: str | Path, folder: str = "workflow") -> bool:
+    """Make the run crate of ``out`` a Workflow Run Crate of the workflow that ran it, when ``out/folder`` holds
+    that workflow's crate (``perturbkit workflow-crate --out OUT/workflow``, which the workflow's aggregation
+    step runs); call it after :func:`write_crate`. Returns whether the run crate now points at the workflow.
+
+    The workflow crate's main entity (``folder/Snakefile``) becomes the run crate's ``mainEntity`` and the
+    run's ``instrument``, with the inputs and language its crate gives it; the config as run (``config.toml``)
+    stays described as before and is the run's value of the workflow's ``bench`` input; ``folder/`` is a
+    Dataset conforming to the Workflow RO-Crate profile, whose files are inputs of the run, not results.
+    """
+    out = Path(out)
+    sub = out / folder
+    if not (sub / METADATA).is_file() or not (out / METADATA).is_file():
+        return False
+    crate = json.loads((out / METADATA).read_text())
+    graph = {e["@id"]: e for e in crate["@graph"]}
+    wgraph = {e["@id"]: e for e in json.loads((sub / METADATA).read_text())["@graph"]}
+    wroot = wgraph[wgraph[METADATA]["about"]["@id"]]
+    prefix = f"{folder}/"
+    main_id = prefix + wroot["mainEntity"]["@id"]
+    root = graph["./"]
+    config_id = root["mainEntity"]["@id"]
+    if main_id not in graph or config_id == main_id:
+        return config_id == main_id
+    action = next(e for e in graph.values() if e.get("@type") == "CreateAction"
+                  and e.get("instrument", {}).get("@id") == config_id)
+
+    def ids(value) -> list[dict]:
+        return value if isinstance(value, list) else [] if value is None else [value]
+
+    # the workflow's files are what ran, not what the run made
+    action["result"] = [r for r in ids(action.get("result")) if not r["@id"].startswith(prefix)]
+    kept = []
+    for ref in ids(graph[config_id].get("output")):
+        fp = graph[ref["@id"]]
+        examples = [x for x in ids(fp.get("workExample")) if not x["@id"].startswith(prefix)]
+        if examples:
+            fp["workExample"] = examples[0] if len(examples) == 1 else examples
+            kept.append(ref)
+        else:
+            del graph[ref["@id"]]
+    graph[config_id]["output"] = kept
+    for eid, entity in graph.items():
+        if eid.startswith(prefix):
+            entity.pop("exampleOfWork", None)
+
+    # the workflow's main entity, as its crate describes it (ids of its parameters prefixed: no clashes)
+    def moved(ref: dict) -> dict:
+        return {"@id": ref["@id"].replace("#", "#workflow-", 1) if ref["@id"].startswith("#") else ref["@id"]}
+
+    src = wgraph[wroot["mainEntity"]["@id"]]
+    main = graph[main_id]
+    main.update({k: src[k] for k in ("@type", "name", "description", "version", "encodingFormat") if k in src})
+    lang = src.get("programmingLanguage")
+    if lang:
+        graph.setdefault(lang["@id"], dict(wgraph[lang["@id"]]))
+        main["programmingLanguage"] = lang
+    for key in ("input", "output"):
+        refs = []
+        for ref in ids(src.get(key)):
+            new = moved(ref)
+            graph[new["@id"]] = {**wgraph[ref["@id"]], "@id": new["@id"]}
+            refs.append(new)
+        main[key] = refs
+    bench_param = "#workflow-param-bench"
+    if bench_param in graph:
+        graph[bench_param]["workExample"] = {"@id": config_id}
+        graph[config_id]["exampleOfWork"] = {"@id": bench_param}
+        action["object"] = [{"@id": config_id}, *[o for o in ids(action.get("object")) if o["@id"] != config_id]]
+    graph[prefix] = {"@id": prefix, "@type": "Dataset", "name": wroot.get("name", folder),
+                     "description": "the workflow that ran, as its Workflow RO-Crate",
+                     "conformsTo": {"@id": WORKFLOW_PROFILE}, "subjectOf": {"@id": prefix + METADATA},
+                     "hasPart": [{"@id": eid} for eid in graph if eid.startswith(prefix) and eid != prefix]}
+    root["hasPart"] = [*ids(root.get("hasPart")), {"@id": prefix}]
+    root["mainEntity"] = {"@id": main_id}
+    action["instrument"] = {"@id": main_id}
+    crate["@graph"] = list(graph.values())
+    from . import _io
+
+    _io.atomic_write_text(out / METADATA, json.dumps(crate, indent=2) + "\n")
+    return True

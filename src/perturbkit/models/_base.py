@@ -42,6 +42,8 @@ class Model:
     SEARCH_SPACE: ClassVar[dict[str, dict[str, Any]]] = {}
     #: relative cost of one fit (orders the work of ``bench --jobs``: the expensive cells first)
     COST: ClassVar[float] = 0.0
+    #: True for a model whose prediction is its input unchanged (it has no response, nor DEGs, of its own)
+    NO_CHANGE: ClassVar[bool] = False
 
     @classmethod
     def takes(cls, param: str) -> bool:

@@ -12,6 +12,7 @@ class Control(Model):
     """Predict the source (control) cells unchanged: the no-response baseline."""
 
     name = "control"
+    NO_CHANGE = True
 
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
         self.fit_info = {"description": "prediction = source cells unchanged"}

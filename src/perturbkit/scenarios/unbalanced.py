@@ -141,7 +141,7 @@ def unbalanced_tables(scores, results: dict[str, dict], cells: list, scenario: s
     for cell in cells:
         if cell.scenario != scenario or cell.id not in results:
             continue
-        if results[cell.id]["registry_model"] == "control":
+        if MODELS[results[cell.id]["registry_model"]].NO_CHANGE:
             continue  # the control baseline's "prediction" is the source cells: it has no DEGs of its own
         twin = by_key.get((Loco.name, cell.split.context, cell.model, cell.seed))
         mine, theirs = results[cell.id].get("degs"), results.get(twin.id, {}).get("degs") if twin else None
