@@ -12,11 +12,6 @@ environment). :func:`start` refuses to overwrite a ``slurm.conf`` it did not wri
 The cluster has no accounting database (``sacct`` needs slurmdbd), so Snakemake's SLURM executor queries
 job states with ``squeue`` (``--slurm-status-command squeue``). It needs root: slurmd runs every job as its
 submitting user.
-
-For trying the workflow on it by hand (as root)::
-
-    python tests/slurm_cluster.py up /tmp/slurm      # ... sbatch, squeue, snakemake --profile workflow/profiles/slurm
-    python tests/slurm_cluster.py down /tmp/slurm
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,7 +166,7 @@ def start(root: str | Path, timeout: float = 60) -> Cluster:
     daemons = (
         [progs["munged"], "--foreground", "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
          f"--pid-file={root}/munged.pid", f"--log-file={root}/log/munged.log", f"--seed-file={root}/munged.seed"],
-        [progs["slurmctld"], "-D", "-i", "-f", str(CONF)],
+        [progs["slurmctld"], "-D", "-f", str(CONF)],
         [progs["slurmd"], "-D", "-N", node, "-f", str(CONF)],
     )
     try:
@@ -199,24 +193,3 @@ def wait_for(ready, timeout: float, cluster: Cluster, what: str) -> None:
                                + cluster.logs())
         time.sleep(0.2)
 
-
-if __name__ == "__main__":  # python tests/slurm_cluster.py up|down DIR
-    if len(sys.argv) != 3 or sys.argv[1] not in ("up", "down"):
-        sys.exit("usage: python tests/slurm_cluster.py up|down DIR")
-    where = Path(sys.argv[2]).resolve()
-    if sys.argv[1] == "up":
-        c = start(where)
-        (where / "pids").write_text(" ".join(str(p.pid) for p in c.procs))
-        print(f"SLURM is up: partition {PARTITION!r}, {c.cpus} cores; stop it with: "
-              f"python {sys.argv[0]} down {where}")
-    else:
-        pids = [int(p) for p in (where / "pids").read_text().split()]
-        for pid in reversed(pids):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        if CONF.is_file() and CONF.read_text().startswith(f"{MARK} for {where};"):
-            CONF.unlink()
-        (where / "pids").unlink()
-        print("SLURM stopped")

@@ -412,7 +412,7 @@ def test_toy_model_tunes_without_touching_generic_code(tmp_path, monkeypatch):
             ctrl, pert = balanced_means(dense(adata.X), cond, ctx, spec)
             self.shift = pert - ctrl
 
-        def _predict_matrix(self, source):
+        def _predict_matrix(self, source, perturbation):
             return dense(source.X) + self.params.get("scale", self.DEFAULTS["scale"]) * self.shift
 
     assert not Toy.needs_torch

@@ -19,6 +19,7 @@ import scipy.sparse as sp
 from . import _keys as K
 from .errors import InputError, choices_text, suggest
 from .spec import PerturbSpec, Preprocessing
+from .synthetic import synthetic, synthetic_screen  # noqa: F401  (pk.data.synthetic)
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -149,6 +150,26 @@ def load(name: str = "kang2018", *, verify: bool = True):
         adata.obs[key] = adata.obs[key].astype(str).astype("category")
     adata.uns["perturbkit_dataset"] = {"name": name, "sha256": ds.sha256, "doi": ds.doi}
     return adata
+
+
+def apply_filter(adata, where: dict[str, Any], what: str = "filter"):
+    """The cells whose obs columns hold the given values (a new AnnData): ``{"dataset": "mcfaline23"}``; a value
+    may be a list of accepted values. An unknown column or a value that no cell has raises :class:`InputError`."""
+    if not where:
+        return adata
+    keep = np.ones(adata.n_obs, dtype=bool)
+    for key, value in where.items():
+        if key not in adata.obs.columns:
+            raise InputError(f"{what}: {key!r} is not an obs column.{suggest(key, adata.obs.columns)} obs columns: "
+                             f"{choices_text(adata.obs.columns)}.", params=("filter",))
+        wanted = [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        col = adata.obs[key].astype(str)
+        for v in wanted:
+            if not (col == v).any():
+                raise InputError(f"{what}: no cell has {key} = {v!r}.{suggest(v, col.unique())} Values: "
+                                 f"{choices_text(col.unique())}.", params=("filter",))
+        keep &= col.isin(wanted).to_numpy()
+    return adata[keep].copy()
 
 
 def load_any(data: str, *, verify: bool = True):
@@ -300,7 +321,7 @@ def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells:
             f"spec must be a PerturbSpec, got {type(spec).__name__}; e.g. PerturbSpec(condition_key='condition', "
             "control='control', perturbed='stimulated', context_key='cell_type')."
         )
-    for name in ("condition_key", "context_key", "control", "perturbed"):
+    for name in ("condition_key", "context_key", "control", *(("perturbed",) if spec.single else ())):
         value = getattr(spec, name)
         if not isinstance(value, str):
             raise InputError(
@@ -329,6 +350,9 @@ def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells:
         raise InputError(f"donor_key {spec.donor_key!r} is not an obs column.{suggest(spec.donor_key, obs.columns)}")
     cond = obs[spec.condition_key].astype(str)
     labels = set(cond.unique())
+    if not spec.single:
+        _validate_screen(spec, labels)
+        return
     for name, label in (("control", spec.control), ("perturbed", spec.perturbed)):
         if label not in labels:
             raise InputError(
@@ -385,6 +409,29 @@ def validate(adata, spec: PerturbSpec, *, holdout: str | None = None, min_cells:
                 "response of their own and shift that condition's balanced mean. Drop them if unintended.",
                 InputWarning, stacklevel=3,
             )
+
+
+def _validate_screen(spec: PerturbSpec, labels: set[str]) -> None:
+    """The checks of a spec with several perturbations (the tasks check cell counts per context)."""
+    if spec.control not in labels:
+        raise InputError(f"control {spec.control!r} is not a value of obs[{spec.condition_key!r}]."
+                         f"{suggest(spec.control, labels)} Values: {choices_text(labels)}.", params=("control",))
+    if spec.combo_delimiter in spec.control:
+        raise InputError(f"the control label {spec.control!r} holds the combination delimiter "
+                         f"{spec.combo_delimiter!r}, so it would read as a combination; set combo_delimiter to a "
+                         "string no label uses for anything else.", params=("control", "combo_delimiter"))
+    if spec.perturbed == "all":
+        if not labels - {spec.control}:
+            raise InputError(f"perturbed = 'all' finds no label besides the control {spec.control!r} in "
+                             f"obs[{spec.condition_key!r}].", params=("perturbed",))
+        return
+    for label in spec.perturbed:
+        if label == spec.control:
+            raise InputError(f"perturbed lists the control label {label!r}; list only perturbations.",
+                             params=("perturbed",))
+        if label not in labels:
+            raise InputError(f"perturbed {label!r} is not a value of obs[{spec.condition_key!r}]."
+                             f"{suggest(label, labels)} Values: {choices_text(labels)}.", params=("perturbed",))
 
 
 # -------------------------------------------------------------------------------------- preprocessing
@@ -496,45 +543,3 @@ def _top_variable(var: pd.DataFrame, n: int) -> np.ndarray:
     score = np.round(np.nan_to_num(var[col].to_numpy(float), nan=-np.inf), 5)
     order = np.lexsort((np.arange(len(score)), -score))
     return np.sort(order[:n])
-
-
-# ------------------------------------------------------------------------------------------ synthetic
-
-
-def synthetic(
-    n_contexts: int = 4,
-    n_cells: int = 150,
-    n_genes: int = 60,
-    n_responsive: int = 10,
-    effect: float = 1.5,
-    seed: int = 0,
-) -> Any:
-    """Seeded log-normal-like expression with a planted perturbation effect.
-
-    Every context has its own baseline profile; the perturbation raises ``n_responsive`` genes by
-    ``effect`` (scaled per context between 0.75x and 1.25x). Returns AnnData with obs ``condition``
-    (control / stimulated), ``cell_type`` (ctx0, ...) and ``donor`` (d0, d1); X is log-scale, non-negative.
-    """
-    import anndata as ad
-
-    rng = np.random.default_rng(seed)
-    base = rng.gamma(2.0, 0.6, size=n_genes)
-    blocks, conds, ctxs, donors = [], [], [], []
-    for c in range(n_contexts):
-        profile = base + rng.normal(0, 0.4, size=n_genes).clip(-0.5, None)
-        scale = 0.75 + 0.5 * c / max(n_contexts - 1, 1)
-        for cond in (K.CONTROL, K.PERTURBED):
-            mean = profile.copy()
-            if cond == K.PERTURBED:
-                mean[:n_responsive] += effect * scale
-            x = np.clip(mean + rng.normal(0, 0.35, size=(n_cells, n_genes)), 0, None)
-            blocks.append(x.astype(np.float32))
-            conds += [cond] * n_cells
-            ctxs += [f"ctx{c}"] * n_cells
-            donors += [f"d{i % 2}" for i in range(n_cells)]
-    obs = pd.DataFrame(
-        {K.CONDITION: pd.Categorical(conds), K.CONTEXT: pd.Categorical(ctxs), K.DONOR: pd.Categorical(donors)},
-        index=[f"cell{i}" for i in range(len(conds))],
-    )
-    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
-    return ad.AnnData(X=np.vstack(blocks), obs=obs, var=var)

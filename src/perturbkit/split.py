@@ -68,6 +68,98 @@ def holdout_cell_type(adata, spec: PerturbSpec, holdout: str, *, min_cells: int 
                  info={"holdout": holdout, "scenario": "holdout_cell_type"})
 
 
+def holdout_context(adata, spec: PerturbSpec, context: str, *, min_cells: int = 3) -> Split:
+    """Context transfer: hold out the perturbed cells of one context; predict every perturbation in it.
+
+    train = every cell of the requested perturbations and the controls, except the perturbed cells of
+    ``context`` (its control cells train too); source = the control cells of ``context``; target = its
+    perturbed cells of every perturbation that has at least ``min_cells`` cells there and cells in another
+    context (the others are skipped, with the reason in ``info["skipped"]`` and an
+    :class:`~perturbkit.errors.InputWarning`). With one perturbation this is :func:`holdout_cell_type`.
+    """
+    if spec.single:
+        return holdout_cell_type(adata, spec, context, min_cells=min_cells)
+    from .errors import InputError
+
+    validate(adata, spec)
+    cond, ctx = _labels(adata, spec.condition_key), _labels(adata, spec.context_key)
+    if context not in set(ctx):
+        from .errors import choices_text, suggest
+
+        raise InputError(f"holdout {context!r} is not a value of obs[{spec.context_key!r}].{suggest(context, ctx)} "
+                         f"Values: {choices_text(set(ctx))}.", params=("holdout",))
+    in_ctx = ctx == context
+    source = np.flatnonzero(in_ctx & (cond == spec.control))
+    if len(source) < min_cells:
+        raise InputError(f"holdout {context!r} has {len(source)} control cells; at least {min_cells} are needed "
+                         "to predict from.", params=("holdout",))
+    requested = spec.perturbations(adata)
+    kept, skipped = [], {}
+    for p in requested:
+        n_here, n_elsewhere = int((in_ctx & (cond == p)).sum()), int((~in_ctx & (cond == p)).sum())
+        if n_here < min_cells:
+            skipped[p] = f"{n_here} cells in {context!r} (fewer than {min_cells} to score)"
+        elif n_elsewhere == 0:
+            skipped[p] = f"no cells in any other context (nothing to learn its response from)"
+        else:
+            kept.append(p)
+    _report_skipped(skipped, f"holdout {context!r}")
+    if not kept:
+        raise InputError(f"holdout {context!r}: no requested perturbation can be predicted there: "
+                         + "; ".join(f"{p}: {why}" for p, why in skipped.items()), params=("holdout",))
+    is_req = np.isin(cond, requested)
+    target = np.flatnonzero(in_ctx & np.isin(cond, kept))
+    train = np.flatnonzero((is_req | (cond == spec.control)) & ~(in_ctx & is_req))
+    return Split(train=train, source=source, target=target, name=f"holdout:{context}",
+                 info={"holdout": context, "scenario": "holdout_context", "perturbations": kept,
+                       "skipped": skipped})
+
+
+def holdout_combination(adata, spec: PerturbSpec, combination: str, *, min_cells: int = 3) -> Split:
+    """Unseen combination: hold out every cell of ``combination`` (``"A+B"``, in every context it occurs) and
+    predict it from the control cells of those contexts; its singles (``A``, ``B``) and every other requested
+    perturbation train."""
+    from .errors import InputError
+
+    validate(adata, spec)
+    cond, ctx = _labels(adata, spec.condition_key), _labels(adata, spec.context_key)
+    requested = spec.perturbations(adata)
+    if not spec.is_combination(combination):
+        raise InputError(f"holdout combination {combination!r} holds no {spec.combo_delimiter!r}: it is not a "
+                         "combination of perturbations.", params=("combo_delimiter",))
+    if combination not in requested:
+        raise InputError(f"holdout combination {combination!r} is not one of the requested perturbations "
+                         f"{requested[:6]}{' ...' if len(requested) > 6 else ''}.", params=("perturbed",))
+    missing = [s for s in spec.singles(combination) if s not in requested or not (cond == s).any()]
+    if missing:
+        raise InputError(f"holdout combination {combination!r}: its single perturbation(s) {missing} have no "
+                         "cells among the requested perturbations, so the combination cannot be composed from "
+                         "them. Choose a combination whose singles were measured.", params=("perturbed",))
+    is_combo = cond == combination
+    if int(is_combo.sum()) < min_cells:
+        raise InputError(f"holdout combination {combination!r} has {int(is_combo.sum())} cells; at least "
+                         f"{min_cells} are needed.", params=("perturbed",))
+    contexts = sorted(set(ctx[is_combo]))
+    source = np.flatnonzero(np.isin(ctx, contexts) & (cond == spec.control))
+    if len(source) < min_cells:
+        raise InputError(f"holdout combination {combination!r}: its contexts {contexts} have {len(source)} control "
+                         "cells to predict from.", params=("perturbed",))
+    train = np.flatnonzero((np.isin(cond, requested) | (cond == spec.control)) & ~is_combo)
+    return Split(train=train, source=source, target=np.flatnonzero(is_combo), name=f"combination:{combination}",
+                 info={"combination": combination, "scenario": "holdout_combination", "contexts": contexts,
+                       "singles": list(spec.singles(combination)), "perturbations": [combination]})
+
+
+def _report_skipped(skipped: dict[str, str], where: str) -> None:
+    if skipped:
+        import warnings
+
+        from .errors import InputWarning
+
+        warnings.warn(f"{where}: {len(skipped)} perturbation(s) skipped: "
+                      + "; ".join(f"{p} ({why})" for p, why in skipped.items()), InputWarning, stacklevel=3)
+
+
 def _labels(adata, key: str) -> np.ndarray:
     return adata.obs[key].astype(str).to_numpy()
 

@@ -1,7 +1,7 @@
 """Models: a literal registry of name -> class. Baselines need no torch; VAE models import it on use."""
 
 from ._base import Model
-from .baselines import Control, MeanShift
+from .baselines import Additive, Control, MeanShift
 from .scgen import ScGen
 from .scpram import ScPRAM
 
@@ -10,9 +10,12 @@ MODELS: dict[str, type[Model]] = {
     "scpram": ScPRAM,
     "control": Control,
     "mean_shift": MeanShift,
+    "additive": Additive,
 }
 
 BASELINES = ("control", "mean_shift")
+#: the baselines added where combinations are predicted
+COMBINATION_BASELINES = ("additive",)
 
 
 def get(name: str, **params) -> Model:
@@ -25,4 +28,5 @@ def get(name: str, **params) -> Model:
     return MODELS[name](**params)
 
 
-__all__ = ["MODELS", "BASELINES", "Model", "ScGen", "ScPRAM", "Control", "MeanShift", "get"]
+__all__ = ["MODELS", "BASELINES", "COMBINATION_BASELINES", "Model", "ScGen", "ScPRAM", "Additive", "Control",
+           "MeanShift", "get"]

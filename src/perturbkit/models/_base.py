@@ -44,6 +44,8 @@ class Model:
     COST: ClassVar[float] = 0.0
     #: True for a model whose prediction is its input unchanged (it has no response, nor DEGs, of its own)
     NO_CHANGE: ClassVar[bool] = False
+    #: True for a model that predicts a combination ``A+B`` it never saw from its singles ``A`` and ``B``
+    COMBINES: ClassVar[bool] = False
 
     @classmethod
     def takes(cls, param: str) -> bool:
@@ -70,6 +72,8 @@ class Model:
         self.spec: PerturbSpec | None = None
         self.var_names: list[str] | None = None
         self.fit_info: dict[str, Any] = {}
+        #: the perturbations seen in training (each has a learned response), in the spec's order
+        self.trained: list[str] = []
 
     # -------------------------------------------------------------------------------------- public API
     def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False, callback=None) -> Model:
@@ -85,27 +89,60 @@ class Model:
         validate(adata, spec)
         self.spec = spec
         self.var_names = [str(v) for v in adata.var_names]
+        cond = adata.obs[spec.condition_key].astype(str)
+        self.trained = [p for p in spec.perturbations(adata) if (cond == p).any()]
         if callback is not None and self.needs_torch:
             self._fit(adata, spec, seed=seed, progress=progress, callback=callback)
         else:
             self._fit(adata, spec, seed=seed, progress=progress)
         return self
 
-    def predict(self, source):
-        """Predicted perturbed cells for the control cells ``source`` (a new AnnData)."""
+    def predict(self, source, perturbation: str | None = None):
+        """Predicted cells of ``perturbation`` for the control cells ``source`` (a new AnnData whose obs are the
+        source cells', with the condition set to ``perturbation``).
+
+        ``perturbation`` may be omitted when the model learned one perturbation. A combination ``A+B`` that was
+        not seen in training is predicted from its singles by models that can (``COMBINES``).
+        """
         import anndata as ad
 
         from ..data import check_matrix
 
         self._check_fitted()
+        label = self.resolve(perturbation)
         check_matrix(source, "source")
         self.check_genes(source, "source")
-        X = self._predict_matrix(source)
+        X = self._predict_matrix(source, label)
         obs = source.obs.copy()
         if self.spec.condition_key in obs:
-            obs[self.spec.condition_key] = self.spec.perturbed
+            obs[self.spec.condition_key] = label
         obs[K.PRED_FLAG] = True
         return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=source.var[[]].copy())
+
+    def can_predict(self, perturbation: str) -> bool:
+        """Whether the fitted model can predict ``perturbation`` (seen in training, or composed of seen singles)."""
+        if perturbation in self.trained:
+            return True
+        return (self.COMBINES and self.spec.is_combination(perturbation)
+                and all(s in self.trained for s in self.spec.singles(perturbation)))
+
+    def resolve(self, perturbation: str | None) -> str:
+        """The label to predict: ``perturbation``, or the one perturbation the model learned."""
+        self._check_fitted()
+        if perturbation is None:
+            if len(self.trained) == 1:
+                return self.trained[0]
+            raise InputError(f"the {self.name!r} model learned {len(self.trained)} perturbations "
+                             f"({', '.join(self.trained[:5])}{' ...' if len(self.trained) > 5 else ''}); name the "
+                             "one to predict: predict(source, perturbation=...).", params=("perturbation",))
+        if not isinstance(perturbation, str) or not self.can_predict(perturbation):
+            how = (" A combination is predicted from its singles only by models that combine (scgen, scpram, "
+                   "additive)." if isinstance(perturbation, str) and self.spec.is_combination(perturbation)
+                   else "")
+            raise InputError(f"the {self.name!r} model cannot predict {perturbation!r}: it learned "
+                             f"{', '.join(map(repr, self.trained[:8]))}{' ...' if len(self.trained) > 8 else ''}."
+                             + how, params=("perturbation",))
+        return perturbation
 
     # ------------------------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -129,6 +166,7 @@ class Model:
             "params": self.params,
             "spec": self.spec.to_dict(),
             "var_names": self.var_names,
+            "perturbations": self.trained,
             "state": self._state_json(),
         }
         arrays = {k: np.ascontiguousarray(v) for k, v in self._state_arrays().items()}
@@ -181,6 +219,7 @@ class Model:
         try:
             model.spec = PerturbSpec(**meta["spec"])
             model.var_names = [str(v) for v in meta["var_names"]]
+            model.trained = [str(p) for p in meta.get("perturbations") or model.spec.perturbations(None)]
             model._load_state(meta.get("state", {}), arrays)
         except InputError:
             raise
@@ -212,7 +251,7 @@ class Model:
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
         raise NotImplementedError
 
-    def _predict_matrix(self, source) -> np.ndarray:
+    def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         raise NotImplementedError
 
     def _state_json(self) -> dict:

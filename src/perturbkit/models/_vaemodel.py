@@ -103,17 +103,18 @@ class VAEModel(Model):
                       seed: int) -> None:
         raise NotImplementedError
 
-    def _transfer(self, z: np.ndarray) -> np.ndarray:
+    def _transfer(self, z: np.ndarray, perturbation: str) -> np.ndarray:
+        """The predicted latents of ``perturbation`` for the source latents ``z``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ predict
     _pending_transfer = None  # set only inside a training callback (see _fit)
 
-    def predict(self, source):
+    def predict(self, source, perturbation: str | None = None):
         if self._pending_transfer is not None:  # called from a training callback: transfer of the current weights
             refit, self._pending_transfer = self._pending_transfer, None
             refit()
-        return super().predict(source)
+        return super().predict(source, perturbation)
 
     def latent(self, adata) -> np.ndarray:
         """Posterior means of the cells of ``adata`` (cells x n_latent)."""
@@ -138,11 +139,11 @@ class VAEModel(Model):
         with torch.no_grad():
             return np.concatenate([self.module.decode(zt[i:i + chunk]).numpy() for i in range(0, len(zt), chunk)])
 
-    def _predict_matrix(self, source) -> np.ndarray:
+    def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._train import to_tensor
 
         z = self._encode(to_tensor(dense(source.X)))
-        return self.decode(self._transfer(z))
+        return self.decode(self._transfer(z, perturbation))
 
     # -------------------------------------------------------------------------------------- persistence
     def _state_arrays(self) -> dict[str, np.ndarray]:

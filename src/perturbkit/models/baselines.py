@@ -1,4 +1,5 @@
-"""Honest baselines: no change, and the mean expression shift learned on the training contexts."""
+"""Honest baselines: no change, the mean expression shift learned on the training contexts, and the additive
+baseline for combinations (the sum of the singles' shifts)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ class Control(Model):
 
     name = "control"
     NO_CHANGE = True
+    COMBINES = True  # nothing to combine: every perturbation is predicted as no change
 
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
         self.fit_info = {"description": "prediction = source cells unchanged"}
 
-    def _predict_matrix(self, source) -> np.ndarray:
+    def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         return dense(source.X)
 
 
 class MeanShift(Model):
     """Add the class-balanced mean expression difference (perturbed - control) of the training cells.
 
-    Every context seen in both conditions weighs the same within each condition, as in scGen's latent delta;
-    the shift is applied in expression space instead of latent space.
+    One shift per perturbation: within each condition every context seen with both the control and that
+    perturbation weighs the same, as in scGen's latent delta; the shift is applied in expression space instead
+    of latent space.
     """
 
     name = "mean_shift"
@@ -34,15 +37,45 @@ class MeanShift(Model):
         X = dense(adata.X)
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
-        ctrl, pert = balanced_means(X, cond, ctx, spec)
-        self.shift = (pert - ctrl).astype(np.float32)
-        self.fit_info = {"description": "prediction = source + balanced mean(perturbed) - mean(control)"}
+        self.shifts = {}
+        for p in self.trained:
+            ctrl, pert = balanced_means(X, cond, ctx, spec.for_label(p))
+            self.shifts[p] = (pert - ctrl).astype(np.float32)
+        self.fit_info = {"description": self.DESCRIPTION}
 
-    def _predict_matrix(self, source) -> np.ndarray:
-        return dense(source.X) + self.shift[None, :]
+    DESCRIPTION = "prediction = source + balanced mean(perturbed) - mean(control)"
+
+    def shift(self, perturbation: str) -> np.ndarray:
+        """The expression shift added to the source cells for ``perturbation``."""
+        return self.shifts[perturbation]
+
+    def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
+        return dense(source.X) + self.shift(perturbation)[None, :]
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
-        return {"shift": self.shift}
+        if self.spec.single:  # the two-condition layout of earlier saves
+            return {"shift": self.shifts[self.spec.perturbed]}
+        return {f"shift/{p}": v for p, v in self.shifts.items()}
 
     def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
-        self.shift = arrays["shift"]
+        if "shift" in arrays:
+            self.shifts = {self.trained[0]: arrays["shift"]}
+        else:
+            self.shifts = {k[len("shift/"):]: v for k, v in arrays.items() if k.startswith("shift/")}
+
+
+class Additive(MeanShift):
+    """The additive baseline: a combination ``A+B`` is the source plus the sum of its singles' mean shifts.
+
+    A single perturbation gets its own mean shift (as :class:`MeanShift`); a combination always gets the sum of
+    its singles' shifts, even when the combination itself was in the training data.
+    """
+
+    name = "additive"
+    COMBINES = True
+    DESCRIPTION = "prediction = source + sum of the singles' balanced mean shifts (combinations)"
+
+    def shift(self, perturbation: str) -> np.ndarray:
+        if self.spec.is_combination(perturbation):
+            return np.sum([self.shifts[s] for s in self.spec.singles(perturbation)], axis=0, dtype=np.float32)
+        return self.shifts[perturbation]

@@ -36,6 +36,7 @@ class ScGen(VAEModel):
 
     name = "scgen"
     COST = 3.0
+    COMBINES = True
     DEFAULTS = dict(
         n_hidden=800, n_latent=100, n_layers=2, dropout_rate=0.2, batch_norm=True, activation="leaky_relu",
         output_activation="relu", kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,
@@ -52,14 +53,28 @@ class ScGen(VAEModel):
                              "'paired' (cell types seen in both conditions, default) or 'all' (reference scGen).")
 
     def _fit_transfer(self, z, cond, ctx, spec: PerturbSpec, *, seed: int) -> None:
-        ctrl, pert = balanced_means(z, cond, ctx, spec, contexts=self.params["delta_contexts"])
-        self.delta = (pert - ctrl).astype(np.float32)
+        self.deltas = {}
+        for p in self.trained:  # one balanced delta per perturbation, over the contexts that have it
+            ctrl, pert = balanced_means(z, cond, ctx, spec.for_label(p), contexts=self.params["delta_contexts"])
+            self.deltas[p] = (pert - ctrl).astype(np.float32)
 
-    def _transfer(self, z: np.ndarray) -> np.ndarray:
-        return z + self.delta[None, :]
+    def delta(self, perturbation: str) -> np.ndarray:
+        """The latent delta of ``perturbation``; an unseen combination's is the sum of its singles' deltas
+        (scGen's latent arithmetic)."""
+        if perturbation in self.deltas:
+            return self.deltas[perturbation]
+        return np.sum([self.deltas[s] for s in self.spec.singles(perturbation)], axis=0, dtype=np.float32)
+
+    def _transfer(self, z: np.ndarray, perturbation: str) -> np.ndarray:
+        return z + self.delta(perturbation)[None, :]
 
     def _transfer_arrays(self) -> dict[str, np.ndarray]:
-        return {"delta": self.delta}
+        if self.spec.single:  # the two-condition layout of earlier saves
+            return {"delta": self.deltas[self.spec.perturbed]}
+        return {f"delta/{p}": v for p, v in self.deltas.items()}
 
     def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
-        self.delta = arrays["delta"]
+        if "delta" in arrays:
+            self.deltas = {self.trained[0]: arrays["delta"]}
+        else:
+            self.deltas = {k[len("delta/"):]: v for k, v in arrays.items() if k.startswith("delta/")}

@@ -181,14 +181,14 @@ class ScPRAM(VAEModel):
 
         return {"attention": pl.attention_heatmap(self, source)}
 
-    def _predict_matrix(self, source) -> np.ndarray:
+    def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._base import dense
         from ._train import to_tensor
 
         z = self._query_latent(to_tensor(dense(source.X)))
-        return self.decode(self._transfer(z))
+        return self.decode(self._transfer(z, perturbation))
 
-    def _transfer(self, z: np.ndarray) -> np.ndarray:
+    def _transfer(self, z: np.ndarray, perturbation: str) -> np.ndarray:
         return (z + self._weights(z) @ self.paired_delta).astype(np.float32)
 
     def _weights(self, z: np.ndarray) -> sp.csr_matrix:
