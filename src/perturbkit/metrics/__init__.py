@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError, check_seed, choices_text, suggest
-from .evaldata import MAX_PCS, Embedding, EvalData, prepare, top_degs
+from .evaldata import MAX_PCS, Embedding, EvalData, ceiling_split, prepare, top_degs
 from .functions import (
     MMD_GAMMA,
     deg_jaccard_top100,
@@ -55,22 +55,36 @@ from .functions import (
     r2score_mean_all,
     r2score_mean_top100,
 )
+from .screen import (
+    EffectTest,
+    discrimination_score,
+    effect_table,
+    effect_test,
+    evaluate_screen,
+    pearson_delta_systema,
+)
 
 __all__ = [
     "COLUMNS",
     "MAX_PCS",
     "METRICS",
     "MMD_GAMMA",
+    "EffectTest",
     "Embedding",
     "EvalData",
     "Metric",
     "ceiling",
+    "discrimination_score",
+    "effect_table",
+    "effect_test",
     "energy_distance",
     "evaluate",
+    "evaluate_screen",
     "list_metrics",
     "mean_var_kde_distance",
     "mmd_rbf",
     "normalise",
+    "pearson_delta_systema",
     "prepare",
     "resolve",
     "score",
@@ -368,11 +382,8 @@ def ceiling(
     n = truth.n_obs
     if n < 4:
         raise InputError(f"ceiling needs at least 4 truth cells (2 per half), got {n}.")
-    order = np.random.default_rng(seed).permutation(n)
-    half = n // 2
-    return evaluate(
-        truth[order[half:]], truth[order[:half]], source, metrics=metrics, n_boot=n_boot, ci=ci, seed=seed
-    )
+    pred_cells, truth_cells = ceiling_split(n, seed)
+    return evaluate(truth[truth_cells], truth[pred_cells], source, metrics=metrics, n_boot=n_boot, ci=ci, seed=seed)
 
 
 def normalise(

@@ -321,3 +321,10 @@ def top_degs(target, source, n: int = 100) -> list[str]:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise InputError(f"n must be a positive integer, got {n!r}.")
     return _wilcoxon_top(t, s, pd.Index(target.var_names).astype(str), min(int(n), t.shape[1]))
+
+
+def ceiling_split(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prediction cells, truth cells) of :func:`perturbkit.metrics.ceiling`'s split of ``n`` real cells:
+    ``order = default_rng(seed).permutation(n)``; the first ``n // 2`` predict the rest."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[: n // 2], order[n // 2 :]
