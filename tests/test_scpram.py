@@ -17,12 +17,13 @@ from perturbkit.models.scpram import attention_weights, ot_pairing
 KEYS = np.array([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0], [0.2, 1.0]], dtype=np.float32)  # two groups of controls
 DELTAS = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [0.0, 4.0]], dtype=np.float32)  # their paired deltas
 QUERIES = np.array([[2.0, 0.1], [0.1, 2.0], [1.0, 0.9]], dtype=np.float32)
+PERT = pk.PerturbSpec().perturbed
 
 
 def _handmade(**params) -> ScPRAM:
     """A fitted-looking ScPRAM: only the latent transfer state, set by hand (the decoder is not needed)."""
     model = ScPRAM(ratio=0.5, **params)
-    model.control_latent, model.paired_delta = KEYS, DELTAS
+    model._controls, model._pairs = KEYS, {PERT: (np.arange(len(KEYS)), DELTAS)}
     return model
 
 
@@ -36,7 +37,7 @@ def _expected_delta(q: np.ndarray, k: int) -> np.ndarray:
 
 def test_each_query_cell_gets_its_own_delta():
     model = _handmade()
-    delta = model._transfer(QUERIES) - QUERIES
+    delta = model._transfer(QUERIES, PERT) - QUERIES
     for q, d in zip(QUERIES, delta):
         assert np.allclose(d, _expected_delta(q, 2), atol=1e-6)
     # the first query's neighbours are the first group, the second query's the second group
@@ -46,9 +47,9 @@ def test_each_query_cell_gets_its_own_delta():
 
 
 def test_first_cell_attention_shares_the_first_cells_delta():
-    delta = _handmade(attention="first_cell")._transfer(QUERIES) - QUERIES
+    delta = _handmade(attention="first_cell")._transfer(QUERIES, PERT) - QUERIES
     assert np.allclose(delta, _expected_delta(QUERIES[0], 2)[None, :], atol=1e-6)
-    per_cell = _handmade()._transfer(QUERIES) - QUERIES
+    per_cell = _handmade()._transfer(QUERIES, PERT) - QUERIES
     assert np.allclose(delta[0], per_cell[0]) and not np.allclose(delta[1], per_cell[1])
 
 
@@ -162,6 +163,28 @@ def test_same_seed_same_prediction_and_save_load_round_trip(fitted, syn, tmp_pat
     assert np.array_equal(loaded.predict(source).X, pred)
     assert (loaded.attention(source) != model.attention(source)).nnz == 0
     assert np.array_equal(loaded.control_context, model.control_context)
+
+
+def test_a_screen_of_one_perturbation_predicts_as_the_two_condition_case(syn, tmp_path):
+    from safetensors.numpy import load_file
+
+    spec, train, source, _ = _task(syn)
+    params = dict(FAST, epochs=2)
+    pair = get("scpram", **params).fit(train, spec, seed=0)
+    screen = get("scpram", **params).fit(train, pk.PerturbSpec(perturbed=[spec.perturbed]), seed=0)
+    assert screen.trained == pair.trained == [spec.perturbed]
+    assert np.array_equal(screen.predict(source).X, pair.predict(source).X)
+    for a, b in zip(screen.pairing(), (pair.control_latent, pair.paired_delta, pair.control_context)):
+        assert np.array_equal(a, b)
+    # the two-condition case keeps its fit_info and save layout; a screen reports and stores per perturbation
+    assert {"ot", "transfer"} <= set(pair.fit_info) and "perturbations" not in pair.fit_info
+    assert screen.fit_info["perturbations"][spec.perturbed]["ot"] == {
+        **pair.fit_info["ot"], "seconds": screen.fit_info["perturbations"][spec.perturbed]["ot"]["seconds"]}
+    assert {k for k in load_file(str(pair.save(tmp_path / "pair") / "weights.safetensors"))
+            if k.startswith("transfer.")} == {"transfer.control_latent", "transfer.paired_delta",
+                                              "transfer.control_context_code"}
+    saved = load_file(str(screen.save(tmp_path / "s") / "weights.safetensors"))
+    assert "transfer.p/stimulated/paired_delta" in saved
 
 
 def test_latent_sampling_is_seeded(syn):

@@ -91,6 +91,9 @@ class Model:
         self.var_names = [str(v) for v in adata.var_names]
         cond = adata.obs[spec.condition_key].astype(str)
         self.trained = [p for p in spec.perturbations(adata) if (cond == p).any()]
+        if not self.trained:
+            raise InputError(f"{self.name}: the training cells hold none of the requested perturbations "
+                             f"({spec.perturbed!r}); there is no response to learn.", params=("perturbed",))
         if callback is not None and self.needs_torch:
             self._fit(adata, spec, seed=seed, progress=progress, callback=callback)
         else:

@@ -33,6 +33,12 @@ Differences from the package, on purpose (see docs/scpram.md):
 
 As in the package, only contexts (cell types) seen in both conditions in the training data take part in the
 pairing and serve as attention keys: the held-out cell type's control cells have no perturbed counterpart.
+
+Screens (several perturbations): one VAE is fitted on every training cell; then each perturbation ``p`` gets
+its own pairing (steps 2 and 3 above) of the control cells of the contexts that have both control and ``p``
+cells with ``p``'s cells, and ``p`` is predicted from its own attention-weighted deltas. An unseen combination
+``A+B`` is predicted as ``z + delta_A(z) + delta_B(z)``, each single's attention-weighted delta for the same
+query cell: the latent-arithmetic extension (as scGen's), not part of the published method.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.sparse as sp
@@ -54,6 +60,17 @@ OT_COSTS = ("sqeuclidean", "euclidean")
 ATTENTION = ("cell", "first_cell")
 SINKHORN_MAX_ITER = 1000
 EMD_MAX_ITER = 10_000_000
+
+
+class Pairing(NamedTuple):
+    """One perturbation's pairing: its training control cells and the delta each was paired with."""
+
+    #: latents of the training control cells of the contexts seen with the perturbation (training order)
+    control_latent: np.ndarray
+    #: ``z_paired_perturbed - z_control`` of each of those control cells
+    paired_delta: np.ndarray
+    #: the context of each of those control cells
+    control_context: np.ndarray | None
 
 
 class ScPRAM(VAEModel):
@@ -82,10 +99,16 @@ class ScPRAM(VAEModel):
     latent_sampling
         False: posterior means for pairing and queries (default). True: one posterior draw per cell, seeded by
         the fit seed (the package draws unseeded).
+
+    Several perturbations (a screen): one VAE, then one OT pairing and attention per perturbation (each over
+    the control cells of the contexts seen with it; :meth:`pairing`). An unseen combination ``A+B`` adds the
+    singles' attention-weighted deltas for the same query cell, ``z + delta_A(z) + delta_B(z)``: a
+    latent-arithmetic extension, not part of the published method.
     """
 
     name = "scpram"
     COST = 2.0
+    COMBINES = True
     PREDICT_PARAMS = ("ratio", "attention")
     OPTIONS = {
         "ratio": (float, "share of control cells attended to"),
@@ -110,9 +133,11 @@ class ScPRAM(VAEModel):
     def __init__(self, **params: Any):
         super().__init__(**params)
         _validate(self.params)
-        self.control_latent: np.ndarray | None = None
-        self.paired_delta: np.ndarray | None = None
-        self.control_context: np.ndarray | None = None
+        #: latents and contexts of the training control cells that take part in a pairing (training order)
+        self._controls: np.ndarray | None = None
+        self._controls_context: np.ndarray | None = None
+        #: perturbation -> (rows of its control cells in ``_controls``, their paired deltas)
+        self._pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._seed: int | None = None
         self._rng = None  # a torch.Generator while encoding with latent_sampling=True
 
@@ -133,53 +158,128 @@ class ScPRAM(VAEModel):
 
     def _fit_transfer(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
                       seed: int) -> None:
-        """Pair the training control cells with the training perturbed cells by OT; keep their latent deltas.
+        """For each learned perturbation, pair its training control cells with its perturbed cells by OT; keep
+        their latent deltas.
 
-        Only contexts with cells of both conditions take part. Each control cell's partner is the perturbed cell
-        holding the largest share of its row of the transport plan (the package's ``torch.max(G, 0)``). We keep
-        this argmax rather than the barycentric projection ``n_control * P @ z_perturbed``: the paper pairs a
-        control cell with a perturbed *cell*, and under entropic OT the projection is a blurred average over many
-        perturbed cells (it shrinks every delta towards the mean delta by an amount set by ``ot_reg``), whereas
-        the argmax stays a real perturbed cell and is the same under exact OT and under a sharp enough plan.
+        Only contexts with cells of both the control and the perturbation take part. Each control cell's
+        partner is the perturbed cell holding the largest share of its row of the transport plan (the
+        package's ``torch.max(G, 0)``). We keep this argmax rather than the barycentric projection
+        ``n_control * P @ z_perturbed``: the paper pairs a control cell with a perturbed *cell*, and under
+        entropic OT the projection is a blurred average over many perturbed cells (it shrinks every delta
+        towards the mean delta by an amount set by ``ot_reg``), whereas the argmax stays a real perturbed cell
+        and is the same under exact OT and under a sharp enough plan.
         """
         p = self.params
-        paired = np.intersect1d(np.unique(ctx[cond == spec.control]), np.unique(ctx[cond == spec.perturbed]))
-        use = np.isin(ctx, paired)
-        zc = np.ascontiguousarray(z[use & (cond == spec.control)], dtype=np.float32)
-        zp = np.ascontiguousarray(z[use & (cond == spec.perturbed)], dtype=np.float32)
-        partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
-                                   tol=p["ot_tol"], cost=p["ot_cost"])
-        self.control_latent = zc
-        self.control_context = ctx[use & (cond == spec.control)].astype(str)
-        self.paired_delta = (zp[partner] - zc).astype(np.float32)
-        info["distinct_partners"] = int(len(np.unique(partner)))
-        left_out = sorted(set(np.unique(ctx)) - set(paired))
-        self._fit_extra = {
-            "ot": info,
-            "transfer": {"n_control": int(len(zc)), "n_perturbed": int(len(zp)), "contexts": paired.tolist(),
-                         "contexts_left_out": left_out, "attention": p["attention"], "ratio": p["ratio"],
-                         "n_attended": n_attended(p["ratio"], len(zc))},
-        }
+        if not self.trained:
+            raise InputError(f"scpram: no requested perturbation (perturbed={spec.to_dict()['perturbed']!r}) "
+                             "has cells in the training data; nothing to learn.", params=("perturbed",))
+        is_control = cond == spec.control
+        paired = {label: np.intersect1d(np.unique(ctx[is_control]), np.unique(ctx[cond == label]))
+                  for label in self.trained}
+        lonely = [label for label, contexts in paired.items() if len(contexts) == 0]
+        if lonely:
+            raise InputError(f"scpram: perturbation(s) {lonely[:5]} share no context with control cells in "
+                             "the training data, so no control cell can be paired with them; train with "
+                             f"control cells ({spec.control!r}) of their contexts, or leave them out of "
+                             "perturbed.", params=("perturbed",))
+        keep = is_control & np.isin(ctx, np.unique(np.concatenate(list(paired.values()))))
+        self._controls = np.ascontiguousarray(z[keep], dtype=np.float32)
+        self._controls_context = ctx[keep].astype(str)
+        self._pairs, report = {}, {}
+        for label in self.trained:
+            use = np.isin(ctx, paired[label])
+            rows = np.flatnonzero(use[keep])
+            zc = self._controls if len(rows) == len(self._controls) else self._controls[rows]
+            zp = np.ascontiguousarray(z[use & (cond == label)], dtype=np.float32)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
+                                           tol=p["ot_tol"], cost=p["ot_cost"])
+            for w in caught:  # a screen's warning names its perturbation
+                text = w.message if spec.single else f"perturbation {label!r}: {w.message}"
+                warnings.warn(text, w.category, stacklevel=2)
+            self._pairs[label] = (rows, (zp[partner] - zc).astype(np.float32))
+            info["distinct_partners"] = int(len(np.unique(partner)))
+            report[label] = {
+                "ot": info,
+                "transfer": {"n_control": int(len(zc)), "n_perturbed": int(len(zp)),
+                             "contexts": paired[label].tolist(),
+                             "contexts_left_out": sorted(set(np.unique(ctx)) - set(paired[label])),
+                             "attention": p["attention"], "ratio": p["ratio"],
+                             "n_attended": n_attended(p["ratio"], len(zc))},
+            }
+        if spec.single:
+            self._fit_extra = report[self.trained[0]]
+        else:
+            self._fit_extra = {
+                "pairing": {"n_controls": int(len(self._controls)), "attention": p["attention"],
+                            "ratio": p["ratio"],
+                            "ot_converged": all(r["ot"]["converged"] for r in report.values()),
+                            "combinations": "an unseen A+B adds the singles' attention-weighted deltas "
+                                            "(latent arithmetic, not in the paper)"},
+                "perturbations": report,
+            }
 
     # --------------------------------------------------------------------------------------- predict
-    def attention(self, source) -> sp.csr_matrix:
-        """Attention weights of the cells of ``source`` over the training control cells.
+    def pairing(self, perturbation: str | None = None) -> Pairing:
+        """The training control cells and paired deltas of ``perturbation`` (omit it when one was learned)."""
+        rows, delta = self._pairs[self._pair_label(perturbation)]
+        every = len(rows) == len(self._controls)
+        ctx = self._controls_context
+        return Pairing(self._controls if every else self._controls[rows], delta,
+                       ctx if ctx is None or every else ctx[rows])
+
+    @property
+    def control_latent(self) -> np.ndarray | None:
+        """The training control latents of the one learned perturbation (None before fitting; a screen has one
+        set per perturbation: :meth:`pairing`)."""
+        return self.pairing().control_latent if self._pairs else None
+
+    @property
+    def paired_delta(self) -> np.ndarray | None:
+        """The paired delta of each of :attr:`control_latent` (one learned perturbation; :meth:`pairing`)."""
+        return self.pairing().paired_delta if self._pairs else None
+
+    @property
+    def control_context(self) -> np.ndarray | None:
+        """The context of each of :attr:`control_latent` (one learned perturbation; see :meth:`pairing`)."""
+        return self.pairing().control_context if self._pairs else None
+
+    def _pair_label(self, perturbation: str | None) -> str:
+        """The learned perturbation whose pairing is asked for (clear errors for any other)."""
+        if perturbation is None and len(self._pairs) == 1:
+            return next(iter(self._pairs))
+        label = self.resolve(perturbation)
+        if label not in self._pairs:
+            singles = ", ".join(map(repr, self.spec.singles(label)))
+            raise InputError(f"scpram: {label!r} was not in the training data, so it has no pairing or "
+                             f"attention of its own; its prediction adds the attention-weighted deltas of "
+                             f"{singles}. Ask for one of those.", params=("perturbation",))
+        return label
+
+    def attention(self, source, perturbation: str | None = None) -> sp.csr_matrix:
+        """Attention weights of the cells of ``source`` over the training control cells of ``perturbation``.
 
         A sparse (n_source x n_training_control) matrix whose rows sum to 1; column ``j`` is the ``j``-th control
-        cell of the paired contexts, in training order (``model.control_latent[j]``).
+        cell of the contexts paired with the perturbation, in training order
+        (``model.pairing(perturbation).control_latent[j]``; ``model.control_latent[j]`` with one).
+        ``perturbation`` may be omitted when the model learned one.
         """
         from ._base import dense
         from ._train import to_tensor
 
         self._check_fitted()
+        label = self._pair_label(perturbation)
         self.check_genes(source, "source")
-        return self._weights(self._query_latent(to_tensor(dense(source.X))))
+        return self._weights(self._query_latent(to_tensor(dense(source.X))), label)
 
     def figures(self, source) -> dict[str, Any]:
-        """``attention``: the tutorial's heatmap of the query cells' attention over the training control cells."""
+        """``attention``: the tutorial's heatmap of the query cells' attention over the training control cells
+        (for a screen, that of the first learned perturbation, named in the title)."""
         from .. import pl
 
-        return {"attention": pl.attention_heatmap(self, source)}
+        first = None if self.spec.single else self.trained[0]
+        return {"attention": pl.attention_heatmap(self, source, perturbation=first)}
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._base import dense
@@ -189,10 +289,19 @@ class ScPRAM(VAEModel):
         return self.decode(self._transfer(z, perturbation))
 
     def _transfer(self, z: np.ndarray, perturbation: str) -> np.ndarray:
-        return (z + self._weights(z) @ self.paired_delta).astype(np.float32)
+        """``z`` plus the attention-weighted paired deltas of ``perturbation``; for an unseen combination the
+        sum of its singles' (each single's own attention for the same query cell)."""
+        labels = [perturbation] if perturbation in self._pairs else self.spec.singles(perturbation)
+        delta = None
+        for label in labels:
+            d = self._weights(z, label) @ self._pairs[label][1]
+            delta = d if delta is None else delta + d
+        return (z + delta).astype(np.float32)
 
-    def _weights(self, z: np.ndarray) -> sp.csr_matrix:
-        return attention_weights(z, self.control_latent, self.params["ratio"], mode=self.params["attention"])
+    def _weights(self, z: np.ndarray, perturbation: str) -> sp.csr_matrix:
+        rows = self._pairs[perturbation][0]
+        keys = self._controls if len(rows) == len(self._controls) else self._controls[rows]
+        return attention_weights(z, keys, self.params["ratio"], mode=self.params["attention"])
 
     def _query_latent(self, X) -> np.ndarray:
         """Latents of query cells: posterior means, or seeded draws (the same draws on every call)."""
@@ -224,17 +333,29 @@ class ScPRAM(VAEModel):
 
     # ----------------------------------------------------------------------------------- persistence
     def _transfer_arrays(self) -> dict[str, np.ndarray]:
-        codes = np.unique(self.control_context, return_inverse=True)[1]  # names: _state_json
-        return {"control_latent": self.control_latent, "paired_delta": self.paired_delta,
-                "control_context_code": codes.astype(np.int32)}
+        """One perturbation: the layout of earlier saves (its control latents are all of ``_controls``). A
+        screen: the control latents once, and per perturbation ``p/<label>/control_index`` and
+        ``p/<label>/paired_delta``."""
+        codes = np.unique(self._controls_context, return_inverse=True)[1]  # names: _state_json
+        arrays = {"control_latent": self._controls, "control_context_code": codes.astype(np.int32)}
+        if self.spec.single:
+            return {**arrays, "paired_delta": self._pairs[self.trained[0]][1]}
+        for label, (rows, delta) in self._pairs.items():
+            arrays[f"p/{label}/control_index"] = rows.astype(np.int64)
+            arrays[f"p/{label}/paired_delta"] = delta
+        return arrays
 
     def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
-        self.control_latent = arrays["control_latent"]
-        self.paired_delta = arrays["paired_delta"]
-        self.control_context = np.asarray(self._context_names, dtype=str)[arrays["control_context_code"]]
+        self._controls = arrays["control_latent"]
+        self._controls_context = np.asarray(self._context_names, dtype=str)[arrays["control_context_code"]]
+        if "paired_delta" in arrays:
+            self._pairs = {self.trained[0]: (np.arange(len(self._controls)), arrays["paired_delta"])}
+        else:
+            self._pairs = {label: (arrays[f"p/{label}/control_index"], arrays[f"p/{label}/paired_delta"])
+                           for label in self.trained}
 
     def _state_json(self) -> dict:
-        names = np.unique(self.control_context).tolist()
+        names = np.unique(self._controls_context).tolist()
         return {"seed": self._seed, "control_contexts": names}
 
     def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
