@@ -230,14 +230,31 @@ class Objective:
         return value
 
 
+class Surplus(Exception):
+    """A trial begun when the study already held its total (workers that read the same count at once)."""
+
+
 def optimize(study, objective, n_total: int, *, log=print, progress: bool = True, max_failures: int = 3):
     """Run trials in this process until the study holds ``n_total`` counted trials; returns the trials run
-    (number, state, value)."""
+    (number, state, value).
+
+    Workers that read the count together may each begin a trial; the storage numbers trials one by one, so a
+    trial with ``n_total`` counted trials numbered below it is surplus: it fails at once (``error``: surplus)
+    without training, and the study ends with exactly ``n_total`` finished trials.
+    """
     import optuna
     from optuna.trial import TrialState
 
     ran: list[dict[str, Any]] = []
     failures = 0
+
+    def bounded(trial):
+        earlier = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                           TrialState.RUNNING))
+        if sum(1 for t in earlier if t.number < trial.number) >= n_total:
+            trial.set_user_attr("error", f"surplus: the study held its {n_total} trials when this one began")
+            raise Surplus()
+        return objective(trial)
 
     def note(study_, frozen):
         ran.append({"number": frozen.number, "state": frozen.state.name, "value": frozen.value})
@@ -259,7 +276,7 @@ def optimize(study, objective, n_total: int, *, log=print, progress: bool = True
             optuna.storages.fail_stale_trials(study)
             if counted(study) >= n_total:
                 break
-            study.optimize(objective, n_trials=1, callbacks=[note])
+            study.optimize(bounded, n_trials=1, callbacks=[note], catch=(Surplus,))
             failures = failures + 1 if ran and ran[-1]["state"] == "FAIL" else 0
             if bar is not None:
                 bar.n = min(counted(study), n_total)
