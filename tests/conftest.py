@@ -1,6 +1,12 @@
 from __future__ import annotations
 
+import glob
 import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +85,56 @@ def offline_rocv(monkeypatch):
         return pk.record.validate(crate_dir, profile, severity=severity, offline=False,
                                   cache_path=Path(crate_dir).parent / ".rocv-cache")
     return check
+
+
+# ------------------------------------------------- a throw-away PostgreSQL server (test_tune.py, test_slurm.py)
+
+
+def pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    hits = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return hits[-1] if hits else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throw-away PostgreSQL server on 127.0.0.1 (initdb + pg_ctl in a temp dir; as user postgres if
+    root)."""
+    initdb, pg_ctl = pg_bin("initdb"), pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        skip_without("PostgreSQL server binaries (initdb, pg_ctl) not found; install Debian's `postgresql` "
+                     "package")
+    import psycopg2  # noqa: F401  (the test extra installs psycopg2-binary: Optuna's PostgreSQL driver)
+    root = Path(tempfile.mkdtemp(prefix="pk-pg-"))
+    datadir = root / "data"
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        runuser = shutil.which("runuser")
+        if runuser is None:
+            skip_without("running as root without `runuser` to start PostgreSQL as user postgres")
+        as_user = [runuser, "-u", "postgres", "--"]
+        shutil.chown(root, "postgres")
+    port = free_port()
+    try:
+        subprocess.run([*as_user, initdb, "-D", str(datadir), "-U", "postgres", "--auth=trust", "-E", "UTF8",
+                        "--no-sync"], check=True, capture_output=True, text=True)
+        opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-o", opts, "-l", str(root / "log"), "-w", "-t",
+                        "60", "start"], check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(root, ignore_errors=True)
+        raise RuntimeError(f"could not start PostgreSQL: {exc.stderr}") from None
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(datadir), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

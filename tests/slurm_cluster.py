@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 CONF = Path("/etc/slurm/slurm.conf")
 MARK = "# written by perturbkit tests/slurm_cluster.py"
 PARTITION = "cpu"  # the partition workflow/profiles/slurm submits to
@@ -39,12 +41,6 @@ class Unavailable(RuntimeError):
 def find(name: str) -> str | None:
     """A SLURM/munge program on PATH or in /usr/sbin (daemons are not on a normal user's PATH)."""
     return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mem_mb() -> int:

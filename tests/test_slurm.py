@@ -1,6 +1,7 @@
 """Beyond one machine, for real: the benchmark through Snakemake's SLURM executor on a single-node SLURM
-cluster (tests/slurm_cluster.py) with the shipped profile, a cancelled job resubmitted alone, and the
-workflow packaged as a Workflow RO-Crate (validated with roc-validator), which a run crate can point at.
+cluster (tests/slurm_cluster.py) with the shipped profile, a cancelled job resubmitted alone, tuning workers
+as a SLURM array job on one PostgreSQL study with one worker cancelled mid-trial, and the workflow packaged as
+a Workflow RO-Crate (validated with roc-validator), which a run crate can point at.
 
 The SLURM tests need root and Debian's slurm-wlm and munge packages (.ci/run installs them; `make slurm`
 runs this file); they fail instead of skipping under PERTURBKIT_SYSTEM_TESTS=1."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,9 +18,11 @@ import time
 import zipfile
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import slurm_cluster
 from conftest import skip_without
+from test_tune import write_config
 from test_workflow import SMALL, SNAKEFILE
 
 import perturbkit as pk
@@ -27,6 +31,7 @@ from perturbkit.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "workflow" / "profiles" / "slurm"
+TUNE_ARRAY = ROOT / "workflow" / "tune-array.sbatch"
 #: the test cluster has no accounting database, so job states come from squeue, not sacct; and it checks them
 #: every second rather than after the 40 s a busy cluster deserves
 TEST_CLUSTER = ("--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1")
@@ -79,7 +84,6 @@ def cells_of(local: Path) -> list[str]:
 def test_bench_through_slurm_equals_local_run(slurm, small, tmp_path):
     cfg, local = small
     out = tmp_path / "slurm"
-    t0 = time.monotonic()
     res = subprocess.run(snakemake_cmd(tmp_path, cfg, out), capture_output=True, text=True, timeout=900)
     log = res.stdout + res.stderr
     assert res.returncode == 0, log[-4000:] + slurm.logs()
@@ -88,13 +92,13 @@ def test_bench_through_slurm_equals_local_run(slurm, small, tmp_path):
     assert jobs == {**{CELL_JOB + c: "COMPLETED" for c in cells_of(local)}, "rule_bench_aggregate": "COMPLETED"}
     assert (out / "summary.csv").read_bytes() == (local / "summary.csv").read_bytes()
     assert (out / "scores.csv").read_bytes() == (local / "scores.csv").read_bytes()
-    assert json.loads((out / "ro-crate-metadata.json").read_text())["@graph"]
+    graph = {e["@id"]: e for e in json.loads((out / "ro-crate-metadata.json").read_text())["@graph"]}
+    assert graph["./"]["mainEntity"] == {"@id": "workflow/Snakefile"}  # a Workflow Run Crate of the workflow
     again = subprocess.run(snakemake_cmd(tmp_path, cfg, out, "-n"), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-    print(f"SLURM benchmark run: {time.monotonic() - t0:.0f} s")
 
 
-def test_cancelled_job_is_all_a_rerun_resubmits(slurm, small, tmp_path):
+def test_rerun_after_scancel_resubmits_only_the_cancelled_cell(slurm, small, tmp_path):
     cfg, local = small
     out = tmp_path / "slurm"
     cells = cells_of(local)
@@ -123,6 +127,95 @@ def test_cancelled_job_is_all_a_rerun_resubmits(slurm, small, tmp_path):
     assert run_jobs(slurm, log) == {CELL_JOB + cancelled: "COMPLETED", "rule_bench_aggregate": "COMPLETED"}
     assert {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in finished} == finished
     assert (out / "summary.csv").read_bytes() == (local / "summary.csv").read_bytes()
+
+
+# --------------------------------------------------------------------------- tuning workers as an array job
+
+
+def test_tuning_array_job_loses_no_trial_when_a_worker_is_killed(slurm, postgres, syn_path, tmp_path):
+    """workflow/tune-array.sbatch: N array tasks share one PostgreSQL study of T trials; one task is cancelled
+    mid-trial (SIGTERM, as scancel and time limits send): its trial is marked failed and replaced, the study
+    holds exactly T finished trials, and the results job after the array retrains the best as ever."""
+    import optuna
+    from optuna.trial import TrialState
+
+    n_workers, n_trials = 3, 8
+    cfg = write_config(tmp_path / "tune.toml", syn_path, trials=n_trials)
+    # trials of a few seconds, none cut short by the pruner: the cancel lands inside a trial
+    text = cfg.read_text()
+    longer = text.replace("epochs = 3\n", "epochs = 20\n").replace("[tune.pruner]\nn_startup_trials = 2",
+                                                                   '[tune.pruner]\nkind = "none"')
+    assert longer.count("epochs = 20") == 1 and 'kind = "none"' in longer, text
+    cfg.write_text(longer)
+    out, study_name = tmp_path / "tune", "array-test"
+    env = {**os.environ, "PERTURBKIT": f"{sys.executable} -m perturbkit", "OMP_NUM_THREADS": "1"}
+    args = [str(TUNE_ARRAY), str(cfg), str(out), postgres, "--study", study_name]
+
+    storage = optuna.storages.RDBStorage(postgres)  # one connection pool for all the polling below
+
+    def sbatch(*opts: str) -> str:
+        res = subprocess.run(["sbatch", "--parsable", "--mem=1000", f"--chdir={tmp_path}", *opts], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout.strip()
+
+    array = sbatch(f"--array=0-{n_workers - 1}", f"--output={tmp_path}/worker-%a.log", *args)
+    results = sbatch(f"--dependency=afterany:{array}", f"--output={tmp_path}/results.log", *args,
+                     "--worker", str(n_workers))
+
+    def states() -> dict[str, str]:
+        return {jid: state for jid, state, *_ in slurm.jobs()}
+
+    def study():
+        try:
+            return optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:  # not created yet
+            return None
+
+    # cancel task 1 while it runs a trial: once a trial has finished (its length tells how long trials take),
+    # at a moment when every running task holds a trial and each of those began less than a third of the
+    # shortest finished trial ago, so none is about to end when the signal lands
+    victim, running_then, deadline = f"{array}_1", None, time.monotonic() + 300
+    while running_then is None and time.monotonic() < deadline:
+        st, jobs = study(), states()
+        if st is not None and jobs.get(victim) == "RUNNING":
+            trials = st.get_trials(deepcopy=False)
+            done = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                    if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            tasks = [j for j, s in jobs.items() if j.startswith(f"{array}_") and s == "RUNNING"]
+            now = time.time()
+            if (done and len(running) == len(tasks)
+                    and all(now - t.datetime_start.timestamp() < min(done) / 3 for t in running)):
+                slurm.run("scancel", victim)
+                running_then = {t.number for t in running}
+        time.sleep(0.1)
+    assert running_then is not None, "never saw every running worker inside a fresh trial"
+    while time.monotonic() < deadline + 600 and states().get(results) in ("PENDING", "RUNNING", "COMPLETING"):
+        time.sleep(1)
+    jobs = states()
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(tmp_path.glob("*.log")))
+    assert jobs[victim] == "CANCELLED" and jobs[results] == "COMPLETED", (jobs, logs)
+    assert all(jobs[f"{array}_{i}"] == "COMPLETED" for i in range(n_workers) if i != 1), (jobs, logs)
+
+    trials = study().get_trials(deepcopy=False)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # distinct, none lost
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    killed = [t for t in failed if "error" not in t.user_attrs]  # no error of its own: interrupted
+    assert len(killed) == 1 and killed[0].number in running_then, ([(t.number, t.user_attrs) for t in failed], logs)
+    # any other failure is a trial begun beyond the total by workers that read the count together
+    assert all(t.user_attrs["error"].startswith("surplus") for t in failed if t is not killed[0]), logs
+    assert len(finished) == n_trials and len(trials) == n_trials + len(failed), logs  # the killed one replaced
+    assert max(t.number for t in finished) > killed[0].number
+    # the killed worker wrote no record; the others' records and the results job's tables hold every trial
+    assert not (out / "workers" / "worker-1.json").exists()
+    assert all((out / "workers" / f"worker-{i}.json").is_file() for i in (0, 2))
+    table = pd.read_csv(out / "trials.csv")
+    assert len(table) == len(trials) and (table["state"] == "FAIL").sum() == len(failed)
+    best = json.loads((out / "best_params.json").read_text())
+    assert best["trial"] == study().best_trial.number and best["validation_value"] == study().best_value
+    assert (out / "final_summary.csv").is_file() and (out / "ro-crate-metadata.json").is_file()
 
 
 # ------------------------------------------------------------------------------ the workflow as a crate
@@ -182,7 +275,7 @@ def test_run_crate_points_at_the_workflow_crate(small, tmp_path, offline_rocv):
     writes it); its run crate then names workflow/Snakefile as mainEntity and instrument (Workflow Run Crate)."""
     import shutil
 
-    cfg, local = small
+    _, local = small
     run = tmp_path / "run"
     shutil.copytree(local, run)
     assert main(["workflow-crate", "--workflow", str(ROOT / "workflow"), "--out", str(run / "workflow")]) == 0

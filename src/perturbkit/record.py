@@ -286,10 +286,13 @@ SCHEMA_TYPES = {"string": "Text", "integer": "Integer", "number": "Float", "bool
 
 
 def header(path: Path) -> str:
-    """The first paragraph of a file's leading ``#`` comment, as one line (what the file is)."""
+    """The first paragraph of a file's leading ``#`` comment, as one line (what the file is); it ends at an
+    empty or indented (example command) comment line."""
     lines = []
     for line in path.read_text().splitlines():
-        text = line[1:].strip() if line.startswith("#") else None
+        if not lines and line.startswith("#!"):  # a script's interpreter line
+            continue
+        text = line[1:].strip() if line.startswith("#") and not line.startswith("#  ") else None
         if not text:
             break
         lines.append(text)
