@@ -33,7 +33,8 @@ def run_dir(syn_path, tmp_path_factory):
 def test_predict_writes_contract_files(run_dir, syn_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["pred.h5ad", "record.json", "reg_mean.png", "scores.csv"]
     scores = pd.read_csv(run_dir / "scores.csv")
-    assert list(scores.columns[:3]) == ["model", "metric", "value"]
+    assert list(scores.columns[:4]) == ["model", "perturbation", "metric", "value"]  # issue 16: + perturbation
+    assert set(scores.perturbation) == {"stimulated"}
     assert {"scgen", "control", "mean_shift", "ceiling"} <= set(scores.model)
     for model in ("scgen", "control", "mean_shift"):
         got = set(scores[scores.model == model].metric)

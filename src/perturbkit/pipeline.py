@@ -1,13 +1,29 @@
-"""One prediction task end to end: load -> preprocess -> split -> fit -> predict -> evaluate -> write.
+"""One prediction task end to end: load -> filter -> preprocess -> split -> fit -> predict -> evaluate ->
+write.
 
-:func:`run_predict` is what ``perturbkit predict`` and ``perturbkit demo`` call. It writes into ``out``:
+:func:`run_predict` is what ``perturbkit predict`` and ``perturbkit demo`` call. The task is either context
+transfer (``holdout``: the perturbed cells of one context are held out and every requested perturbation is
+predicted from that context's control cells; with one perturbation this is the scGen / scPRAM protocol) or an
+unseen combination (``combination``: every cell of ``A+B`` is held out and predicted from its contexts'
+control cells; ``A`` and ``B`` train). Every model is fitted once and predicts every perturbation of the task.
+It writes into ``out``:
 
-- ``pred.h5ad``: the chosen model's predicted cells (obs copied from the source cells);
-- ``scores.csv``: ``model, metric, value, ci_low, ci_high, higher_is_better, error`` for the chosen model, both
-  baselines and the ceiling (one half of the real target against the other), plus baseline-normalised rows;
-- ``record.json``: what was run and what determined it (versions, seed, threads, data sha256, preprocessing,
-  split, parameters, training history, timings, sha256 of every output);
-- ``reg_mean.png``: the scGen regression plot of per-gene means.
+- ``pred.h5ad``: the chosen model's predicted cells of every perturbation (obs copied from the source cells,
+  the condition set to the perturbation; concatenated in the task's order);
+- ``scores.csv``: ``model, perturbation, metric, value, ci_low, ci_high, higher_is_better, error`` for the
+  chosen model, the baselines (``control``, ``mean_shift``; ``additive`` where a combination is predicted) and
+  the ceiling (one half of the real target against the other), plus baseline-normalised rows; for a screen
+  also the means over perturbations (``mean``, ``mean_responsive``) and the cross-perturbation rows (``all``),
+  see :func:`perturbkit.metrics.evaluate_screen`;
+- ``effects.csv`` (screens only): per perturbation the energy-distance permutation test against the source
+  cells (``statistic, p_value, q_value, responsive``; :func:`perturbkit.metrics.effect_table`);
+- ``record.json``: what was run and what determined it (versions, seed, threads, data sha256, filter,
+  preprocessing, split, the perturbations predicted and skipped with their reasons, parameters, training
+  history, timings, sha256 of every output);
+- figures: ``reg_mean.png`` (one perturbation: the scGen regression plot of per-gene means); for a screen
+  ``heatmap_perturbation_metric.png``, ``pearson_delta_vs_mean_shift.png`` (``_vs_additive`` where mean_shift
+  cannot predict the task) and ``reg_mean_<label>.png`` for the :data:`TOP_K` perturbations with the largest
+  effect; plus the model's own figures (``NAME.png``).
 
 Every file is written to a temporary name and renamed, so an interrupted run leaves either the previous
 complete file or none.
@@ -16,27 +32,39 @@ complete file or none.
 from __future__ import annotations
 
 import json
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .spec import PerturbSpec, Preprocessing
 from .errors import InputError, check_seed
+from .spec import PerturbSpec, Preprocessing
 
-OUTPUTS = ("pred.h5ad", "scores.csv", "record.json", "reg_mean.png")  # + the model's own figures (NAME.png)
+OUTPUTS = ("pred.h5ad", "scores.csv", "effects.csv", "record.json", "reg_mean.png")  # + figures (NAME.png)
 RECORD_KIND = "perturbkit.predict"
 #: hidden marker present while the outputs are being written (an interrupted write leaves it behind)
 PENDING = ".perturbkit-pending.json"
+#: a screen's reg_mean figures: the perturbations with the largest effect (effects.csv statistic)
+TOP_K = 4
+#: the metrics of the printed table and of the screen heatmap
+SUMMARY_METRICS = ("r2_mean_all", "r2_mean_top100", "pearson_delta", "edistance")
+#: the ``perturbation`` values of a screen's summary rows (not perturbations)
+SUMMARY_ROWS = ("mean", "mean_responsive", "all")
 
 
 @dataclass(frozen=True)
 class PredictConfig:
-    """Everything that defines one ``predict`` run (written to record.json as ``config``)."""
+    """Everything that defines one ``predict`` run (written to record.json as ``config``).
+
+    ``holdout`` (a context: context transfer) and ``combination`` (``"A+B"``: unseen combination) choose the
+    task; exactly one is set. ``filter`` keeps the cells whose obs columns hold the given values (a value or a
+    list of values per column; :func:`perturbkit.data.apply_filter`), before validation and preprocessing.
+    """
 
     data: str = "kang2018"
     model: str = "scgen"
-    holdout: str = "CD4 T cells"
+    holdout: str | None = "CD4 T cells"
     spec: PerturbSpec = field(default_factory=PerturbSpec)
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     epochs: int | None = None
@@ -45,11 +73,32 @@ class PredictConfig:
     metrics: tuple[str, ...] | None = None
     n_boot: int = 100
     threads: int | None = None
+    filter: dict[str, Any] = field(default_factory=dict)
+    combination: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = list(self.metrics) if self.metrics is not None else None
+        d["spec"] = self.spec.to_dict()
+        d["filter"] = {k: list(v) if isinstance(v, tuple | list) else v for k, v in self.filter.items()}
         return d
+
+    def check_task(self) -> None:
+        """Raise :class:`InputError` unless exactly one task (holdout or combination) is set and fits the
+        spec."""
+        if (self.holdout is None) == (self.combination is None):
+            both = self.holdout is not None
+            raise InputError(
+                "holdout and combination " + ("are both set" if both else "are both unset")
+                + "; give exactly one: holdout='CONTEXT' (context transfer) or combination='A+B' (an unseen "
+                "combination).", params=("holdout", "combination"))
+        if self.combination is not None and self.spec.single:
+            raise InputError(f"combination {self.combination!r} needs the combination and its singles among "
+                             f"the perturbations, but perturbed is the one label {self.spec.perturbed!r}; "
+                             "pass perturbed='all' or a list of labels.", params=("combination", "perturbed"))
+        if not isinstance(self.filter, dict):
+            raise InputError(f"filter must map obs columns to values, got {type(self.filter).__name__} "
+                             f"{self.filter!r}; e.g. filter={{'dataset': 'mcfaline23'}}.", params=("filter",))
 
 
 def _same_run(config: dict[str, Any]):
@@ -68,11 +117,89 @@ def _same_run(config: dict[str, Any]):
     return accepts
 
 
+def _model_names(chosen: str, perturbations: list[str], spec: PerturbSpec) -> list[str]:
+    """The chosen model, then the baselines (and the combination baselines where a combination is
+    predicted)."""
+    from . import models
+
+    names = [chosen] + [b for b in models.BASELINES if b != chosen]
+    if any(spec.is_combination(p) for p in perturbations):
+        names += [b for b in models.COMBINATION_BASELINES if b not in names]
+    return names
+
+
+def _why_not(model, label: str) -> str:
+    if model.spec.is_combination(label) and not model.COMBINES:
+        return (f"{model.name} cannot predict the unseen combination {label!r} (it learns one response per "
+                "perturbation seen in training and does not compose singles)")
+    return f"{model.name} learned no response for {label!r}"
+
+
+def train_spec(spec: PerturbSpec, train) -> PerturbSpec:
+    """The spec the models are fitted with: a listed perturbation without training cells (skipped by the
+    split, or an unseen combination) is left out of the list; ``"all"`` and one label stay as they are."""
+    if spec.single or spec.perturbed == "all":
+        return spec
+    present = set(train.obs[spec.condition_key].astype(str))
+    kept = tuple(p for p in spec.perturbed if p in present)
+    return spec if kept == spec.perturbed else replace(spec, perturbed=kept)
+
+
+def fit_predict_all(model, train, source, spec: PerturbSpec, perturbations: list[str], *, seed: int,
+                    threads: int | None = None, progress: bool = False, fitted: bool = False):
+    """Fit ``model`` once on ``train`` (unless ``fitted``; with :func:`train_spec`) and predict ``source`` for
+    each perturbation it can.
+
+    Returns (:class:`perturbkit.runner.Fitted` whose ``pred`` maps perturbation -> predicted AnnData, and
+    perturbation -> reason for those the fitted model cannot predict). Threads as
+    :func:`perturbkit.runner.fit_predict`.
+    """
+    from . import runner
+
+    runner.check_threads(threads)
+    timings: dict[str, float] = {}
+    with runner.torch_threads(threads if model.needs_torch else None, active=model.needs_torch) as used:
+        t = time.perf_counter()
+        if not fitted:
+            model.fit(train, train_spec(spec, train), seed=seed, progress=progress and model.needs_torch)
+        timings["fit_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        preds, cannot = {}, {}
+        for p in perturbations:
+            if model.can_predict(p):
+                preds[p] = model.predict(source, p)
+            else:
+                cannot[p] = _why_not(model, p)
+        timings["predict_s"] = time.perf_counter() - t
+    return runner.Fitted(model, preds, timings, used), cannot
+
+
+def stack(preds: dict[str, Any]):
+    """One AnnData of the predictions of several perturbations (obs names suffixed ``-<perturbation>`` so they
+    stay unique); a single prediction is returned as it is."""
+    if len(preds) == 1:
+        return next(iter(preds.values()))
+    import anndata as ad
+
+    return ad.concat(list(preds.values()), keys=list(preds), index_unique="-")
+
+
+def file_label(label: str, taken: set[str]) -> str:
+    """``label`` as a file-name part (characters other than letters, digits, ``.``, ``_``, ``-`` -> ``_``),
+    made unique against ``taken`` (which it joins)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "perturbation"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
 def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, log=print, force: bool = False,
                 save_model: str | Path | None = None, load_model: str | Path | None = None,
                 command: str | None = None) -> dict[str, Any]:
     """Run one held-out prediction task and write its outputs into ``out``; returns the record dict."""
-    from . import _io, data, metrics, models, pl, runner, split
+    from . import _io, data, metrics, models, runner, split
 
     t_start = time.time()
     timings: dict[str, float] = {}
@@ -84,6 +211,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     check_seed(cfg.seed)
     runner.check_threads(cfg.threads)
     cfg.preprocessing.check()
+    cfg.check_task()
     params = dict(cfg.params)
     if cfg.epochs is not None:
         if cfg.epochs < 1:
@@ -101,35 +229,75 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
 
     t = time.perf_counter()
     adata, digest, source_desc = data.load_any(cfg.data)
+    n_loaded = int(adata.n_obs)
+    adata = data.apply_filter(adata, cfg.filter)
+    if cfg.filter:
+        kept = ", ".join(f"{k}={v}" for k, v in cfg.filter.items())
+        log(f"filter {kept}: {adata.n_obs} of {n_loaded} cells")
     timings["load_s"] = time.perf_counter() - t
-    cfg.spec.validate(adata, holdout=cfg.holdout)
+    cfg.spec.validate(adata, holdout=cfg.holdout if cfg.spec.single else None)
     t = time.perf_counter()
     adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
     timings["preprocess_s"] = time.perf_counter() - t
     if load_model is not None:
         chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
-    task = split.holdout_cell_type(adata, cfg.spec, cfg.holdout)
-    log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} {cfg.spec.perturbed!r} "
-        f"cells from {len(task.source)} {cfg.spec.control!r} cells")
+    task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
+            else split.holdout_combination(adata, cfg.spec, cfg.combination))
+    perts = list(task.info.get("perturbations", [cfg.spec.perturbed]))
+    skipped = dict(task.info.get("skipped", {}))
+    if cfg.spec.single:
+        log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} "
+            f"{cfg.spec.perturbed!r} cells from {len(task.source)} {cfg.spec.control!r} cells")
+    else:
+        log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} cells of "
+            f"{len(perts)} perturbation(s) ({', '.join(perts[:6])}{' ...' if len(perts) > 6 else ''}) from "
+            f"{len(task.source)} {cfg.spec.control!r} cells")
 
-    names = [cfg.model] + [b for b in models.BASELINES if b != cfg.model]
+    names = _model_names(cfg.model, perts, cfg.spec)
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
     if load_model is not None:
         log(f"loaded {cfg.model} from {load_model}")
-
-    def note(name, fitted):
-        log(f"{name}: fit {fitted.timings['fit_s']:.1f} s, predict {fitted.timings['predict_s']:.2f} s")
-
-    result = runner.run_task(todo, task, adata, cfg.spec, seed=cfg.seed, metric_names=metric_names,
-                             n_boot=cfg.n_boot, threads=cfg.threads, progress=progress, log=note,
-                             fitted=frozenset({cfg.model}) if load_model is not None else frozenset())
-    fitted = result.fitted
+    train, source, target = task.subsets(adata)
+    fitted, left_out = {}, {}
+    for name, model in todo.items():
+        f, cannot = fit_predict_all(model, train, source, cfg.spec, perts, seed=cfg.seed, threads=cfg.threads,
+                                    progress=progress, fitted=name == cfg.model and load_model is not None)
+        log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict {f.timings['predict_s']:.2f} s")
+        if name == cfg.model and cannot:  # the chosen model decides what the task can predict
+            for p, why in cannot.items():
+                skipped[p] = why
+                log(f"note: {p!r} is skipped: {why}.")
+            perts = [p for p in perts if p not in cannot]
+            if not perts:
+                raise InputError(f"model {cfg.model!r} can predict none of the task's perturbations: "
+                                 + "; ".join(cannot.values()) + ". Choose a model that can (e.g. scgen or "
+                                 "additive for an unseen combination).", params=("model",))
+        elif any(p in cannot for p in perts):
+            left_out[name] = {p: why for p, why in cannot.items() if p in perts}
+            log(f"note: {name} is left out of this task: {'; '.join(left_out[name].values())}.")
+            continue
+        fitted[name] = f
+    if len(perts) < len(task.info.get("perturbations", perts)):
+        keep = target.obs[cfg.spec.condition_key].astype(str).isin(perts).to_numpy()
+        target = target[keep].copy()
+    preds = {name: stack({p: f.pred[p] for p in perts}) for name, f in fitted.items()}
     timings["fit_s"] = {n: f.timings["fit_s"] for n, f in fitted.items()}
     timings["predict_s"] = {n: f.timings["predict_s"] for n, f in fitted.items()}
-    timings.update(result.timings)
-    scores, eval_info = result.scores, result.evaluation
-    _train, source, target = task.subsets(adata)
-    top = metrics.top_degs(target, source, 100)
+
+    t = time.perf_counter()
+    screen = not cfg.spec.single
+    effects = None
+    if screen:
+        effects = metrics.effect_table(target, source, condition_key=cfg.spec.condition_key, seed=cfg.seed)
+    reference = "mean_shift" if "mean_shift" in preds else "additive"
+    responsive = None if effects is None else effects.perturbation[effects.responsive].tolist()
+    scores, eval_info = metrics.evaluate_screen(
+        target, preds, source, condition_key=cfg.spec.condition_key, metric_names=metric_names,
+        n_boot=cfg.n_boot, seed=cfg.seed, baseline="control", reference=reference, responsive=responsive)
+    timings["evaluate_s"] = time.perf_counter() - t
+    cond = target.obs[cfg.spec.condition_key].astype(str).to_numpy()
+    targets = {p: target if len(perts) == 1 else target[cond == p].copy() for p in perts}
+    top = {p: metrics.top_degs(targets[p], source, 100) for p in perts}
 
     t = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -138,16 +306,21 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     _io.atomic_write_text(out / PENDING, json.dumps({"kind": RECORD_KIND, "config": config}))  # until record.json
     if save_model is not None:
         chosen.save(save_model)
-    pred = fitted[cfg.model].pred
-    pred.uns["perturbkit"] = {"model": cfg.model, "holdout": cfg.holdout, "seed": cfg.seed}
+    pred = preds[cfg.model]
+    where = {"holdout": cfg.holdout} if cfg.combination is None else {"combination": cfg.combination}
+    pred.uns["perturbkit"] = {"model": cfg.model, **where, "seed": cfg.seed,
+                              **({"perturbations": perts} if screen else {})}
     _io.atomic_write_with(out / "pred.h5ad", lambda p: pred.write_h5ad(p))
     runner.write_csv(out / "scores.csv", scores)
-    figures = {"reg_mean": pl.reg_mean(target, pred, top_genes=top,
-                                       title=f"{cfg.model}: {cfg.holdout}, {cfg.spec.perturbed} (seed {cfg.seed})"),
-               **chosen.figures(source)}  # the model's own figures (scPRAM: the tutorial's attention scores)
+    written = ["pred.h5ad", "scores.csv"]
+    if effects is not None:
+        runner.write_csv(out / "effects.csv", effects)
+        written.append("effects.csv")
+    figures = _figures(cfg, perts, targets, fitted, scores, effects, top, reference)
+    figures.update(chosen.figures(source))  # the model's own figures (scPRAM: the tutorial's attention scores)
     for name, fig in figures.items():
         runner.write_png(out / f"{name}.png", fig, dpi=120)
-    written = ["pred.h5ad", "scores.csv", *(f"{name}.png" for name in figures)]
+    written += [f"{name}.png" for name in figures]
     for name in previous:  # a figure of an earlier --force run of another model
         if name not in written:
             (out / name).unlink(missing_ok=True)
@@ -167,19 +340,47 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
             "note": "scores and predictions are byte-identical for the same inputs, seed, thread count, "
                     "library versions and CPU; all randomness is drawn from generators seeded with `seed`.",
         },
-        "data": {**source_desc, "sha256": digest, "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
+        "data": {**source_desc, "sha256": digest, "filter": config["filter"], "n_cells_loaded": n_loaded,
+                 "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
         "spec": cfg.spec.to_dict(),
         "preprocessing": pp_info,
         "split": task.to_dict(adata.obs_names),
+        "perturbations": {"predicted": perts, "skipped": skipped, "models_left_out": left_out,
+                          "responsive": responsive},
         "models": {name: {"params": f.model.params, "fit": f.model.fit_info} for name, f in fitted.items()},
         "loaded_model": str(load_model) if load_model is not None else None,
-        "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95, "top_degs": top, **eval_info},
+        "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95,
+                       "top_degs": top[perts[0]] if cfg.spec.single else top, **eval_info},
         "timings": timings,
         "outputs": {name: data.sha256(out / name) for name in written},
     }
     _io.atomic_write_text(out / "record.json", runner.to_json(record))
     (out / PENDING).unlink(missing_ok=True)
     return record
+
+
+def _figures(cfg: PredictConfig, perts, targets, fitted, scores, effects, top, reference) -> dict[str, Any]:
+    """name -> Figure: reg_mean for one perturbation; for a screen the heatmap, the comparison with the
+    reference baseline and the reg_mean plots of the TOP_K perturbations with the largest effect."""
+    from . import pl
+
+    def reg(p, title_p):
+        return pl.reg_mean(targets[p], fitted[cfg.model].pred[p], top_genes=top[p],
+                           title=f"{cfg.model}: {title_p} (seed {cfg.seed})")
+
+    where = cfg.holdout if cfg.combination is None else "unseen combination"
+    if cfg.spec.single:
+        return {"reg_mean": reg(perts[0], f"{cfg.holdout}, {cfg.spec.perturbed}")}
+    per = scores[~scores.perturbation.isin(SUMMARY_ROWS)]
+    figures = {"heatmap_perturbation_metric": pl.perturbation_heatmap(
+        per, metrics=SUMMARY_METRICS, title=f"per perturbation: {where} (seed {cfg.seed})")}
+    if reference in fitted:
+        figures[f"pearson_delta_vs_{reference}"] = pl.versus_baseline(
+            per, metric="pearson_delta", baseline=reference, title=f"pearson_delta per perturbation: {where}")
+    taken: set[str] = set()
+    for p in effects.sort_values("statistic", ascending=False, kind="stable").perturbation[:TOP_K]:
+        figures[f"reg_mean_{file_label(p, taken)}"] = reg(p, f"{where}, {p}")
+    return figures
 
 
 def _apply_predict_params(model, params: dict[str, Any], path) -> None:
@@ -201,13 +402,41 @@ def _apply_predict_params(model, params: dict[str, Any], path) -> None:
                       "--load-model to change them.", InputWarning, stacklevel=3)
 
 
-def summary(record_or_scores, metrics=("r2_mean_all", "r2_mean_top100", "pearson_delta", "edistance")):
-    """A short models x metrics table (value only) from a scores DataFrame or an output directory."""
+def summary(record_or_scores, metrics=SUMMARY_METRICS):
+    """A short models x metrics table (value only) from a scores DataFrame or an output directory.
+
+    One perturbation: one row per model. A screen: per model the mean over the perturbations (``over`` =
+    ``mean``) and over the responsive ones (``mean_responsive``, where any), with the ``discrimination_score``
+    (on the ``mean`` row); ``table.attrs["n_perturbations"]`` counts the perturbations.
+    """
+    import math
+
     import pandas as pd
 
     scores = record_or_scores
     if isinstance(scores, (str, Path)):
-        scores = pd.read_csv(Path(scores) / "scores.csv")
-    wide = scores[scores.metric.isin(metrics)].pivot(index="model", columns="metric", values="value")
-    order = [m for m in scores.model.unique() if m in wide.index]
-    return wide.loc[order, [m for m in metrics if m in wide.columns]]
+        scores = pd.read_csv(Path(scores) / "scores.csv", keep_default_na=False, na_values=[""])
+    if "perturbation" not in scores.columns or not scores.perturbation.isin(SUMMARY_ROWS).any():
+        rows = scores[scores.metric.isin(metrics)]
+        wide = rows.pivot(index="model", columns="metric", values="value")
+        order = [m for m in rows.model.unique() if m in wide.index]
+        return wide.loc[order, [m for m in metrics if m in wide.columns]]
+    extra = ("discrimination_score",)
+    rows, index = [], []
+    for model in scores.model.unique():
+        mine = scores[scores.model == model]
+        for over in ("mean", "mean_responsive"):
+            sub = mine[mine.perturbation == over]
+            if sub.empty:
+                continue
+            values = sub.set_index("metric").value
+            row = {m: values.get(m, math.nan) for m in metrics}
+            cross = mine[mine.perturbation == "all"].set_index("metric").value
+            row.update({m: cross.get(m, math.nan) if over == "mean" else math.nan for m in extra})
+            rows.append(row)
+            index.append((model, over))
+    table = pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["model", "over"]))
+    table = table[[c for c in table.columns if table[c].notna().any()]]
+    per = scores[~scores.perturbation.isin(SUMMARY_ROWS)]
+    table.attrs["n_perturbations"] = int(per.perturbation.nunique())
+    return table

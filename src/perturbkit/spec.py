@@ -63,8 +63,8 @@ class PerturbSpec:
 
     @property
     def single(self) -> bool:
-        """True for the two-condition case: ``perturbed`` is one label."""
-        return isinstance(self.perturbed, str) and self.perturbed != "all"
+        """True for the two-condition case: ``perturbed`` is one label (not a list, not ``"all"``)."""
+        return not isinstance(self.perturbed, tuple) and self.perturbed != "all"
 
     def perturbations(self, adata) -> list[str]:
         """The requested perturbation labels (``"all"`` resolved against ``adata.obs``; a list as given)."""

@@ -75,6 +75,11 @@ class Additive(MeanShift):
     COMBINES = True
     DESCRIPTION = "prediction = source + sum of the singles' balanced mean shifts (combinations)"
 
+    def can_predict(self, perturbation: str) -> bool:
+        if self.spec.is_combination(perturbation):  # always from its singles, so they must have been learned
+            return all(s in self.trained for s in self.spec.singles(perturbation))
+        return perturbation in self.trained
+
     def shift(self, perturbation: str) -> np.ndarray:
         if self.spec.is_combination(perturbation):
             return np.sum([self.shifts[s] for s in self.spec.singles(perturbation)], axis=0, dtype=np.float32)
