@@ -7,8 +7,9 @@ is the inverse (JSON-ready data); :func:`to_toml` writes it back as TOML.
 
 The shared tables, written the same way in every config:
 
-- ``[data]`` (:class:`DataConfig`): ``source`` (bundled name, ``"synthetic"`` or an ``.h5ad`` path), the
-  :class:`~perturbkit.data.PerturbSpec` keys (``condition_key``, ``control``, ...) and ``[data.synthetic]``;
+- ``[data]`` (:class:`DataConfig`): ``source`` (bundled name, ``"synthetic"``, ``"synthetic_screen"`` or an
+  ``.h5ad`` path), ``filter`` (cells kept), the :class:`~perturbkit.data.PerturbSpec` keys (``condition_key``,
+  ``control``, ...), ``[data.synthetic]`` and ``[data.synthetic_screen]``;
 - ``[preprocessing]``: :class:`~perturbkit.data.Preprocessing` itself;
 - ``[training]`` (:class:`TrainingConfig`): ``epochs`` and ``threads`` for every model that trains;
 - ``[models.NAME]`` (:class:`ModelConfig`, read by :func:`model_tables`): a registry model and its parameters;
@@ -257,29 +258,80 @@ class SyntheticConfig:
 
 
 @dataclass(frozen=True)
+class SyntheticScreenConfig:
+    """``[data.synthetic_screen]``: parameters of :func:`perturbkit.data.synthetic_screen` when
+    ``source = "synthetic_screen"``."""
+
+    n_contexts: int = 3
+    n_cells: int = 60
+    n_genes: int = 50
+    perturbations: tuple[str, ...] = ("A", "B", "C", "D")
+    combinations: tuple[str, ...] = ("A+B", "C+D")
+    n_responsive: int = 5
+    effect: float = 1.5
+    null: tuple[str, ...] = ("D",)  # perturbations without an effect
+    seed: int = 0
+
+
+#: the ``[data] source`` values that generate seeded data instead of reading it (each has a table of its own)
+SYNTHETIC_SOURCES = ("synthetic", "synthetic_screen")
+
+
+def check_filter(where: str, value: dict[str, Any]) -> None:
+    """Raise :class:`InputError` unless ``value`` maps obs columns to a value or a list of values (a
+    ``filter`` setting; ``where``: its path)."""
+    scalar = (str, int, float, bool)
+    for key, v in value.items():
+        ok = isinstance(v, scalar) or (isinstance(v, list | tuple) and len(v) > 0
+                                       and all(isinstance(x, scalar) for x in v))
+        if not ok:
+            raise InputError(f"{where}.{key}: expected a value or a non-empty list of values of "
+                             f"obs[{key!r}], got {v!r} ({typename(v)}); e.g. {where} = {{ {key} = \"a\" }}.")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    """``[data]``: the input (``source``) and the :class:`~perturbkit.data.PerturbSpec` keys, in one table."""
+    """``[data]``: the input (``source``), the cells kept (``filter``) and the
+    :class:`~perturbkit.data.PerturbSpec` keys, in one table."""
 
     FLATTEN: ClassVar[tuple[str, ...]] = ("spec",)
 
-    source: str = "kang2018"  # bundled dataset name, "synthetic", or an .h5ad path (relative: to the config)
+    # bundled dataset name, "synthetic", "synthetic_screen", or an .h5ad path (relative: to the config)
+    source: str = "kang2018"
+    # obs column -> value or list of values: only those cells are read (before preprocessing), e.g. one screen
+    filter: dict[str, Any] = field(default_factory=dict)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    synthetic_screen: SyntheticScreenConfig = field(default_factory=SyntheticScreenConfig)
     spec: PerturbSpec = field(default_factory=PerturbSpec)
 
+    def __post_init__(self):
+        check_filter("data.filter", self.filter)
+
+    @property
+    def synthetic_params(self) -> dict[str, Any] | None:
+        """The generator's parameters when ``source`` is synthetic (None for a dataset or a file)."""
+        return plain(getattr(self, self.source)) if self.source in SYNTHETIC_SOURCES else None
+
     def load(self):
-        """(input AnnData, sha256, description): a bundled dataset, a file, or seeded synthetic data."""
+        """(input AnnData, sha256, description): a bundled dataset, a file, or seeded synthetic data;
+        ``filter`` is applied after the sha256 (of the file, or of the generated data) is taken."""
         from . import data
 
-        if self.source != "synthetic":
-            return data.load_any(self.source)
-        import hashlib
+        if self.source not in SYNTHETIC_SOURCES:
+            adata, digest, desc = data.load_any(self.source)
+        else:
+            import hashlib
 
-        params = plain(self.synthetic)
-        adata = data.synthetic(**params)
-        h = hashlib.sha256(adata.X.tobytes())
-        for col in adata.obs.columns:
-            h.update("\n".join(adata.obs[col].astype(str)).encode())
-        return adata, h.hexdigest(), {"dataset": None, "file": "synthetic", "synthetic": params}
+            params = self.synthetic_params
+            adata = getattr(data, self.source)(**params)
+            h = hashlib.sha256(adata.X.tobytes())
+            for col in adata.obs.columns:
+                h.update("\n".join(adata.obs[col].astype(str)).encode())
+            digest, desc = h.hexdigest(), {"dataset": None, "file": self.source, self.source: params}
+        if self.filter:
+            adata = data.apply_filter(adata, self.filter, "data.filter")
+            desc = {**desc, "filter": dict(self.filter)}
+        return adata, digest, desc
 
 
 def load_data(raw: Any, *, base_dir: str | Path | None = None, where: str = "data") -> DataConfig:
@@ -296,7 +348,8 @@ def load_data(raw: Any, *, base_dir: str | Path | None = None, where: str = "dat
         ds = DATASETS[cfg.source].spec
         filled = {k: getattr(ds, k) for k in settings(PerturbSpec) if k not in given}
         cfg = replace(cfg, spec=replace(cfg.spec, **filled))
-    elif cfg.source != "synthetic" and base_dir is not None and not Path(cfg.source).is_absolute():
+    elif (cfg.source not in SYNTHETIC_SOURCES and base_dir is not None
+          and not Path(cfg.source).is_absolute()):
         cand = Path(base_dir) / cfg.source
         if cand.exists():
             cfg = replace(cfg, source=str(cand.resolve()))

@@ -50,6 +50,20 @@ DATASETS: dict[str, Dataset] = {
         # cell_type = the original authors' labels; the shipped coarse labels are kept as cell_type_seurat
         obs_rename=(("cell_type", "cell_type_seurat"), ("cell_type_kang", K.CONTEXT)),
     ),
+    # two screens in one file; keep them apart (the same gene label is CRISPRa in one, CRISPRi in the other):
+    # filter = { dataset = "norman19" } or { dataset = "mcfaline23" }
+    "norman2019_mcfaline2023": Dataset(
+        name="norman2019_mcfaline2023",
+        file="norman2019_mcfaline2023_perturbench_devel_lognorm.h5ad",
+        sha256="f175af1ebfa88ca963c85107d100167abf76bb40b6128c58d20a158d395eb0a7",
+        reference="Norman TM et al. Exploring genetic interaction manifolds constructed from rich single-cell "
+        "phenotypes. Science 365, 786-793 (2019) (K562 CRISPRa, dataset norman19); McFaline-Figueroa et al. "
+        "(glioma lines CRISPRi, dataset mcfaline23); as subsampled in the perturbench 'devel' data set",
+        doi="10.1126/science.aax4438",
+        accession="GitHub altoslabs/perturbench, src/perturbench/data/resources/devel.h5ad at commit "
+        "d357dfae3b50968e800e9f5f273ff145080ae67c (log-normalised, 500 genes)",
+        spec=PerturbSpec(perturbed="all"),
+    ),
 }
 
 

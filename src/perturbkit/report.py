@@ -75,9 +75,12 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _summary_tables(summary, metrics) -> str:
+    from .bench.screen import overall
+
     parts = []
+    headline = overall(summary)
     for scen in dict.fromkeys(summary.scenario):
-        sub = summary[(summary.scenario == scen) & (summary.split == "all") & summary.metric.isin(metrics)]
+        sub = headline[(headline.scenario == scen) & headline.metric.isin(metrics)]
         if sub.empty:
             continue
         rows = []
@@ -135,7 +138,8 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     run = json.loads((out / "run.json").read_text())
     cfg = run["config"]
     path = Path(path) if path is not None else out / "report.html"
-    summary = pd.read_csv(out / "summary.csv") if (out / "summary.csv").exists() else None
+    summary = (pd.read_csv(out / "summary.csv", keep_default_na=False, na_values=[""],
+                           dtype={"perturbation": str}) if (out / "summary.csv").exists() else None)
     metrics = [m for m in cfg["output"]["figure_metrics"]]
     if summary is not None:
         metrics = [m for m in metrics if m in set(summary.metric)]
@@ -160,7 +164,8 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     if run.get("missing"):
         body.append(f"<p class='note'><b>Partial run:</b> {len(run['missing'])} cells have not finished; the "
                     "tables below hold the finished ones only.</p>")
-    body.append("<h2>Summary</h2><p class='note'>Mean over seeds of each scenario's splits, with the 95 % "
+    body.append("<h2>Summary</h2><p class='note'>Mean over seeds of each scenario's splits (in a screen: of "
+                "each split's mean over its perturbations), with the 95 % "
                 "Student-t interval over seeds in brackets and the model's rank (#1 = best by the metric's "
                 "direction). <code>_norm</code>: 0 = the no-change control baseline, 1 = the ceiling (one "
                 "half of the real cells against the other).</p>")
@@ -170,8 +175,9 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     order = {name: i for i, name in enumerate(run.get("figures", []))}  # the order they were made in
     figs = sorted(present, key=lambda f: (order.get(f"figures/{f.name}", len(order)), f.name))
     model_figs = set(run.get("model_figures", []))
-    groups = [("Models x contexts", "heatmap_"),
-              *((title, prefix) for s in SCENARIOS.values() for prefix, title in s.FIGURES.items()),
+    declared = dict.fromkeys((title, prefix) for s in SCENARIOS.values()
+                             for prefix, title in s.FIGURES.items())
+    groups = [("Models x contexts", "heatmap_"), *declared,
               ("Seed variability", "seeds_"),
               ("Example predictions", ("reg_mean_", "reg_var_", "pca", "umap", "violins"))]
     used = set()
@@ -184,8 +190,12 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
     used.update(chosen)
     body.append(_figure_section("Model figures", chosen))
     body.append(_figure_section("Other figures", [f for f in figs if f not in used], captions=False))
+    shown = set()  # a table several scenarios declare (the screen tables) is one file, shown once
     for scenario in SCENARIOS.values():
-        body += [scenario_table(out, table, metrics[:2]) for table in scenario.TABLES]
+        for table in scenario.TABLES:
+            if table.file not in shown:
+                shown.add(table.file)
+                body.append(scenario_table(out, table, metrics[:2]))
     timing = run.get("timing_totals_s", {})
     if timing:
         body.append("<h2>Time spent</h2>" + table_html(pd.DataFrame(

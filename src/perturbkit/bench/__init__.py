@@ -28,7 +28,7 @@ workflow engine can run the cells as parallel jobs; see docs/bench.md. A new sce
 from __future__ import annotations
 
 from .aggregate import aggregate, collect, headline, summarise, tidy_scores, write_crate
-from .config import BenchConfig, OutputConfig, config_from_dict, config_hash, load_config, to_toml
+from .config import BenchConfig, OutputConfig, config_from_dict, config_hash, load_config, same_run, to_toml
 from .data import Context
 from .execute import CellsFailed, run, run_cell
 from .plan import Cell, list_cells, plan, plan_splits
@@ -38,4 +38,4 @@ from .rundir import (CACHE_DIR, CELLS_DIR, RUN_KIND, SCORE_COLUMNS, SUMMARY_COLU
 __all__ = ["CACHE_DIR", "CELLS_DIR", "RUN_KIND", "SCORE_COLUMNS", "SUMMARY_COLUMNS", "BenchConfig", "Cell",
            "CellsFailed", "Context", "OutputConfig", "aggregate", "cell_dir", "cell_result", "collect",
            "config_from_dict", "config_hash", "headline", "list_cells", "load_config", "plan", "plan_splits",
-           "prepare_dir", "run", "run_cell", "summarise", "tidy_scores", "to_toml", "write_crate"]
+           "prepare_dir", "run", "run_cell", "same_run", "summarise", "tidy_scores", "to_toml", "write_crate"]

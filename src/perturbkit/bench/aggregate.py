@@ -17,8 +17,12 @@ from .plan import Cell, control_label, plan
 from .rundir import RUN_KIND, SCORE_COLUMNS, SUMMARY_COLUMNS, cell_dir, cell_result, prepare_dir
 
 
-def collect(out: str | Path, cells: list[Cell]):
-    """(scores of the finished cells, their results, the ids that have not finished)."""
+def collect(out: str | Path, cells: list[Cell], spec=None):
+    """(scores of the finished cells, their results, the ids that have not finished).
+
+    A cell written before scores had a ``perturbation`` column (a single-perturbation run) gets it from
+    ``spec.perturbed``.
+    """
     import pandas as pd
 
     out = Path(out)
@@ -29,36 +33,50 @@ def collect(out: str | Path, cells: list[Cell]):
             missing.append(cell.id)
             continue
         results[cell.id] = res
-        tables.append(pd.read_csv(cell_dir(out, cell) / "scores.csv", keep_default_na=False,
-                                  na_values=[""], dtype={"error": str, "variant": str, "context": str,
-                                                         "split": str}))
+        table = pd.read_csv(cell_dir(out, cell) / "scores.csv", keep_default_na=False, na_values=[""],
+                            dtype={"error": str, "variant": str, "context": str, "split": str,
+                                   "perturbation": str})
+        if "perturbation" not in table.columns:
+            if spec is None or not spec.single:
+                raise InputError(f"cell {cell.id}: its scores.csv has no perturbation column; rerun the cell "
+                                 f"(delete {str(cell_dir(out, cell))!r}).")
+            table["perturbation"] = spec.perturbed
+        tables.append(table[list(SCORE_COLUMNS)])
     scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=list(SCORE_COLUMNS))
     for col in ("error", "variant"):
         scores[col] = scores[col].fillna("")
     return scores, results, missing
 
 
-def tidy_scores(raw, control: str | None):
-    """Every model's rows once, the ceiling once per (scenario, split, seed), then the normalised rows."""
+def tidy_scores(raw, control: str | None, *, screen: bool = False, responsive=None, references=None):
+    """Every model's rows once, the ceiling once per (scenario, split, perturbation, seed), then the
+    normalised rows (per perturbation) and, in a screen, the rows over perturbations (:mod:`.screen`:
+    ``responsive`` from :func:`.screen.responsive_sets`, ``references`` baseline name -> label)."""
     import pandas as pd
 
     from ..metrics import normalise
+    from .screen import per_perturbation, screen_rows
 
     is_ceiling = raw.model == "ceiling"
-    ceiling = raw[is_ceiling].drop_duplicates(["scenario", "split", "seed", "metric"])
+    ceiling = raw[is_ceiling].drop_duplicates(["scenario", "split", "perturbation", "seed", "metric"])
     scores = pd.concat([raw[~is_ceiling], ceiling], ignore_index=True)
     if control is not None and (scores.model == control).any():
-        norm = normalise(scores, baseline=control, ceiling="ceiling", by=["scenario", "split", "seed"])
+        norm = normalise(per_perturbation(scores), baseline=control, ceiling="ceiling",
+                         by=["scenario", "split", "perturbation", "seed"])
         scores = pd.concat([scores, norm[norm.model != "ceiling"]], ignore_index=True)
+    if screen:
+        extra = screen_rows(scores, responsive or {}, references or {})
+        scores = pd.concat([scores, extra], ignore_index=True)
     return scores[list(SCORE_COLUMNS)].reset_index(drop=True)
 
 
 def summarise(scores):
-    """Mean and 95 % interval over seeds per (scenario, split, model, metric), and per scenario (split "all").
+    """Mean and 95 % interval over seeds per (scenario, split, model, perturbation, metric), and per scenario
+    (split "all").
 
     The "all" rows average each seed's scores over the scenario's splits first, then take the interval over
-    seeds. ``rank`` orders the models (not the ceiling) within (scenario, split, metric): 1 = best, by the
-    metric's direction (ties share the best rank).
+    seeds. ``rank`` orders the models (not the ceiling) within (scenario, split, perturbation, metric): 1 =
+    best, by the metric's direction (ties share the best rank).
     """
     import pandas as pd
 
@@ -66,19 +84,20 @@ def summarise(scores):
 
     rows = []
     hib = scores.groupby("metric")["higher_is_better"].first().to_dict()
-    by_split = ["scenario", "split", "model", "metric"]
-    for (scen, split, model, metric), g in scores.groupby(by_split, sort=False):
+    by_split = ["scenario", "split", "model", "perturbation", "metric"]
+    for (scen, split, model, pert, metric), g in scores.groupby(by_split, sort=False):
         mean, sd, lo, hi = t_interval(g.value.to_numpy())
-        rows.append((scen, split, model, metric, int(g.value.notna().sum()), mean, sd, lo, hi))
-    for (scen, model, metric), g in scores.groupby(["scenario", "model", "metric"], sort=False):
+        rows.append((scen, split, model, pert, metric, int(g.value.notna().sum()), mean, sd, lo, hi))
+    by_scenario = ["scenario", "model", "perturbation", "metric"]
+    for (scen, model, pert, metric), g in scores.groupby(by_scenario, sort=False):
         per_seed = g.groupby("seed").value.mean()
         mean, sd, lo, hi = t_interval(per_seed.to_numpy())
-        rows.append((scen, "all", model, metric, int(per_seed.notna().sum()), mean, sd, lo, hi))
+        rows.append((scen, "all", model, pert, metric, int(per_seed.notna().sum()), mean, sd, lo, hi))
     summary = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS[:-2]))
     summary["higher_is_better"] = summary.metric.map(hib).astype(bool)
     summary["rank"] = math.nan
     models = summary.model != "ceiling"
-    for _key, g in summary[models].groupby(["scenario", "split", "metric"], sort=False):
+    for _key, g in summary[models].groupby(["scenario", "split", "perturbation", "metric"], sort=False):
         asc = not bool(g.higher_is_better.iloc[0])
         summary.loc[g.index, "rank"] = g["mean"].rank(ascending=asc, method="min")
     return summary[list(SUMMARY_COLUMNS)]
@@ -91,15 +110,18 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
 
     Refuses (InputError) while cells are unfinished, unless ``partial``.
     """
+    import pandas as pd
+
     from .. import _io, report, runner
     from ..scenarios import Aggregation, context_counts
     from .figures import make_figures
+    from .screen import reference_labels, responsive_sets
 
     cfg = config if isinstance(config, BenchConfig) else load_config(config)
     out = prepare_dir(cfg, out)
     ctx = ctx or Context(cfg, out, log=log)
     cells = plan(cfg, ctx.planning_data())
-    raw, results, missing = collect(out, cells)
+    raw, results, missing = collect(out, cells, ctx.spec)
     if missing and not partial:
         raise InputError(f"{len(missing)} of {len(cells)} cells have not finished (e.g. {missing[0]}); run "
                          "them first (perturbkit bench CONFIG --out DIR, or --cell ID), or pass --partial.")
@@ -110,7 +132,8 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
         raise InputError(f"the finished cells were computed from different input data (sha256 "
                          f"{sorted(shas)}); start a new run directory.")
     t0 = time.perf_counter()
-    scores = tidy_scores(raw, control_label(cfg))
+    scores = tidy_scores(raw, control_label(cfg), screen=not ctx.spec.single,
+                         responsive=responsive_sets(results), references=reference_labels(cfg))
     summary = summarise(scores)
     written = []
 
@@ -123,11 +146,14 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
     write_table("summary.csv", summary)
     agg = Aggregation(cfg=cfg, scores=scores, summary=summary, results=results, cells=cells,
                       counts=context_counts(ctx.data(), ctx.spec), spec=ctx.spec)
-    tables = {}
+    tables, merged = {}, {}
     for scenario, _conf in cfg.active():
         tables[scenario.name] = scenario.tables(agg)
         for name, table in tables[scenario.name].items():
-            write_table(name, table)
+            if table is not None and not table.empty:  # several scenarios' rows of one table: one file
+                merged.setdefault(name, []).append(table)
+    for name, parts in merged.items():
+        write_table(name, parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True))
     figures, model_figures = ([], [])
     if cfg.output.figures:
         figures, model_figures = make_figures(cfg, out, ctx, agg, tables, log=log)
@@ -187,7 +213,8 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
             "source": src,
             "dataset": src if ds else None,
             "file": ds.file if ds else Path(src).name,
-            **({"synthetic": plain(cfg.data.synthetic)} if src == "synthetic" else {}),
+            **({src: cfg.data.synthetic_params} if cfg.data.synthetic_params is not None else {}),
+            **({"filter": plain(cfg.data.filter)} if cfg.data.filter else {}),
             "sha256": ctx.digest,
             "reference": ds.reference if ds else None,
             "doi": ds.doi if ds else None,
@@ -246,16 +273,22 @@ def write_crate(out: str | Path) -> Path:
         f"scenarios {scen}; seeds {cfg['seeds']}; run with perturbkit {run['versions']['perturbkit']}.")
     # the crate lists every parameter each model ran with (defaults included), not only the config's overrides
     crate_record = {**run, "config": {**cfg, "models": run.get("models", cfg["models"])}}
-    return record.write_crate(out, crate_record, name=f"perturbkit bench: {run['name']}", description=desc,
+    path = record.write_crate(out, crate_record, name=f"perturbkit bench: {run['name']}", description=desc,
                               license=cfg["output"]["license"])
+    record.link_workflow(out)  # run by workflow/Snakefile: its crate in OUT/workflow is the main entity
+    return path
 
 
 def headline(out: str | Path, metrics=("r2_mean_top100", "pearson_delta", "edistance")) -> str:
     """A short text table of summary.csv: each scenario's mean over splits and seeds, with the interval."""
     import pandas as pd
 
-    s = pd.read_csv(Path(out) / "summary.csv")
-    s = s[(s.split == "all") & s.metric.isin(metrics)].copy()
+    from .screen import overall
+
+    s = pd.read_csv(Path(out) / "summary.csv", keep_default_na=False, na_values=[""],
+                    dtype={"perturbation": str})
+    s = overall(s)
+    s = s[s.metric.isin(metrics)].copy()
     s["cell"] = [f"{m:.3f} [{lo:.3f}, {hi:.3f}]" if lo == lo else f"{m:.3f}"
                  for m, lo, hi in zip(s["mean"], s.ci_low, s.ci_high)]
     wide = s.pivot_table(index=["scenario", "model"], columns="metric", values="cell", aggfunc="first",

@@ -109,34 +109,72 @@ def config_from_dict(raw: dict[str, Any], *, base_dir: str | Path | None = None)
     shared = {key: raw.pop(key, None) for key in ("data", "preprocessing", "scenarios", "models")}
     cfg = C.build(BenchConfig, raw, "")
     models = C.model_tables(shared["models"])
-    if cfg.evaluation.baselines:
-        for base in registry.BASELINES:
+    scenarios = load_scenarios(shared["scenarios"])
+    from ..scenarios import SCENARIOS
+
+    if cfg.evaluation.baselines:  # control and mean_shift, and those an active scenario needs (additive)
+        wanted = [*registry.BASELINES, *(b for name, conf in scenarios.items() if conf is not None
+                                         for b in SCENARIOS[name].baselines())]
+        for base in dict.fromkeys(wanted):
             listed = (any(m.model == base and not m.params for m in models)
                       or base in {m.label for m in models})
             if not listed:
                 models.append(C.ModelConfig(label=base, model=base, params={}))
     if not models:
         raise InputError("models: the config names no model; add e.g. [models.scgen].")
-    scenarios = load_scenarios(shared["scenarios"])
     if all(conf is None for conf in scenarios.values()):
-        from ..scenarios import SCENARIOS
-
         first, *others = SCENARIOS
         raise InputError(f"scenarios: the config names no scenario; add [scenarios.{first}] (or "
                          f"{', '.join(others)}).")
     cfg = C.replace(cfg, seeds=C.seeds(list(cfg.seeds)), models=tuple(models), scenarios=scenarios,
                     data=C.load_data(shared["data"], base_dir=base_dir),
                     preprocessing=C.load_preprocessing(shared["preprocessing"]))
+    spec = cfg.data.spec
     for scenario, conf in cfg.active():
+        if not spec.single and not scenario.SCREENS:
+            screens = " or ".join(f"[scenarios.{n}]" for n, s in SCENARIOS.items() if s.SCREENS)
+            raise InputError(f"scenarios.{scenario.name} predicts one perturbation, but data.perturbed = "
+                             f"{json.dumps(C.plain(spec.perturbed))} asks for a screen. Set data.perturbed "
+                             f"to one label (e.g. \"stimulated\"), or use {screens} for a screen.")
         scenario.check(conf, cfg)
     return cfg
 
 
-def to_toml(cfg: BenchConfig) -> str:
-    """The normalised config as TOML (used when a config was given as an object, not a file)."""
-    d = cfg.to_dict()
+def to_toml(cfg: BenchConfig | dict[str, Any]) -> str:
+    """The normalised config (or its :meth:`BenchConfig.to_dict` form) as TOML (used when a config was given
+    as an object, not a file)."""
+    d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else cfg.to_dict()))
     d["models"] = {m["label"]: {"model": m["model"], **m["params"]} for m in d["models"]}
     return C.to_toml(d, tables_last=("scenarios", "models"))
+
+
+def same_run(old: Any, new: dict[str, Any]) -> bool:
+    """Whether a run directory's ``config.json`` (``old``) is a run of the normalised config ``new``.
+
+    True when they are equal, or when ``old`` was written by an earlier perturbkit and differs only by
+    settings added since, at their default values: every key of ``old`` is in ``new`` with the same value
+    (recursively), and ``old`` read by this version normalises to ``new``.
+    """
+    import tomllib
+
+    if old == new:
+        return True
+    if not isinstance(old, dict) or not only_added(old, new):
+        return False
+    try:
+        again = config_from_dict(tomllib.loads(to_toml(old)))
+    except (InputError, KeyError, TypeError, ValueError):
+        return False
+    return again.to_dict() == new
+
+
+def only_added(old: Any, new: Any) -> bool:
+    """Whether ``new`` is ``old`` with keys added (in tables at any depth, lists compared item by item)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return set(old) <= set(new) and all(only_added(v, new[k]) for k, v in old.items())
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(only_added(a, b) for a, b in zip(old, new))
+    return old == new
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -16,7 +16,8 @@ class Context:
     """The preprocessed input of a run directory and the splits of its tasks.
 
     The preprocessed AnnData is written to ``DIR/.cache/data-<key>.h5ad`` (key: the input's sha256, the
-    preprocessing settings and the spec) by the first process that needs it and read back by every cell, so
+    preprocessing settings, the spec and ``data.filter``) by the first process that needs it and read back by
+    every cell, so
     cells run in one process or as separate jobs see byte-identical input. With ``out=None`` (listing the
     cells of a config without a run directory) nothing is cached.
     """
@@ -32,11 +33,12 @@ class Context:
     @property
     def digest(self) -> str:
         """The input's sha256 (a bundled dataset's is known; a file's is computed once)."""
+        from ..config import SYNTHETIC_SOURCES
         from ..data import DATASETS, sha256
 
         if self._digest is None:
             src = self.cfg.data.source
-            if src == "synthetic":
+            if src in SYNTHETIC_SOURCES:
                 self._digest = self.cfg.data.load()[1]
             elif src in DATASETS:
                 self._digest = DATASETS[src].sha256
@@ -56,8 +58,11 @@ class Context:
 
         if self.out is None:
             return None
-        key = json.dumps({"sha256": self.digest, "preprocessing": plain(self.cfg.preprocessing),
-                          "spec": self.spec.to_dict()}, sort_keys=True)
+        key = {"sha256": self.digest, "preprocessing": plain(self.cfg.preprocessing),
+               "spec": self.spec.to_dict()}
+        if self.cfg.data.filter:
+            key["filter"] = plain(self.cfg.data.filter)
+        key = json.dumps(key, sort_keys=True)
         return self.out / CACHE_DIR / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.h5ad"
 
     def _preprocessed(self):
@@ -108,10 +113,20 @@ class Context:
 
     def split(self, sd):
         """The :class:`perturbkit.split.Split` of a task (a :class:`~perturbkit.scenarios.SplitDef`), as
-        indices into :meth:`data`; made by the task's scenario."""
-        from ..scenarios import SCENARIOS
+        indices into :meth:`data`; made by the task's scenario from the cells of its ``filter``."""
+        from ..scenarios import SCENARIOS, filtered_rows
+        from ..split import Split
 
         key = (sd.scenario, sd.key)
         if key not in self._splits:
-            self._splits[key] = SCENARIOS[sd.scenario].split(sd, self.data(), self.spec)
+            scenario, adata = SCENARIOS[sd.scenario], self.data()
+            where = scenario.cells_filter(self.cfg.scenarios[sd.scenario])
+            if not where:
+                self._splits[key] = scenario.split(sd, adata, self.spec)
+            else:
+                rows = filtered_rows(adata, where, f"scenarios.{sd.scenario}.filter")
+                s = scenario.split(sd, adata[rows], self.spec)
+                self._splits[key] = Split(train=rows[s.train], source=rows[s.source], target=rows[s.target],
+                                          name=s.name, info={**s.info, "filter": where,
+                                                             "n_cells_filtered": int(len(rows))})
         return self._splits[key]

@@ -23,9 +23,16 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     ``keep_pred``: write the prediction (``pred.h5ad``, for the example figures) and the model's own figures
     (``<name>.png``); ``degs``: record the real and predicted top DEGs. Every file is written to a temporary
     name and renamed; ``result.json`` last, so a cell with a ``result.json`` is finished and complete.
+
+    In a screen (``data.perturbed`` a list or "all") the one fitted model predicts every perturbation of the
+    task from its source cells (``pred.h5ad`` holds them all, ``obs[condition_key]`` set to each), every
+    perturbation is scored (:func:`perturbkit.metrics.screen.evaluate_screen`) and the cell that scores the
+    ceiling also tests each perturbation's effect (``effects`` in ``result.json``).
     """
     from .. import _io, metrics, models, runner
     from ..data import sha256
+    from ..metrics.screen import effect_table, evaluate_screen
+    from .screen import ALL, LABELS
 
     out = Path(out)
     cdir = cell_dir(out, cell)
@@ -33,32 +40,57 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     if done is not None:
         return done
     started, t_start = runner.stamp(), time.perf_counter()
-    adata = ctx.data()
+    adata, spec = ctx.data(), ctx.spec
     s = ctx.split(cell.split)
     train, source, target = s.subsets(adata)
     mc = cfg.model(cell.model)
     model = models.get(mc.model, **mc.build_params(cfg.training))
-    fitted = runner.fit_predict(model, train, source, ctx.spec, seed=cell.seed, threads=cfg.training.threads,
-                                progress=progress)
-    pred, timings = fitted.pred, dict(fitted.timings)
+    perts = None if spec.single else list(s.info.get("perturbations") or cell.split.perturbations)
+    if perts is None:
+        fitted = runner.fit_predict(model, train, source, spec, seed=cell.seed, threads=cfg.training.threads,
+                                    progress=progress)
+        pred = fitted.pred
+    else:
+        from ..pipeline import fit_predict_all, stack
+
+        fitted, cannot = fit_predict_all(model, train, source, spec, perts, seed=cell.seed,
+                                         threads=cfg.training.threads, progress=progress)
+        if cannot:
+            raise InputError(f"cell {cell.id}: the {cell.model!r} model cannot predict "
+                             + "; ".join(f"{p} ({why})" for p, why in cannot.items()))
+        pred = stack(fitted.pred)
+    timings = dict(fitted.timings)
     t = time.perf_counter()
     metric_names = cfg.evaluation.metric_names()
+    is_ceiling = cell.model == ceiling_model(cfg, cell.split)  # the ceiling once per (split, seed)
     with warnings.catch_warnings():  # fewer genes than top DEGs: in the scores' notes, not warned per cell
         warnings.filterwarnings("ignore", message=r"n_top=\d+ is more than", category=UserWarning)
-        scores, eval_info = runner.score(target, source, {cell.model: pred}, metric_names,
-                                         n_boot=cfg.evaluation.n_boot, seed=cell.seed,
-                                         ceiling=cell.model == ceiling_model(cfg))  # once per (split, seed)
-    scores = scores[~scores.metric.str.endswith("_norm")]  # normalised once all models are in: aggregate()
+        scores, eval_info = evaluate_screen(target, {cell.model: pred}, source,
+                                            condition_key=spec.condition_key, metric_names=metric_names,
+                                            n_boot=cfg.evaluation.n_boot, seed=cell.seed, ceiling=is_ceiling)
+    # normalised, and averaged over perturbations, once all models are in: aggregate()
+    scores = scores[~scores.metric.str.endswith("_norm") & (~scores.perturbation.isin(LABELS)
+                                                            | (scores.perturbation == ALL))]
     timings["evaluate_s"] = time.perf_counter() - t
+    effects = None
+    if perts is not None and is_ceiling:
+        t = time.perf_counter()
+        effects = effect_table(target, source, condition_key=spec.condition_key, seed=cell.seed)
+        effects = effects.to_dict("records")
+        timings["effects_s"] = time.perf_counter() - t
     if degs:
         t = time.perf_counter()
         degs = {"real": metrics.top_degs(target, source, 100), "pred": metrics.top_degs(pred, source, 100)}
         timings["degs_s"] = time.perf_counter() - t
     else:
         degs = None
+    n_target = len(s.target)
+    if perts is not None:  # a perturbation's rows: its own target cells
+        n_target = scores.perturbation.map(target.obs[spec.condition_key].astype(str).value_counts())
+        n_target = n_target.fillna(len(s.target)).astype(int)
     scores = scores.assign(scenario=cell.scenario, split=cell.split.name, seed=cell.seed,
                            context=cell.split.context, variant=cell.split.variant, n_train=len(s.train),
-                           n_source=len(s.source), n_target=len(s.target))
+                           n_source=len(s.source), n_target=n_target)
     scores = scores[list(SCORE_COLUMNS)]
 
     t = time.perf_counter()
@@ -108,6 +140,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         "evaluation": {"metrics": metric_names, "n_boot": cfg.evaluation.n_boot, "seed": cell.seed,
                        **eval_info},
         "degs": degs,
+        **({"perturbations": perts, "effects": effects} if perts is not None else {}),
         "versions": runner.versions(),
         "files": files,
     }

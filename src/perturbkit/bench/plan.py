@@ -29,16 +29,34 @@ class Cell:
 
 
 def plan_splits(cfg: BenchConfig, adata) -> list[SplitDef]:
-    """Every held-out task of the configured scenarios, in a fixed order (needs only ``adata.obs``)."""
+    """Every held-out task of the configured scenarios, in a fixed order (from the cells of each scenario's
+    ``filter``)."""
+    from ..scenarios import filtered_rows
+
     out: list[SplitDef] = []
     for scenario, conf in cfg.active():
-        out += scenario.plan(conf, cfg, adata, list(out))
+        where = scenario.cells_filter(conf)
+        cells = adata[filtered_rows(adata, where, f"scenarios.{scenario.name}.filter")] if where else adata
+        out += scenario.plan(conf, cfg, cells, list(out))
     return out
 
 
+def runs(cfg: BenchConfig, split: SplitDef, label: str) -> bool:
+    """Whether the model ``label`` gets cells on the task ``split`` (its scenario decides:
+    :meth:`~perturbkit.scenarios.Scenario.runs`)."""
+    from ..models import MODELS
+    from ..scenarios import SCENARIOS
+
+    return SCENARIOS[split.scenario].runs(split, MODELS[cfg.model(label).model], cfg.data.spec)
+
+
 def plan(cfg: BenchConfig, adata) -> list[Cell]:
-    """Every cell of the benchmark: splits x models x seeds, in run order (split, then seed, then model)."""
-    return [Cell(s, m.label, seed) for s in plan_splits(cfg, adata) for seed in cfg.seeds for m in cfg.models]
+    """Every cell of the benchmark: splits x models x seeds, in run order (split, then seed, then model); a
+    model gets no cells on a task it does not apply to (:func:`runs`: ``mean_shift`` on an unseen combination,
+    ``additive`` where no combination is predicted)."""
+    splits = plan_splits(cfg, adata)
+    return [Cell(s, m.label, seed) for s in splits for seed in cfg.seeds for m in cfg.models
+            if runs(cfg, s, m.label)]
 
 
 def splits_of(cells: list[Cell]) -> list[SplitDef]:
@@ -56,9 +74,14 @@ def keeps_degs(cfg: BenchConfig, cell: Cell, splits: list[SplitDef]) -> bool:
     return any(s.keeps_degs(cfg, cell, splits) for s, _conf in cfg.active())
 
 
-def ceiling_model(cfg: BenchConfig) -> str:
-    """The model whose cells also score the ceiling: the control baseline, else the first model."""
-    return control_label(cfg) or cfg.models[0].label
+def ceiling_model(cfg: BenchConfig, split: SplitDef | None = None) -> str:
+    """The model whose cells also score the ceiling (and, in a screen, test each perturbation's effect) on
+    ``split``: the control baseline, else the first model that runs there."""
+    control = control_label(cfg)
+    if control is not None and (split is None or runs(cfg, split, control)):
+        return control
+    chosen = (m.label for m in cfg.models if split is None or runs(cfg, split, m.label))
+    return next(chosen, cfg.models[0].label)
 
 
 def control_label(cfg: BenchConfig) -> str | None:

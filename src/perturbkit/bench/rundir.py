@@ -16,9 +16,10 @@ CELLS_DIR = "cells"
 CACHE_DIR = ".cache"
 #: the columns of every cell's scores.csv and of the run's scores.csv
 SCORE_COLUMNS = ("scenario", "split", "model", "seed", "metric", "value", "ci_low", "ci_high",
-                 "higher_is_better", "error", "context", "variant", "n_train", "n_source", "n_target")
-SUMMARY_COLUMNS = ("scenario", "split", "model", "metric", "n_seeds", "mean", "sd", "ci_low", "ci_high",
-                   "rank", "higher_is_better")
+                 "higher_is_better", "error", "context", "perturbation", "variant", "n_train", "n_source",
+                 "n_target")
+SUMMARY_COLUMNS = ("scenario", "split", "model", "perturbation", "metric", "n_seeds", "mean", "sd", "ci_low",
+                   "ci_high", "rank", "higher_is_better")
 
 
 def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = None) -> Path:
@@ -27,8 +28,12 @@ def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = 
 
     Writes ``config.json`` (the normalised config: the run's identity) and ``config.toml`` (the config as
     given, or rendered from ``cfg``). Safe to call from several processes at once (same content, atomic).
+    A ``config.json`` written by an earlier perturbkit that lacks only settings added since, at their
+    defaults, is the same config (:func:`~perturbkit.bench.config.same_run`); it is rewritten in the current
+    form.
     """
     from .. import _io, config, runner
+    from .config import same_run
 
     out = Path(out)
     cfg_dict = cfg.to_dict()
@@ -38,7 +43,7 @@ def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = 
         if not cfile.exists():
             return False
         old = _io.read_json(cfile)
-        if old != cfg_dict:
+        if not same_run(old, cfg_dict):
             diff = (config.first_difference(old, cfg_dict) if isinstance(old, dict)
                     else "config.json is unreadable")
             raise InputError(f"--out {str(folder)!r} holds a bench run of a different config ({diff}). Use a "

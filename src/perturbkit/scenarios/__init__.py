@@ -8,15 +8,21 @@ report iterate this registry; adding a scenario is one new module and one line h
 
 from __future__ import annotations
 
-from ._base import (Aggregation, Contexts, Scenario, SplitDef, Table, choose_contexts, context_counts, slug,
-                    unique_slugs)
+from ._base import (Aggregation, Contexts, Scenario, SplitDef, Table, choose_contexts, context_counts,
+                    filtered_rows, slug, unique_slugs)
+from ._screen import ScreenScenario
+from .context_transfer import ContextTransfer, ContextTransferConfig
 from .cross_donor import CrossDonor, CrossDonorConfig
 from .loco import Loco, LocoConfig
 from .unbalanced import Unbalanced, UnbalancedConfig
+from .unseen_combination import UnseenCombination, UnseenCombinationConfig
 
 #: ``[scenarios.NAME]`` -> its scenario, in planning order (a scenario may use the tasks of those before it)
-SCENARIOS: dict[str, type[Scenario]] = {"loco": Loco, "unbalanced": Unbalanced, "cross_donor": CrossDonor}
+SCENARIOS: dict[str, type[Scenario]] = {"loco": Loco, "unbalanced": Unbalanced, "cross_donor": CrossDonor,
+                                        "context_transfer": ContextTransfer,
+                                        "unseen_combination": UnseenCombination}
 
-__all__ = ["SCENARIOS", "Aggregation", "Contexts", "CrossDonor", "CrossDonorConfig", "Loco", "LocoConfig",
-           "Scenario", "SplitDef", "Table", "Unbalanced", "UnbalancedConfig", "choose_contexts",
-           "context_counts", "slug", "unique_slugs"]
+__all__ = ["SCENARIOS", "Aggregation", "ContextTransfer", "ContextTransferConfig", "Contexts", "CrossDonor",
+           "CrossDonorConfig", "Loco", "LocoConfig", "Scenario", "ScreenScenario", "SplitDef", "Table",
+           "Unbalanced", "UnbalancedConfig", "UnseenCombination", "UnseenCombinationConfig",
+           "choose_contexts", "context_counts", "filtered_rows", "slug", "unique_slugs"]

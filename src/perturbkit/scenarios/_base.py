@@ -8,10 +8,16 @@ A scenario is a class with class methods (the registry, :data:`perturbkit.scenar
 2. :meth:`Scenario.plan`: its held-out tasks (:class:`SplitDef`), from the config, the input's obs and the
    tasks of the scenarios planned before it;
 3. :meth:`Scenario.split`: the train / source / target indices of one task;
-4. :meth:`Scenario.keeps_prediction` / :meth:`Scenario.keeps_degs`: whether a cell (of any scenario) keeps its
+4. :meth:`Scenario.runs`: whether a model gets cells on a task (a model that cannot predict an unseen
+   combination gets none there); :meth:`Scenario.baselines`: baselines the scenario adds;
+   :meth:`Scenario.keeps_prediction` / :meth:`Scenario.keeps_degs`: whether a cell (of any scenario) keeps its
    prediction for the figures, or its top DEGs for the scenario's tables;
 5. :meth:`Scenario.tables` (declared in ``TABLES``, which the report renders) and :meth:`Scenario.figures`:
    what the scenario adds when the cells are aggregated.
+
+A scenario handles one perturbation (``data.perturbed`` one label) unless it sets ``SCREENS = True``: then
+its tasks may predict many perturbations each (``SplitDef.perturbations``), and ``filter`` in its table (when
+its ``Config`` has one) restricts the cells its tasks use, training included.
 
 Generic code never tests a scenario's name; everything specific to one lives in its own module.
 """
@@ -39,6 +45,8 @@ class SplitDef:
     context: str
     variant: str = ""  # unbalanced: "keep" / "thin"; cross_donor: the fold
     params: dict[str, Any] = field(default_factory=dict)
+    #: the perturbations the task predicts, as planned (empty: the spec's one perturbation)
+    perturbations: tuple[str, ...] = ()
 
     def __hash__(self) -> int:
         return hash((self.scenario, self.key))
@@ -83,6 +91,8 @@ class Scenario:
     FIGURES: ClassVar[dict[str, str]] = {}
     #: whether the generic figures include one dot per seed (``seeds_<name>_<metric>.png``, with >1 seed)
     SEED_FIGURES: ClassVar[bool] = False
+    #: whether the scenario handles a screen (``data.perturbed`` a list or "all"); False: one perturbation
+    SCREENS: ClassVar[bool] = False
 
     @classmethod
     def check(cls, conf, cfg) -> None:
@@ -98,6 +108,28 @@ class Scenario:
     def split(cls, sd: SplitDef, adata, spec):
         """The :class:`perturbkit.split.Split` of the task ``sd``, as indices into ``adata``."""
         raise NotImplementedError
+
+    @classmethod
+    def baselines(cls) -> tuple[str, ...]:
+        """Registry names of the baselines the scenario adds to the config's models (with
+        ``evaluation.baselines``), beside ``control`` and ``mean_shift``."""
+        return ()
+
+    @classmethod
+    def runs(cls, sd: SplitDef, model_cls, spec) -> bool:
+        """Whether the model class ``model_cls`` gets cells on the task ``sd``: every model does, except that
+        a combination baseline (:data:`perturbkit.models.COMBINATION_BASELINES`, which is ``mean_shift`` on
+        single perturbations) runs only on tasks that predict a combination."""
+        from ..models import COMBINATION_BASELINES
+
+        return model_cls.name not in COMBINATION_BASELINES or any(spec.is_combination(p)
+                                                                   for p in sd.perturbations)
+
+    @classmethod
+    def cells_filter(cls, conf) -> dict[str, Any]:
+        """The ``filter`` of the scenario's table (obs column -> value(s)): the cells its tasks use; {}:
+        all."""
+        return dict(getattr(conf, "filter", None) or {})
 
     @classmethod
     def keeps_prediction(cls, cfg, cell, splits: list[SplitDef]) -> bool:
@@ -136,6 +168,19 @@ def unique_slugs(names: list[str]) -> dict[str, str]:
     for s in slugs.values():
         seen[s] = seen.get(s, 0) + 1
     return {n: (s if seen[s] == 1 else f"{s}_{zlib.crc32(n.encode()):08x}") for n, s in slugs.items()}
+
+
+def filtered_rows(adata, where: dict[str, Any], what: str):
+    """Row positions (sorted integers) of the cells of ``adata`` whose obs match ``where``
+    (:func:`perturbkit.data.apply_filter`; ``what`` names the setting in its errors)."""
+    import anndata as ad
+    import numpy as np
+
+    from ..data import apply_filter
+
+    col = "__perturbkit_row"
+    obs = adata.obs.assign(**{col: np.arange(adata.n_obs)})
+    return np.sort(apply_filter(ad.AnnData(obs=obs), where, what).obs[col].to_numpy())
 
 
 def context_counts(adata, spec) -> Any:

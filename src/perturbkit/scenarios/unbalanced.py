@@ -125,6 +125,8 @@ def unbalanced_tables(scores, results: dict[str, dict], cells: list, scenario: s
     """(scores side by side: balanced loco vs each unbalanced variant; top-DEG overlap, balanced vs not)."""
     import pandas as pd
 
+    from ..models import MODELS
+
     ub = scores[scores.scenario == scenario]
     if ub.empty:
         return None, None
