@@ -18,8 +18,12 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data keys (defaults fit the bundled datasets)")
     g.add_argument("--condition-key", default="condition", help="obs column of the condition (default: condition)")
     g.add_argument("--control", default="control", help="control label (default: control)")
-    g.add_argument("--perturbed", default="stimulated", help="perturbed label (default: stimulated)")
+    g.add_argument("--perturbed", default="stimulated", metavar="LABEL|A,B,C|all",
+                   help="the perturbation(s) to learn and predict: one label, a comma-separated list, or "
+                   "'all' (every label but the control) (default: stimulated)")
     g.add_argument("--context-key", default="cell_type", help="obs column of the context (default: cell_type)")
+    g.add_argument("--combo-delimiter", default="+", metavar="TEXT",
+                   help="joins the labels of a combination of perturbations, e.g. KLF1+MAP2K6 (default: +)")
 
 
 def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
@@ -28,7 +32,18 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
         from .models import MODELS
 
         p.add_argument("--model", default="scgen", help=", ".join(MODELS) + " (perturbkit list models)")
-        p.add_argument("--holdout", required=True, help="context whose perturbed cells are held out and predicted")
+        g = p.add_argument_group("task (give exactly one)")
+        g.add_argument("--holdout", default=None, metavar="CONTEXT",
+                       help="context transfer: the context whose perturbed cells are held out; every "
+                       "perturbation in it is predicted from its control cells")
+        g.add_argument("--holdout-combination", default=None, metavar="A+B",
+                       help="unseen combination: every cell of A+B is held out and predicted from its "
+                       "contexts' control cells; A, B and the other perturbations train (needs --perturbed "
+                       "all or a list)")
+        p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                       help="keep only the cells whose obs column KEY holds VALUE (comma-separated: any of "
+                       "them), before validation and preprocessing, e.g. --filter dataset=mcfaline23 "
+                       "(repeatable: all must hold)")
         _add_spec(p)
     g = p.add_argument_group("preprocessing")
     g.add_argument("--n-top-genes", type=int, default=2000, help="highly variable genes to keep; 0 keeps all")
@@ -73,7 +88,8 @@ def _parse_value(text: str):
         return text
 
 
-def _config(args, *, data: str, model: str, holdout: str, spec):
+def _config(args, *, data: str, model: str, holdout: str | None, spec, combination: str | None = None,
+            where: dict | None = None):
     from .data import Preprocessing
     from .errors import InputError
     from .pipeline import PredictConfig
@@ -93,7 +109,43 @@ def _config(args, *, data: str, model: str, holdout: str, spec):
     if args.n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {args.n_boot}.")
     return PredictConfig(data=data, model=model, holdout=holdout, spec=spec, preprocessing=pp, epochs=args.epochs,
-                         seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot, threads=args.threads)
+                         seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot,
+                         threads=args.threads, filter=where or {}, combination=combination)
+
+
+def _perturbed(text: str, delimiter: str):
+    """``--perturbed``: one label, ``all``, or a comma-separated list (a tuple)."""
+    from .errors import InputError
+
+    if "," not in text:
+        return text.strip()
+    if delimiter == ",":
+        raise InputError("--combo-delimiter ',' clashes with the comma that separates the labels of "
+                         "--perturbed; choose another delimiter, e.g. --combo-delimiter +.")
+    labels = tuple(label.strip() for label in text.split(","))
+    if not all(labels):
+        raise InputError(f"--perturbed {text!r} holds an empty label; separate labels with single commas, "
+                         "e.g. --perturbed A,B,C.")
+    return labels
+
+
+def _filters(items: list[str]) -> dict:
+    """``--filter KEY=VALUE`` (repeatable; VALUE may be a comma-separated list) -> ``{KEY: VALUE or
+    [values]}``."""
+    from .errors import InputError
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, values = key.strip(), [v.strip() for v in value.split(",")]
+        if not sep or not key or not all(values):
+            raise InputError(f"--filter {item!r} must look like KEY=VALUE or KEY=A,B, e.g. --filter "
+                             "dataset=mcfaline23.")
+        if key in out:
+            raise InputError(f"--filter names {key!r} twice; give its values once, comma-separated: --filter "
+                             f"{key}=A,B.")
+        out[key] = values[0] if len(values) == 1 else values
+    return out
 
 
 def _command() -> str:
@@ -106,16 +158,31 @@ def _print_table(out: Path) -> None:
     from .pipeline import summary
 
     table = summary(out)
-    print(table.to_string(float_format=lambda v: f"{v:.3f}"))
+    if "n_perturbations" in table.attrs:  # a screen: the means over its perturbations
+        import pandas as pd
+
+        effects = pd.read_csv(out / "effects.csv")
+        n_resp = int(effects.responsive.sum())
+        print(f"mean over {table.attrs['n_perturbations']} perturbations (mean_responsive: the {n_resp} with "
+              "a significant effect, effects.csv); per perturbation in scores.csv")
+    print(table.to_string(float_format=lambda v: f"{v:.3f}", na_rep=""))
 
 
 def cmd_predict(args) -> int:
     from .data import PerturbSpec
     from .pipeline import run_predict
 
-    spec = PerturbSpec(condition_key=args.condition_key, control=args.control, perturbed=args.perturbed,
-                       context_key=args.context_key)
-    cfg = _config(args, data=args.data, model=args.model, holdout=args.holdout, spec=spec)
+    from .errors import InputError
+
+    if (args.holdout is None) == (args.holdout_combination is None):
+        raise InputError("give exactly one task: --holdout CONTEXT (context transfer) or "
+                         "--holdout-combination A+B (an unseen combination)"
+                         + (", not both." if args.holdout is not None else "."))
+    spec = PerturbSpec(condition_key=args.condition_key, control=args.control,
+                       perturbed=_perturbed(args.perturbed, args.combo_delimiter),
+                       context_key=args.context_key, combo_delimiter=args.combo_delimiter)
+    cfg = _config(args, data=args.data, model=args.model, holdout=args.holdout, spec=spec,
+                  combination=args.holdout_combination, where=_filters(args.filter))
     record = run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
                          load_model=args.load_model, command=_command())
     _print_table(Path(args.out))
@@ -328,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"perturbkit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="fit a model on all but one context's perturbed cells and predict them")
+    p = sub.add_parser("predict", help="fit a model once and predict held-out perturbed cells: every "
+                       "perturbation of one context (--holdout) or an unseen combination "
+                       "(--holdout-combination)")
     _add_predict(p)
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("demo", help="scGen on the bundled Kang 2018 data, CD4 T cells held out")
@@ -357,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAGS = {
     "data": "--data", "model": "--model", "holdout": "--holdout", "condition_key": "--condition-key",
     "control": "--control", "perturbed": "--perturbed", "context_key": "--context-key",
+    "combo_delimiter": "--combo-delimiter", "combination": "--holdout-combination", "filter": "--filter",
     "n_top_genes": "--n-top-genes", "normalize": "--normalize", "epochs": "--epochs", "seed": "--seed",
     "threads": "--threads", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
     "metrics": "--metrics", "n_boot": "--n-boot", "out": "--out", "force": "--force", "save_model": "--save-model",

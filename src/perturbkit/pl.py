@@ -381,7 +381,8 @@ def unbalanced_comparison(table, *, metric: str, title: str | None = None):
     return fig
 
 
-def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 100, ax=None):
+def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 100, ax=None, *,
+                      perturbation: str | None = None):
     """scPRAM's attention scores: query cells (rows) x the training control cells they attend to most (columns).
 
     Like the "attention score" figure of the scPRAM tutorial. ``model`` is a fitted
@@ -390,21 +391,22 @@ def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 10
     with the largest total attention from them; rows are ordered by the column each attends to most, columns by
     cell type and then by total attention. A strip above the heatmap gives each control cell's cell type. With
     ``attention="first_cell"`` every row is the same (the ``scpram`` package's shared delta).
+    ``perturbation``: whose attention, for a model of several perturbations (named in the title).
     """
     from matplotlib.patches import Patch
 
-    weights = model.attention(source)
+    weights = model.attention(source, perturbation)
     n_q, n_c = weights.shape
     rows = np.unique(np.linspace(0, n_q - 1, min(max_cells, n_q)).round().astype(int))
     sub = weights[rows]
     total = np.asarray(sub.sum(axis=0)).ravel()
     cols = np.argsort(-total, kind="stable")[:max_controls]
     cols = cols[total[cols] > 0]
-    contexts = getattr(model, "control_context", None)
+    contexts = model.pairing(perturbation).control_context
     if contexts is not None:
-        contexts = np.asarray(contexts)[cols]
-        cols = cols[np.lexsort((-total[cols], contexts))]
-        contexts = np.asarray(model.control_context)[cols]
+        every = np.asarray(contexts)
+        cols = cols[np.lexsort((-total[cols], every[cols]))]
+        contexts = every[cols]
     mat = sub[:, cols].toarray()
     mat = mat[np.lexsort((-mat.max(axis=1), mat.argmax(axis=1)))]
     fig, ax = _figure(ax, size=(7.5, 5.0))
@@ -415,7 +417,9 @@ def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 10
     ax.set_xticks([])
     ax.set_yticks([])
     k = int(np.diff(weights.indptr).max()) if n_q else 0
-    ax.set_title(f"scPRAM attention ({model.params.get('attention', 'cell')}): each cell attends to {k} of {n_c}",
+    which = "" if perturbation is None else f" for {perturbation!r}"
+    ax.set_title(f"scPRAM attention{which} ({model.params.get('attention', 'cell')}): each cell attends to "
+                 f"{k} of {n_c}",
                  fontsize=9, pad=18 if contexts is not None else 6)
     if contexts is not None and len(cols):
         names = sorted(set(contexts.tolist()))
@@ -431,4 +435,122 @@ def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 10
         ax.legend(handles=[Patch(color=colors(i), label=n) for i, n in enumerate(names)], fontsize=7,
                   frameon=False, loc="upper left", bbox_to_anchor=(1.25, 1.0), title="control cell type",
                   title_fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------- screens
+
+
+def perturbation_heatmap(scores, *, metrics=None, models=None, perturbations=None, title: str | None = None,
+                         ax=None):
+    """A screen's scores: one panel per model, perturbations (rows) x metrics (columns), values printed.
+
+    ``scores``: the per-perturbation rows of a tidy table with ``model, perturbation, metric, value,
+    higher_is_better`` (e.g. ``scores.csv`` of ``perturbkit predict`` without its ``mean`` / ``all`` rows).
+    Each metric is coloured on its own scale, shared by all panels, from worse (light) to better (dark) by the
+    metric's direction. ``metrics`` / ``models`` / ``perturbations`` choose and order them (default: all
+    metrics without ``_norm``, every model, every perturbation, in order of appearance). ``ax``: a sequence of
+    Axes, one per model (default: a new Figure).
+    """
+    from matplotlib.figure import Figure
+
+    from .errors import InputError
+
+    metrics = list(metrics) if metrics is not None else \
+        [m for m in dict.fromkeys(scores["metric"]) if not str(m).endswith("_norm")]
+    metrics = [m for m in metrics if (scores["metric"] == m).any()]
+    models = list(models) if models is not None else list(dict.fromkeys(scores["model"]))
+    perts = list(perturbations) if perturbations is not None else list(dict.fromkeys(scores["perturbation"]))
+    if not metrics or not models or not perts:
+        raise InputError("perturbation_heatmap: scores hold no rows of the requested metrics, models and "
+                         "perturbations.")
+    if ax is None:
+        fig = Figure(figsize=(0.6 * len(metrics) * len(models) + 0.9 * len(models) + 1.2,
+                              0.32 * len(perts) + 1.8), layout="constrained")
+        axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+    else:
+        axes = list(ax)
+        if len(axes) != len(models):
+            raise InputError(f"perturbation_heatmap: ax holds {len(axes)} Axes for {len(models)} models; "
+                             "give one per model.")
+        fig = axes[0].figure
+    cube = np.full((len(models), len(perts), len(metrics)), np.nan)
+    higher = []
+    for k, metric in enumerate(metrics):
+        sub = scores[scores["metric"] == metric]
+        higher.append(bool(sub["higher_is_better"].iloc[0]) if "higher_is_better" in sub else True)
+        wide = sub.pivot_table(index="perturbation", columns="model", values="value", aggfunc="first")
+        for i, model in enumerate(models):
+            for j, p in enumerate(perts):
+                if p in wide.index and model in wide.columns:
+                    cube[i, j, k] = wide.loc[p, model]
+    shade = np.full_like(cube, np.nan)
+    for k in range(len(metrics)):
+        v = cube[..., k]
+        finite = v[np.isfinite(v)]
+        if finite.size:
+            lo, hi = finite.min(), finite.max()
+            scaled = (v - lo) / (hi - lo) if hi > lo else np.full_like(v, 0.5)
+            shade[..., k] = scaled if higher[k] else 1 - scaled
+    for i, (a, model) in enumerate(zip(axes, models)):
+        a.imshow(shade[i], cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        for j in range(len(perts)):
+            for k in range(len(metrics)):
+                if np.isfinite(cube[i, j, k]):
+                    a.text(k, j, f"{cube[i, j, k]:.2f}", ha="center", va="center", fontsize=6,
+                           color="w" if shade[i, j, k] < 0.5 else "k")
+        a.set_xticks(range(len(metrics)))
+        a.set_xticklabels(metrics, rotation=45, ha="right", fontsize=7)
+        a.set_yticks(range(len(perts)))
+        a.set_yticklabels(perts, fontsize=7)
+        a.set_title(model, fontsize=9)
+    fig.suptitle(title or "per perturbation (colour per metric: dark = better)", fontsize=10)
+    return fig
+
+
+def versus_baseline(scores, *, metric: str = "pearson_delta", baseline: str = "mean_shift", models=None,
+                    n_labels: int = 8, title: str | None = None, ax=None):
+    """Per perturbation, each model's ``metric`` (y) against the ``baseline`` model's (x), with the diagonal.
+
+    ``scores``: per-perturbation rows with ``model, perturbation, metric, value`` (as
+    :func:`perturbation_heatmap`). ``models`` default: every model but the baseline and ``ceiling``. The
+    legend counts the perturbations on the better side of the diagonal; the ``n_labels`` perturbations
+    farthest from it are named (first model).
+    """
+    from .errors import InputError, choices_text
+
+    sub = scores[scores["metric"] == metric]
+    known = list(dict.fromkeys(sub["model"]))
+    if baseline not in known:
+        raise InputError(f"versus_baseline: no {metric!r} rows of the baseline {baseline!r}; models: "
+                         f"{choices_text(known)}.")
+    models = list(models) if models is not None else [m for m in known if m not in (baseline, "ceiling")]
+    higher = bool(sub["higher_is_better"].iloc[0]) if "higher_is_better" in sub else True
+    wide = sub.pivot_table(index="perturbation", columns="model", values="value", aggfunc="first")
+    wide = wide.loc[[p for p in dict.fromkeys(sub["perturbation"]) if p in wide.index]]
+    x = wide[baseline].to_numpy(dtype=float)
+    fig, ax = _figure(ax, (5.2, 5.0))
+    values = [x]
+    for k, model in enumerate(models):
+        if model not in wide.columns:
+            continue
+        y = wide[model].to_numpy(dtype=float)
+        values.append(y)
+        ok = np.isfinite(x) & np.isfinite(y)
+        better = int(((y > x) if higher else (y < x))[ok].sum())
+        colour = _GROUP_COLOURS[(k + 2) % len(_GROUP_COLOURS)]
+        ax.scatter(x, y, s=18, c=colour, zorder=3, label=f"{model}: better in {better} of {int(ok.sum())}")
+        if k == 0 and n_labels:
+            far = np.argsort(-np.where(ok, np.abs(y - x), -np.inf), kind="stable")[:n_labels]
+            for i in far[ok[far]]:
+                ax.annotate(str(wide.index[i]), (x[i], y[i]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], ls="--", c="k", lw=0.8)
+    ax.set_xlabel(f"{baseline}: {metric}")
+    ax.set_ylabel(f"model: {metric}")
+    ax.set_title(title or f"{metric} per perturbation vs {baseline}", fontsize=10)
+    ax.legend(fontsize=7, framealpha=0.8, loc="best")
     return fig
