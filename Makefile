@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test install-docs demo test docs slurm bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PIP) -e ".[docs]"
+	touch $@
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
+
+install-docs: $(VENV)/.installed-docs
 
 demo: install
 	$(BIN)/perturbkit demo --force
@@ -30,8 +36,22 @@ demo: install
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# the site: docs/_build/html/index.html (Sphinx, warnings as errors) with the tutorials as executed notebooks.
+# Tutorials whose executed copy (docs/tutorials/NAME.ipynb, written by `make test` too) is missing or older than
+# the script or the package are executed first; the build never executes them.
+docs: install-docs
+	$(BIN)/python docs/notebooks.py --stale
+	$(BIN)/python -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
+	@echo "docs: docs/_build/html/index.html"
+
+# the SLURM system tests alone (tests/test_slurm.py): a throw-away single-node cluster on localhost runs the
+# benchmark and tuning workers through Snakemake's SLURM executor. Needs root and Debian's slurm-wlm and munge
+# (apt-get install slurm-wlm munge); fails rather than skips when they are missing.
+slurm: install-test
+	PERTURBKIT_SYSTEM_TESTS=1 $(BIN)/python -m pytest -q tests/test_slurm.py
+
 bench: install
 	$(BIN)/python benchmarks/bench_speed.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache docs/_build docs/tutorials tutorials/runs

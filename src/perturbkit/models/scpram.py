@@ -76,8 +76,10 @@ class Pairing(NamedTuple):
 class ScPRAM(VAEModel):
     """scPRAM: a VAE whose latent transfer is OT-paired deltas averaged by per-cell cosine attention.
 
-    Parameters (besides the VAE and training ones shared with scGen)
-    ----------------------------------------------------------------
+    Besides the VAE and training parameters it shares with scGen (``DEFAULTS``, docs/scpram.md):
+
+    Parameters
+    ----------
     ratio
         share of the training control cells each query attends to: the top ``ceil(ratio * n_control)`` by
         cosine similarity (reference default 0.05; the package's PBMC tutorial uses 0.005).
