@@ -365,16 +365,19 @@ def cmd_workflow_crate(args) -> int:
     path = record.write_workflow_crate(args.workflow, args.out, authors=tuple(args.author),
                                        organization=args.organization)
     todo = [flag for flag, given in (("--author", args.author), ("--organization", args.organization)) if not given]
-    print(f"wrote {path}: a Workflow RO-Crate of {args.workflow} (upload the .zip to WorkflowHub"
-          + (f"; replace its placeholders first: {' '.join(todo)}" if todo else "") + ")")
+    fill = f"; replace its placeholders first: {' '.join(todo)}" if todo else ""
+    print(f"wrote {path}: a Workflow RO-Crate of {args.workflow} (upload the .zip to WorkflowHub{fill})")
     return 0
 
 
+WORKFLOW_CRATE = ("Write the Workflow RO-Crate of workflow/ (Snakefile as main entity, its config schema as inputs, "
+                  "profiles, example config, licence, authors): a folder, or a .zip to upload to WorkflowHub. See "
+                  "docs/cluster.md.")
+
+
 def _add_workflow_crate(sub) -> None:
-    p = sub.add_parser("workflow-crate", help="package the Snakemake workflow as a Workflow RO-Crate for WorkflowHub",
-                       description="Write the Workflow RO-Crate of workflow/ (Snakefile as main entity, its config "
-                       "schema as inputs, profiles, example config, licence, authors): a folder, or a .zip to upload "
-                       "to WorkflowHub. See docs/cluster.md.")
+    p = sub.add_parser("workflow-crate", description=WORKFLOW_CRATE,
+                       help="package the Snakemake workflow as a Workflow RO-Crate for WorkflowHub")
     p.add_argument("--workflow", default="workflow", help="the workflow folder (default: ./workflow)")
     p.add_argument("--out", default="perturbkit-workflow.crate.zip",
                    help="folder or .zip file to write (default: perturbkit-workflow.crate.zip)")

@@ -24,18 +24,25 @@ def synthetic(
     ``effect`` (scaled per context between 0.75x and 1.25x). Returns AnnData with obs ``condition``
     (control / stimulated), ``cell_type`` (ctx0, ...) and ``donor`` (d0, d1); X is log-scale, non-negative.
     """
-    import anndata as ad
-
     rng = np.random.default_rng(seed)
     base = rng.gamma(2.0, 0.6, size=n_genes)
+    shift = np.zeros(n_genes)
+    shift[:n_responsive] = effect
+    return _cells(rng, base, {K.CONTROL: np.zeros(n_genes), K.PERTURBED: shift}, n_contexts, n_cells)
+
+
+def _cells(rng, base: np.ndarray, shifts: dict[str, np.ndarray], n_contexts: int, n_cells: int):
+    """``n_cells`` cells per (context, condition): each context its own profile around ``base``, each condition
+    its ``shift`` scaled per context between 0.75x and 1.25x, Gaussian noise, clipped at 0."""
+    import anndata as ad
+
+    n_genes = len(base)
     blocks, conds, ctxs, donors = [], [], [], []
     for c in range(n_contexts):
         profile = base + rng.normal(0, 0.4, size=n_genes).clip(-0.5, None)
         scale = 0.75 + 0.5 * c / max(n_contexts - 1, 1)
-        for cond in (K.CONTROL, K.PERTURBED):
-            mean = profile.copy()
-            if cond == K.PERTURBED:
-                mean[:n_responsive] += effect * scale
+        for cond, shift in shifts.items():
+            mean = profile + scale * shift
             x = np.clip(mean + rng.normal(0, 0.35, size=(n_cells, n_genes)), 0, None)
             blocks.append(x.astype(np.float32))
             conds += [cond] * n_cells
@@ -67,8 +74,6 @@ def synthetic_screen(
     combination ``A+B`` is additive: the sum of its singles' effects. obs: ``condition`` (``control``, the
     perturbations, the combinations), ``cell_type`` (ctx0, ...), ``donor``; X is log-scale, non-negative.
     """
-    import anndata as ad
-
     if n_genes < n_responsive * len(perturbations):
         raise ValueError("n_genes must leave each perturbation its own block of n_responsive genes")
     rng = np.random.default_rng(seed)
@@ -81,20 +86,4 @@ def synthetic_screen(
         shifts[p] = shift
     for combo in combinations:
         shifts[combo] = sum(shifts[p] for p in combo.split("+"))
-    blocks, conds, ctxs, donors = [], [], [], []
-    for c in range(n_contexts):
-        profile = base + rng.normal(0, 0.4, size=n_genes).clip(-0.5, None)
-        scale = 0.75 + 0.5 * c / max(n_contexts - 1, 1)
-        for cond in (K.CONTROL, *shifts):
-            mean = profile + (scale * shifts[cond] if cond in shifts else 0.0)
-            x = np.clip(mean + rng.normal(0, 0.35, size=(n_cells, n_genes)), 0, None)
-            blocks.append(x.astype(np.float32))
-            conds += [cond] * n_cells
-            ctxs += [f"ctx{c}"] * n_cells
-            donors += [f"d{i % 2}" for i in range(n_cells)]
-    obs = pd.DataFrame(
-        {K.CONDITION: pd.Categorical(conds), K.CONTEXT: pd.Categorical(ctxs), K.DONOR: pd.Categorical(donors)},
-        index=[f"cell{i}" for i in range(len(conds))],
-    )
-    var = pd.DataFrame(index=[f"gene{i}" for i in range(n_genes)])
-    return ad.AnnData(X=np.vstack(blocks), obs=obs, var=var)
+    return _cells(rng, base, {K.CONTROL: np.zeros(n_genes), **shifts}, n_contexts, n_cells)

@@ -19,9 +19,25 @@ Figures: ``perturbations_<scenario>.png`` (perturbations x metrics, a panel per 
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from ._base import Aggregation, Scenario, Table
+
+
+@dataclass(frozen=True)
+class ScreenTaskConfig:
+    """The settings every screen scenario's table has (its own come after them)."""
+
+    TABLE: ClassVar[str] = ""
+    min_cells: int = 30  # cells a perturbation needs in the task (fewer: skipped, with why)
+    filter: dict[str, Any] = field(default_factory=dict)  # the cells the tasks use, training included
+
+    def __post_init__(self):
+        from ..config import check_filter, positive
+
+        positive(f"scenarios.{self.TABLE}.min_cells", self.min_cells, 3)
+        check_filter(f"scenarios.{self.TABLE}.filter", self.filter)
 
 #: the cross-perturbation metrics of screen_summary.csv (``share_beats_<baseline>`` rows are added to them)
 CROSS_METRICS = ("discrimination_score", "pearson_delta_systema")
@@ -42,6 +58,39 @@ TABLES = (
                   "task."),
 )
 FIGURES = {"perturbations_": "Screens: perturbation x metric", "versus_": "Screens: against the baseline"}
+
+
+def choose_labels(chosen, known: list[str], where: str, key: str, what: str) -> list[str]:
+    """``known`` for ``chosen = "all"``, else ``chosen`` checked against ``known``: an unknown or repeated label
+    raises :class:`InputError` naming ``where.key`` (``what``: the kind of label, for the message)."""
+    from ..errors import InputError, choices_text
+
+    if chosen == "all":
+        return list(known)
+    chosen = list(chosen)
+    unknown = [c for c in chosen if c not in known]
+    if unknown:
+        raise InputError(f"{where}.{key}: {unknown[0]!r} is not {what} (after {where}.filter); "
+                         f"values: {choices_text(known) or 'none'}.")
+    if len(set(chosen)) != len(chosen):
+        raise InputError(f"{where}.{key} lists a value twice.")
+    return chosen
+
+
+def splits_of(chosen: list[str], every: bool, where: str, key: str, make_split) -> tuple[dict, dict]:
+    """(label -> its Split, label -> why it has none) for the labels ``make_split(label)`` can split; a label
+    the user listed (``every`` False) that cannot be split raises its InputError, prefixed ``where.key``."""
+    from ..errors import InputError
+
+    kept, why = {}, {}
+    for label in chosen:
+        try:
+            kept[label] = make_split(label)
+        except InputError as exc:
+            if not every:
+                raise InputError(f"{where}.{key}: {exc}") from None
+            why[label] = str(exc)
+    return kept, why
 
 
 class ScreenScenario(Scenario):

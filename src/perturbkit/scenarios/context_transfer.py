@@ -7,27 +7,20 @@ tables and figures (:mod:`perturbkit.scenarios._screen`)."""
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from ..config import check_filter, positive
-from ..errors import InputError, InputWarning, choices_text
+from ..errors import InputError, InputWarning
 from ._base import Contexts, SplitDef, choose_contexts, context_counts, unique_slugs
-from ._screen import ScreenScenario
+from ._screen import ScreenScenario, ScreenTaskConfig, choose_labels, splits_of
 
 
 @dataclass(frozen=True)
-class ContextTransferConfig:
+class ContextTransferConfig(ScreenTaskConfig):
     """``[scenarios.context_transfer]``: hold out each context in turn; predict every perturbation in it."""
 
+    TABLE = "context_transfer"
     # "all": every context with >= min_cells control cells and a perturbation it can be scored on
     contexts: Contexts = "all"
-    min_cells: int = 30  # cells a perturbation needs in the held-out context (fewer: skipped, with why)
-    filter: dict[str, Any] = field(default_factory=dict)  # the cells the tasks use, training included
-
-    def __post_init__(self):
-        positive("scenarios.context_transfer.min_cells", self.min_cells, 3)
-        check_filter("scenarios.context_transfer.filter", self.filter)
 
 
 class ContextTransfer(ScreenScenario):
@@ -72,26 +65,13 @@ def screen_contexts(conf: ContextTransferConfig, adata, spec, where: str):
     from ..split import holdout_context
 
     known = sorted(set(adata.obs[spec.context_key].astype(str)))
-    chosen = known if conf.contexts == "all" else list(conf.contexts)
-    unknown = [c for c in chosen if c not in known]
-    if unknown:
-        raise InputError(f"{where}.contexts: {unknown[0]!r} is not a value of obs[{spec.context_key!r}] "
-                         f"(after {where}.filter). Values: {choices_text(known)}.")
-    if len(set(chosen)) != len(chosen):
-        raise InputError(f"{where}.contexts lists a context twice.")
-    contexts, perts, why = [], {}, {}
-    for c in chosen:
-        try:
-            with warnings.catch_warnings():  # skipped perturbations: in the task's split record, not per plan
-                warnings.simplefilter("ignore", InputWarning)
-                s = holdout_context(adata, spec, c, min_cells=conf.min_cells)
-        except InputError as exc:
-            if conf.contexts != "all":
-                raise InputError(f"{where}.contexts: {exc}") from None
-            why[c] = str(exc)
-            continue
-        contexts.append(c)
-        perts[c] = tuple(s.info["perturbations"])
+    chosen = choose_labels(conf.contexts, known, where, "contexts", f"a value of obs[{spec.context_key!r}]")
+    with warnings.catch_warnings():  # skipped perturbations: in the task's split record, not per plan
+        warnings.simplefilter("ignore", InputWarning)
+        splits, why = splits_of(chosen, conf.contexts == "all", where, "contexts",
+                                lambda c: holdout_context(adata, spec, c, min_cells=conf.min_cells))
+    contexts = list(splits)
+    perts = {c: tuple(s.info["perturbations"]) for c, s in splits.items()}
     if not contexts:
         raise InputError(f"{where}.contexts = 'all' finds no context to hold out: "
                          + "; ".join(why.values()) + f" Lower {where}.min_cells or check data.perturbed.")

@@ -11,27 +11,21 @@ reference instead). Adds the screen tables and figures (:mod:`perturbkit.scenari
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
-from ..config import check_filter, positive
 from ..errors import InputError, InputWarning, choices_text
 from ._base import SplitDef, unique_slugs
-from ._screen import ScreenScenario
+from ._screen import ScreenScenario, ScreenTaskConfig, choose_labels, splits_of
 
 
 @dataclass(frozen=True)
-class UnseenCombinationConfig:
+class UnseenCombinationConfig(ScreenTaskConfig):
     """``[scenarios.unseen_combination]``: hold out each combination; train on the rest, singles included."""
 
+    TABLE = "unseen_combination"
     # "all": every requested combination whose singles have cells and that has >= min_cells cells
     combinations: tuple[str, ...] | Literal["all"] = "all"
-    min_cells: int = 30
-    filter: dict[str, Any] = field(default_factory=dict)  # the cells the tasks use, training included
-
-    def __post_init__(self):
-        positive("scenarios.unseen_combination.min_cells", self.min_cells, 3)
-        check_filter("scenarios.unseen_combination.filter", self.filter)
 
 
 class UnseenCombination(ScreenScenario):
@@ -66,25 +60,11 @@ class UnseenCombination(ScreenScenario):
         where = f"scenarios.{cls.name}"
         requested = spec.perturbations(adata)
         combos = [p for p in requested if spec.is_combination(p)]
-        chosen = combos if conf.combinations == "all" else list(conf.combinations)
-        if conf.combinations != "all":
-            unknown = [c for c in chosen if c not in combos]
-            if unknown:
-                raise InputError(f"{where}.combinations: {unknown[0]!r} is not a requested combination "
-                                 f"(after {where}.filter); combinations: {choices_text(combos) or 'none'}.")
-            if len(set(chosen)) != len(chosen):
-                raise InputError(f"{where}.combinations lists a combination twice.")
-        kept, why, contexts = [], {}, {}
-        for combo in chosen:
-            try:
-                s = holdout_combination(adata, spec, combo, min_cells=conf.min_cells)
-            except InputError as exc:
-                if conf.combinations != "all":
-                    raise InputError(f"{where}.combinations: {exc}") from None
-                why[combo] = str(exc)
-                continue
-            kept.append(combo)
-            contexts[combo] = ", ".join(s.info["contexts"])
+        chosen = choose_labels(conf.combinations, combos, where, "combinations", "a requested combination")
+        splits, why = splits_of(chosen, conf.combinations == "all", where, "combinations",
+                                lambda c: holdout_combination(adata, spec, c, min_cells=conf.min_cells))
+        kept = list(splits)
+        contexts = {c: ", ".join(s.info["contexts"]) for c, s in splits.items()}
         if not kept:
             raise InputError(f"{where}: no combination can be held out"
                              + (": " + "; ".join(why.values()) if why else
