@@ -269,7 +269,7 @@ plain.assign(text=plain.apply(with_ci, axis=1)).pivot(index="model", columns="me
 # %%
 norm = scores[scores.metric.str.endswith("_norm")].pivot(index="model", columns="metric", values="value")
 norm = norm.loc[["scgen", "mean_shift", "control"], [f"{m}_norm" for m in METRICS]]
-norm
+norm.round(3) + 0.0  # (+ 0.0: no "-0.000")
 
 # %% [markdown]
 # What each number does and does not tell (the values are read from the table above):

@@ -268,7 +268,7 @@ for attention, cells in (("cell", source), ("first_cell", source), ("first_cell"
     variants[label] = {**quick_scores(model.predict(cells)),
                        "distinct deltas": len(np.unique(deltas.round(5), axis=0))}
 model.params.update(attention="cell")
-effect = pd.DataFrame(variants).T
+effect = pd.DataFrame(variants).T.astype({"distinct deltas": int})
 effect
 
 # %%
@@ -301,7 +301,7 @@ for r in ratios:
                 "delta spread": float(np.linalg.norm(deltas - deltas.mean(axis=0), axis=1).mean()),
                 **quick_scores(model.predict(source))}
 model.params.update(ratio=pk.models.ScPRAM.DEFAULTS["ratio"])
-sweep = pd.DataFrame(sweep).T.rename_axis("ratio")
+sweep = pd.DataFrame(sweep).T.rename_axis("ratio").astype({"cells attended": int})
 sweep
 
 # %%

@@ -365,7 +365,8 @@ pk.pl.optimization_history(trials, intermediate, metric="pearson_delta")
 
 # %%
 best = json.loads((TUNE_OUT / "best_params.json").read_text())
-pd.DataFrame({"tuned": best["params"], "default": {k: best["default_params"].get(k) for k in best["params"]}})
+pd.DataFrame({"tuned": best["params"], "default": {k: best["default_params"].get(k) for k in best["params"]}}
+             ).map(lambda x: f"{x:.4g}" if isinstance(x, float) else x)
 
 # %% [markdown]
 # **Importance** (Optuna's fANOVA on the validation scores: the share of their variance explained by each
