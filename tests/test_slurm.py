@@ -172,25 +172,22 @@ def test_tuning_array_job_loses_no_trial_when_a_worker_is_killed(slurm, postgres
         except KeyError:  # not created yet
             return None
 
-    # cancel task 1 while it runs a trial: once a trial has finished (its length tells how long trials take),
-    # at a moment when every running task holds a trial and each of those began less than a third of the
-    # shortest finished trial ago, so none is about to end when the signal lands
-    victim, running_then, deadline = f"{array}_1", None, time.monotonic() + 300
-    while running_then is None and time.monotonic() < deadline:
+    # cancel task 1 while it runs a trial of its own (each trial records its worker): once a trial has finished
+    # (its length tells how long trials take), at a moment when task 1's trial began less than a third of the
+    # shortest finished trial ago, so it is not about to end when the signal lands
+    victim, victim_trial, deadline = f"{array}_1", None, time.monotonic() + 300
+    while victim_trial is None and time.monotonic() < deadline:
         st, jobs = study(), states()
         if st is not None and jobs.get(victim) == "RUNNING":
             trials = st.get_trials(deepcopy=False)
             done = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                     if t.state == TrialState.COMPLETE]
-            running = [t for t in trials if t.state == TrialState.RUNNING]
-            tasks = [j for j, s in jobs.items() if j.startswith(f"{array}_") and s == "RUNNING"]
-            now = time.time()
-            if (done and len(running) == len(tasks)
-                    and all(now - t.datetime_start.timestamp() < min(done) / 3 for t in running)):
+            mine = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("worker") == 1]
+            if done and mine and time.time() - mine[0].datetime_start.timestamp() < min(done) / 3:
                 slurm.run("scancel", victim)
-                running_then = {t.number for t in running}
+                victim_trial = mine[0].number
         time.sleep(0.1)
-    assert running_then is not None, "never saw every running worker inside a fresh trial"
+    assert victim_trial is not None, "never saw worker 1 inside a fresh trial"
     while time.monotonic() < deadline + 600 and states().get(results) in ("PENDING", "RUNNING", "COMPLETING"):
         time.sleep(1)
     jobs = states()
@@ -203,7 +200,7 @@ def test_tuning_array_job_loses_no_trial_when_a_worker_is_killed(slurm, postgres
     failed = [t for t in trials if t.state == TrialState.FAIL]
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     killed = [t for t in failed if "error" not in t.user_attrs]  # no error of its own: interrupted
-    assert len(killed) == 1 and killed[0].number in running_then, ([(t.number, t.user_attrs) for t in failed], logs)
+    assert len(killed) == 1 and killed[0].number == victim_trial, ([(t.number, t.user_attrs) for t in failed], logs)
     # any other failure is a trial begun beyond the total by workers that read the count together
     assert all(t.user_attrs["error"].startswith("surplus") for t in failed if t is not killed[0]), logs
     assert len(finished) == n_trials and len(trials) == n_trials + len(failed), logs  # the killed one replaced

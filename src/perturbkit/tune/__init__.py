@@ -140,7 +140,7 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
         f"({cfg.direction} {cfg.tune.metric})")
     with runner.torch_threads(threads, active=models.MODELS[cfg.name].needs_torch) as n_threads:
         t = time.perf_counter()
-        ran = optimize(st, Objective(cfg, train, tasks, threads=threads, log=log), n_total, log=log,
+        ran = optimize(st, Objective(cfg, train, tasks, threads=threads, worker=worker, log=log), n_total, log=log,
                        progress=progress)
         timings["trials_s"] = time.perf_counter() - t
         worker_info = {"worker": worker, "study": name, "storage": redact(url), "trials": ran,

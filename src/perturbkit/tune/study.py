@@ -157,8 +157,8 @@ class Objective:
     the first validation task; other models are scored once.
     """
 
-    def __init__(self, cfg: TuneConfig, train, tasks, *, threads: int | None = None, log=print):
-        self.cfg, self.log, self.threads = cfg, log, threads
+    def __init__(self, cfg: TuneConfig, train, tasks, *, threads: int | None = None, worker: int = 0, log=print):
+        self.cfg, self.log, self.threads, self.worker = cfg, log, threads, worker
         self.tasks = [(name, *split.subsets(train)) for name, split in tasks]
 
     def decides(self, epoch: int, last: int | None) -> bool:
@@ -200,6 +200,7 @@ class Objective:
 
         cfg = self.cfg
         metric = cfg.tune.metric
+        trial.set_user_attr("worker", self.worker)  # which worker ran it (several share a study)
         sampled = {name: dim.suggest(trial, name) for name, dim in cfg.space.items()}
         params = {**cfg.params, **sampled}
         t0 = time.perf_counter()
