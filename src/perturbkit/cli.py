@@ -166,6 +166,23 @@ def _print_table(out: Path) -> None:
         print(f"mean over {table.attrs['n_perturbations']} perturbations (mean_responsive: the {n_resp} with "
               "a significant effect, effects.csv); per perturbation in scores.csv")
     print(table.to_string(float_format=lambda v: f"{v:.3f}", na_rep=""))
+    _print_verdicts(out)
+
+
+def _print_verdicts(out: Path) -> None:
+    """Per metric: the best model and whether any model's interval lies beyond mean_shift's (report.py)."""
+    import pandas as pd
+
+    from .pipeline import SUMMARY_METRICS, SUMMARY_ROWS
+    from .report import BASELINE, verdict_lines
+
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    if BASELINE not in set(scores.model):
+        return
+    screen = "perturbation" in scores.columns and scores.perturbation.isin(SUMMARY_ROWS).any()
+    rows = scores[scores.perturbation == "mean"] if screen else scores
+    for line in verdict_lines(rows, SUMMARY_METRICS):
+        print(line)
 
 
 def cmd_predict(args) -> int:

@@ -263,6 +263,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         f, cannot = fit_predict_all(model, train, source, cfg.spec, perts, seed=cfg.seed, threads=cfg.threads,
                                     progress=progress, fitted=name == cfg.model and load_model is not None)
         log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict {f.timings['predict_s']:.2f} s")
+        for warning in f.model.fit_info.get("warnings", []):
+            log(f"warning: {warning}")
         if name == cfg.model and cannot:  # the chosen model decides what the task can predict
             for p, why in cannot.items():
                 skipped[p] = why
@@ -348,6 +350,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         "perturbations": {"predicted": perts, "skipped": skipped, "models_left_out": left_out,
                           "responsive": responsive},
         "models": {name: {"params": f.model.params, "fit": f.model.fit_info} for name, f in fitted.items()},
+        "warnings": [w for f in fitted.values() for w in f.model.fit_info.get("warnings", [])],
         "loaded_model": str(load_model) if load_model is not None else None,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95,
                        "top_degs": top[perts[0]] if cfg.spec.single else top, **eval_info},

@@ -74,6 +74,64 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
+#: the baseline every model's score is compared with (the one recent benchmarks find hard to beat)
+BASELINE = "mean_shift"
+#: models that are not contenders: the ceiling (real cells) and models that predict no change
+NOT_COMPARED = ("ceiling",)
+
+
+def versus_baseline(rows, baseline: str = BASELINE, value: str = "value"):
+    """Each model's score against ``baseline``'s, per metric, from their intervals.
+
+    ``rows``: one row per (model, metric) with columns ``model, metric, ci_low, ci_high, higher_is_better`` and
+    ``value`` (a ``scores.csv``, or a bench summary with ``value="mean"``). Returns ``model, metric, value,
+    verdict`` for every model but the baseline and the ceiling, ``verdict`` being ``"better"`` (the intervals do
+    not overlap and the model's lies on the better side, whatever the metric's direction), ``"worse"``,
+    ``"overlaps"``, or ``"no interval"`` (either interval missing, e.g. ``n_boot = 0`` or one seed). Metrics the
+    baseline lacks are left out.
+    """
+    import pandas as pd
+
+    base = rows[rows.model == baseline].drop_duplicates("metric").set_index("metric")
+    out = []
+    for r in rows[~rows.model.isin((baseline, *NOT_COMPARED))].itertuples(index=False):
+        if r.metric not in base.index:
+            continue
+        b = base.loc[r.metric]
+        lo, hi, blo, bhi = r.ci_low, r.ci_high, b.ci_low, b.ci_high
+        if any(v != v for v in (lo, hi, blo, bhi)):  # NaN
+            verdict = "no interval"
+        elif lo > bhi or hi < blo:
+            verdict = "better" if (lo > bhi) == bool(r.higher_is_better) else "worse"
+        else:
+            verdict = "overlaps"
+        out.append({"model": r.model, "metric": r.metric, "value": getattr(r, value), "verdict": verdict})
+    return pd.DataFrame(out, columns=["model", "metric", "value", "verdict"])
+
+
+def verdict_lines(rows, metrics, baseline: str = BASELINE, value: str = "value") -> list[str]:
+    """One plain sentence per metric: the best model (by ``value``, the ceiling left out) and which models beat
+    ``baseline`` with non-overlapping intervals, or that none does."""
+    vs = versus_baseline(rows, baseline, value)
+    lines = []
+    for metric in metrics:
+        mine = rows[(rows.metric == metric) & ~rows.model.isin(NOT_COMPARED)]
+        if mine.empty or baseline not in set(mine.model):
+            continue
+        hib = bool(mine.higher_is_better.iloc[0])
+        best = mine.sort_values(value, ascending=not hib, kind="stable").iloc[0]
+        winners = vs[(vs.metric == metric) & (vs.verdict == "better")].model.tolist()
+        if winners:
+            beat = f"{', '.join(winners)} {'beats' if len(winners) == 1 else 'beat'} {baseline}"
+        elif vs[(vs.metric == metric)].verdict.eq("no interval").all():
+            beat = f"no intervals to compare with {baseline}"
+        else:
+            beat = f"no model beats {baseline}"
+        lines.append(f"{metric} ({'higher' if hib else 'lower'} is better): best {best.model} "
+                     f"({getattr(best, value):.3f}); {beat}")
+    return lines
+
+
 def _summary_tables(summary, metrics) -> str:
     from .bench.screen import overall
 
@@ -97,7 +155,10 @@ def _summary_tables(summary, metrics) -> str:
             rows.append(row)
         import pandas as pd
 
-        parts.append(f"<h3>{_e(scen)}</h3>" + table_html(pd.DataFrame(rows), left=len(metrics) + 1))
+        lines = verdict_lines(sub, [m for m in metrics if not m.endswith("_norm")], value="mean")
+        verdicts = "".join(f"<li>{_e(line)}</li>" for line in lines)
+        parts.append(f"<h3>{_e(scen)}</h3>" + table_html(pd.DataFrame(rows), left=len(metrics) + 1)
+                     + (f'<ul class="note">{verdicts}</ul>' if verdicts else ""))
     return "".join(parts)
 
 

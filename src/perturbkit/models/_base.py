@@ -273,6 +273,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "n_latent": (lambda v: v >= 1, ">= 1"),
     "n_layers": (lambda v: v >= 1, ">= 1"),
     "epochs": (lambda v: v >= 1, ">= 1"),
+    "max_steps": (lambda v: v >= 1, ">= 1"),
     "batch_size": (lambda v: v >= 2, ">= 2"),
     "patience": (lambda v: v >= 1, ">= 1"),
     "lr": (lambda v: v > 0, "> 0"),

@@ -28,6 +28,7 @@ class TrainConfig:
     restore_best: bool = True
     grad_clip: float | None = None  # max global L2 norm of the gradients per step (None: no clipping)
     precision: str = "float32"  # "float32" | "bfloat16" (autocast of the training steps) | "auto" (see resolve_precision)
+    max_steps: int | None = None  # stop after this many optimizer steps, whatever the epoch (None: epochs decide)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,9 +45,32 @@ class History:
     precision: str = "float32"
     n_train: int = 0
     n_val: int = 0
+    steps: int = 0  # optimizer steps taken
+    #: why training ended: "epochs" (all ran), "max_steps", "early stopping" (patience ran out) or "callback"
+    stop_reason: str = "epochs"
+    monitor: str = "training loss"  # the loss early stopping and the still-falling rule watch
+    #: True when training ran out of epochs or steps while the monitored loss was still falling (still_falling)
+    still_falling: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: the still-falling rule (docs/training.md): the best monitored loss of the last ``FALLING_WINDOW`` share of the
+#: epochs (at least 2 epochs) is more than ``FALLING_TOL`` (relative) below the best of the epochs before
+FALLING_WINDOW, FALLING_TOL = 0.1, 0.005
+
+
+def still_falling(losses: list[float]) -> bool:
+    """Whether a loss curve that ended without early stopping was still falling at its end (see FALLING_TOL).
+
+    Curves of fewer than 3 epochs cannot be judged and count as not falling.
+    """
+    w = max(2, math.ceil(FALLING_WINDOW * len(losses)))
+    if len(losses) < w + 1:
+        return False
+    before, last = min(losses[:-w]), min(losses[-w:])
+    return bool(last < before - FALLING_TOL * abs(before))
 
 
 def to_tensor(X) -> torch.Tensor:
@@ -79,6 +103,7 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
         n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 and n >= 20 else 0
         X_val, X_tr = X[perm[:n_val]], X[perm[n_val:]]
         hist.n_train, hist.n_val = X_tr.shape[0], n_val
+        hist.monitor = "validation loss" if n_val else "training loss"
         opt = _adam(module, cfg)
         bs = max(2, min(cfg.batch_size, X_tr.shape[0]))
         n_batches = X_tr.shape[0] // bs + (1 if X_tr.shape[0] % bs >= 2 else 0)  # a 1-cell batch breaks BN
@@ -87,8 +112,11 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
         for epoch in range(cfg.epochs):
             module.train()
             order = torch.randperm(X_tr.shape[0])
-            total = 0.0
+            total, seen = 0.0, 0
             for b in range(n_batches):
+                if cfg.max_steps is not None and hist.steps >= cfg.max_steps:
+                    hist.stop_reason = "max_steps"
+                    break
                 xb = X_tr[order[b * bs:(b + 1) * bs]]
                 with _autocast(cfg.precision):
                     out = module.loss(xb)
@@ -97,8 +125,12 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
                 if cfg.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip, foreach=True)
                 opt.step()
+                hist.steps += 1
                 total += out.loss.item() * xb.shape[0]
-            hist.train_loss.append(total / X_tr.shape[0])
+                seen += xb.shape[0]
+            if not seen:  # max_steps reached at the end of the previous epoch
+                break
+            hist.train_loss.append(total / (seen if hist.stop_reason == "max_steps" else X_tr.shape[0]))
             hist.epochs_run = epoch + 1
             monitor = hist.train_loss[-1]
             if n_val:
@@ -119,15 +151,19 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
                 module.eval()
                 with torch.random.fork_rng(devices=[]):
                     if callback(epoch + 1, hist):
-                        hist.stopped_early = True
+                        hist.stopped_early, hist.stop_reason = True, "callback"
                         break
             if cfg.patience is not None and bad >= cfg.patience:
-                hist.stopped_early = True
+                hist.stopped_early, hist.stop_reason = True, "early stopping"
+                break
+            if hist.stop_reason == "max_steps":
                 break
         if bar is not None:
             bar.close()
         if best_state is not None:
             module.load_state_dict(best_state)
+    if hist.stop_reason in ("epochs", "max_steps"):
+        hist.still_falling = still_falling(hist.val_loss if n_val else hist.train_loss)
     module.eval()
     hist.seconds = time.perf_counter() - t0
     return hist

@@ -16,7 +16,7 @@ from ._base import Model, dense
 VAE_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "batch_norm", "activation", "output_activation",
             "kl_weight", "recon_scale", "kl_scale", "input_noise")
 TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "adam_eps", "val_fraction", "patience", "min_delta",
-              "restore_best", "grad_clip", "precision")
+              "restore_best", "grad_clip", "precision", "max_steps")
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")  # as models._train.PRECISIONS (kept here: no torch import)
@@ -68,7 +68,10 @@ class VAEModel(Model):
     def _train_config(self):
         from ._train import TrainConfig
 
-        return TrainConfig(**{k: self.params[k] for k in TRAIN_KEYS if k in self.params})  # absent: the default
+        kwargs = {k: self.params[k] for k in TRAIN_KEYS if k in self.params}  # absent: TrainConfig's default
+        if not self.params.get("early_stopping", True):  # every training cell, all epochs, the last weights
+            kwargs.update(val_fraction=0.0, patience=None, restore_best=False)
+        return TrainConfig(**kwargs)
 
     # ---------------------------------------------------------------------------------------------- fit
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool, callback=None) -> None:
@@ -96,8 +99,9 @@ class VAEModel(Model):
                                  desc=f"{self.name} training", callback=hook)
         z = self._encode(X)
         self._fit_transfer(z, cond, ctx, spec, seed=seed)
-        self.fit_info = {"history": self.history.to_dict(), "seed": seed,
-                         "torch_threads": torch.get_num_threads(), "latent": "posterior mean"}
+        self.fit_info = {"history": self.history.to_dict(), "seed": seed, "steps": self.history.steps,
+                         "torch_threads": torch.get_num_threads(), "latent": "posterior mean",
+                         "warnings": training_warnings(self.name, self.history)}
 
     def _fit_transfer(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
                       seed: int) -> None:
@@ -167,3 +171,14 @@ class VAEModel(Model):
 
     def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
         pass
+
+
+def training_warnings(name: str, history) -> list[str]:
+    """The warnings of one training run (for ``fit_info["warnings"]``): its monitored loss still falling at the
+    end (:func:`perturbkit.models._train.still_falling`, docs/training.md)."""
+    if not history.still_falling:
+        return []
+    budget = "max_steps" if history.stop_reason == "max_steps" else "epochs"
+    return [f"{name}: the {history.monitor} was still falling when training ended ({history.epochs_run} epochs, "
+            f"{history.steps} optimizer steps): the model is likely undertrained; raise {budget} "
+            "(docs/training.md)."]

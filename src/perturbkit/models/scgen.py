@@ -40,8 +40,9 @@ class ScGen(VAEModel):
     DEFAULTS = dict(
         n_hidden=800, n_latent=100, n_layers=2, dropout_rate=0.2, batch_norm=True, activation="leaky_relu",
         output_activation="relu", kl_weight=5e-5, recon_scale=0.5, kl_scale=0.5, input_noise=0.0,
-        epochs=100, batch_size=32, lr=1e-3, weight_decay=1e-6, adam_eps=1e-2, val_fraction=0.1, patience=25,
-        min_delta=0.0, restore_best=True, grad_clip=None, precision="float32", delta_contexts="paired",
+        epochs=100, max_steps=None, batch_size=32, lr=1e-3, weight_decay=1e-6, adam_eps=1e-2,
+        early_stopping=True, val_fraction=0.1, patience=25, min_delta=0.0, restore_best=True, grad_clip=None,
+        precision="float32", delta_contexts="paired",
     )
 
     def __init__(self, **params):

@@ -18,6 +18,10 @@ early stopping, the last weights kept), gradients clipped to a global norm of 10
 
 Differences from the package, on purpose (see docs/scpram.md):
 
+- Training stops early, as scGen's: 10 % of the training cells are a validation split, training stops after 25
+  epochs without a better validation loss, and the best weights are kept (docs/training.md).
+  ``early_stopping=False`` trains as the package does: every training cell, all epochs, the last weights.
+
 - Attention is computed for every query cell. The package's ``predict`` keeps the neighbours and weights of the
   *first* query cell only and adds that one delta to every cell; ``attention="first_cell"`` reproduces it.
 - Pairing uses entropic optimal transport (POT's Sinkhorn) with a documented regularisation and a convergence
@@ -126,8 +130,9 @@ class ScPRAM(VAEModel):
     DEFAULTS = dict(
         n_hidden=1000, n_latent=100, n_layers=2, dropout_rate=0.0, batch_norm=False, activation="relu",
         output_activation="relu", kl_weight=5e-4, recon_scale=0.5, kl_scale=0.5, input_noise=0.1,
-        epochs=100, batch_size=128, lr=5e-4, weight_decay=1e-5, adam_eps=1e-8, val_fraction=0.0, patience=None,
-        min_delta=0.0, restore_best=False, grad_clip=10.0, precision="auto",
+        epochs=100, max_steps=None, batch_size=128, lr=5e-4, weight_decay=1e-5, adam_eps=1e-8,
+        early_stopping=True, val_fraction=0.1, patience=25, min_delta=0.0, restore_best=True, grad_clip=10.0,
+        precision="auto",
         ratio=0.05, ot="sinkhorn", ot_reg=0.05, ot_max_iter=None, ot_tol=1e-3, ot_cost="sqeuclidean",
         attention="cell", latent_sampling=False,
     )

@@ -1,0 +1,99 @@
+"""The training budget (docs/training.md): epochs, max_steps, early stopping, the still-falling warning; and
+the verdict against mean_shift that predict prints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import SMALL, SMALL_ARGS
+
+import perturbkit as pk
+from perturbkit.cli import main
+from perturbkit.errors import InputError
+from perturbkit.models._train import FALLING_TOL, still_falling
+
+
+def _task(syn):
+    spec = pk.PerturbSpec()
+    return spec, *pk.split.holdout_cell_type(syn, spec, "ctx1").subsets(syn)
+
+
+@pytest.mark.parametrize("curve, falling", [
+    ([10.0, 9.0, 8.0, 7.0, 6.0], True),  # falling to the end
+    ([10.0, 8.0, 7.0, 7.0, 7.0, 7.0], False),  # flat at the end
+    ([10.0, 9.0, 8.0, 8.0, 8.0 * (1 - FALLING_TOL / 2)], False),  # falling, but by less than the tolerance
+    ([10.0, 9.0, 8.0, 8.0, 8.0 * (1 - 2 * FALLING_TOL)], True),
+    ([10.0, 6.0, 7.0, 6.5, 6.2], False),  # the best epoch lies before the window
+    ([10.0, 9.0], False),  # too short to judge
+    ([-10.0, -11.0, -12.0], True),  # negative losses: the tolerance is relative to |loss|
+])
+def test_still_falling_rule(curve, falling):
+    assert still_falling(curve) is falling
+
+
+def test_window_is_a_tenth_of_the_epochs_and_at_least_two():
+    # 40 epochs: the window is the last 4; an improvement only at epoch 36 (outside it) does not count
+    flat_end = [10.0 - i for i in range(36)] + [-25.0] * 4
+    assert not still_falling(flat_end)
+    assert still_falling(flat_end[:-1] + [-26.0])
+
+
+def test_steps_are_counted_and_max_steps_stops_mid_epoch(syn):
+    spec, train, _, _ = _task(syn)
+    full = pk.models.get("scgen", epochs=2, **SMALL).fit(train, spec, seed=0).history
+    per_epoch = math.ceil(full.n_train / SMALL["batch_size"])  # no 1-cell batch at this size
+    assert full.steps == 2 * per_epoch and full.stop_reason == "epochs"
+    capped = pk.models.get("scgen", epochs=50, max_steps=per_epoch + 2, **SMALL).fit(train, spec, seed=0)
+    h = capped.history
+    assert h.steps == per_epoch + 2 and h.epochs_run == 2 and h.stop_reason == "max_steps"
+    assert capped.fit_info["steps"] == h.steps
+    # the first epoch is the same training as the uncapped run's
+    assert h.train_loss[0] == full.train_loss[0] and h.val_loss[0] == full.val_loss[0]
+
+
+def test_max_steps_is_checked():
+    with pytest.raises(InputError, match="'max_steps' must be >= 1, got 0"):
+        pk.models.get("scgen", max_steps=0)
+
+
+def test_early_stopping_off_trains_on_every_cell_for_every_epoch(syn):
+    spec, train, _, _ = _task(syn)
+    for name in ("scgen", "scpram"):
+        on = pk.models.get(name, epochs=1, **SMALL).fit(train, spec, seed=0).history
+        off = pk.models.get(name, epochs=1, early_stopping=False, **SMALL).fit(train, spec, seed=0).history
+        assert on.n_val == round(train.n_obs * 0.1) and on.monitor == "validation loss", name
+        assert off.n_val == 0 and off.n_train == train.n_obs and not off.val_loss and off.monitor == "training loss"
+
+
+def test_an_undertrained_fit_warns_and_a_converged_one_does_not(syn):
+    spec, train, _, _ = _task(syn)
+    short = pk.models.get("scgen", epochs=4, lr=1e-4, **SMALL).fit(train, spec, seed=0)
+    assert short.history.still_falling and short.history.stop_reason == "epochs"
+    (warning,) = short.fit_info["warnings"]
+    assert "validation loss was still falling" in warning and "raise epochs" in warning
+    stopped = pk.models.get("scgen", epochs=60, patience=2, lr=5e-2, **SMALL).fit(train, spec, seed=0)
+    assert stopped.history.stop_reason == "early stopping" and not stopped.history.still_falling
+    assert stopped.fit_info["warnings"] == []
+
+
+def test_predict_prints_the_warning_and_records_it(syn_path, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["predict", "--data", str(syn_path), "--model", "scgen", "--holdout", "ctx1", "--epochs", "4",
+                 "--param", "lr=0.0001", *SMALL_ARGS, "--n-boot", "0", "--metrics", "r2_mean_all", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    assert "warning: scgen: the validation loss was still falling" in printed.out + printed.err
+    assert "r2_mean_all (higher is better): best " in printed.out  # the verdict against mean_shift
+    record = json.loads((out / "record.json").read_text())
+    (warning,) = record["warnings"]
+    assert warning == record["models"]["scgen"]["fit"]["warnings"][0]
+    history = record["models"]["scgen"]["fit"]["history"]
+    assert history["still_falling"] and history["steps"] > 0 and history["stop_reason"] == "epochs"
+
+
+def test_same_seed_same_weights_with_max_steps(syn):
+    spec, train, source, _ = _task(syn)
+    a, b = (pk.models.get("scgen", epochs=5, max_steps=7, **SMALL).fit(train, spec, seed=3) for _ in range(2))
+    assert np.array_equal(a.predict(source).X, b.predict(source).X)
