@@ -81,24 +81,10 @@ def cells_of(local: Path) -> list[str]:
     return sorted(p.name for p in (local / "cells").iterdir())
 
 
-def test_bench_through_slurm_equals_local_run(slurm, small, tmp_path):
-    cfg, local = small
-    out = tmp_path / "slurm"
-    res = subprocess.run(snakemake_cmd(tmp_path, cfg, out), capture_output=True, text=True, timeout=900)
-    log = res.stdout + res.stderr
-    assert res.returncode == 0, log[-4000:] + slurm.logs()
-    # every cell, then the aggregation, ran as its own SLURM job, and each completed
-    jobs = run_jobs(slurm, log)
-    assert jobs == {**{CELL_JOB + c: "COMPLETED" for c in cells_of(local)}, "rule_bench_aggregate": "COMPLETED"}
-    assert (out / "summary.csv").read_bytes() == (local / "summary.csv").read_bytes()
-    assert (out / "scores.csv").read_bytes() == (local / "scores.csv").read_bytes()
-    graph = {e["@id"]: e for e in json.loads((out / "ro-crate-metadata.json").read_text())["@graph"]}
-    assert graph["./"]["mainEntity"] == {"@id": "workflow/Snakefile"}  # a Workflow Run Crate of the workflow
-    again = subprocess.run(snakemake_cmd(tmp_path, cfg, out, "-n"), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-
-
-def test_rerun_after_scancel_resubmits_only_the_cancelled_cell(slurm, small, tmp_path):
+def test_bench_through_slurm_equals_local_run_and_a_cancelled_cell_is_resubmitted_alone(slurm, small, tmp_path):
+    """One scenario (one full run on the cluster, the costly part): every cell and the aggregation run as SLURM
+    jobs; one scGen cell's job is cancelled while it runs; the rerun submits that cell and the aggregation only;
+    the results equal the plain local run byte for byte."""
     cfg, local = small
     out = tmp_path / "slurm"
     cells = cells_of(local)
@@ -116,6 +102,8 @@ def test_rerun_after_scancel_resubmits_only_the_cancelled_cell(slurm, small, tmp
     assert first.returncode != 0, log[-3000:]
     assert f"SLURM-job '{victim[0]}' failed, SLURM status is: 'CANCELLED'" in log, log[-3000:]
     cancelled = victim[1]
+    # every other cell ran as its own SLURM job and completed; the aggregation did not run
+    assert run_jobs(slurm, log) == {CELL_JOB + c: "CANCELLED" if c == cancelled else "COMPLETED" for c in cells}
     assert not (out / "cells" / cancelled / "result.json").exists() and not (out / "summary.csv").exists()
     assert all((out / "cells" / c / "result.json").exists() for c in cells if c != cancelled), log[-5000:]
     finished = {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in cells if c != cancelled}
@@ -127,6 +115,11 @@ def test_rerun_after_scancel_resubmits_only_the_cancelled_cell(slurm, small, tmp
     assert run_jobs(slurm, log) == {CELL_JOB + cancelled: "COMPLETED", "rule_bench_aggregate": "COMPLETED"}
     assert {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in finished} == finished
     assert (out / "summary.csv").read_bytes() == (local / "summary.csv").read_bytes()
+    assert (out / "scores.csv").read_bytes() == (local / "scores.csv").read_bytes()
+    graph = {e["@id"]: e for e in json.loads((out / "ro-crate-metadata.json").read_text())["@graph"]}
+    assert graph["./"]["mainEntity"] == {"@id": "workflow/Snakefile"}  # a Workflow Run Crate of the workflow
+    again = subprocess.run(snakemake_cmd(tmp_path, cfg, out, "-n"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
 
 
 # --------------------------------------------------------------------------- tuning workers as an array job

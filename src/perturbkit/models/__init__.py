@@ -2,12 +2,14 @@
 
 from ._base import Model
 from .baselines import Additive, Control, MeanShift
+from .cellot import CellOT
 from .scgen import ScGen
 from .scpram import ScPRAM
 
 MODELS: dict[str, type[Model]] = {
     "scgen": ScGen,
     "scpram": ScPRAM,
+    "cellot": CellOT,
     "control": Control,
     "mean_shift": MeanShift,
     "additive": Additive,
@@ -28,5 +30,5 @@ def get(name: str, **params) -> Model:
     return MODELS[name](**params)
 
 
-__all__ = ["MODELS", "BASELINES", "COMBINATION_BASELINES", "Model", "ScGen", "ScPRAM", "Additive", "Control",
-           "MeanShift", "get"]
+__all__ = ["MODELS", "BASELINES", "COMBINATION_BASELINES", "Model", "ScGen", "ScPRAM", "CellOT", "Additive",
+           "Control", "MeanShift", "get"]
