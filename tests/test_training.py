@@ -97,3 +97,49 @@ def test_same_seed_same_weights_with_max_steps(syn):
     spec, train, source, _ = _task(syn)
     a, b = (pk.models.get("scgen", epochs=5, max_steps=7, **SMALL).fit(train, spec, seed=3) for _ in range(2))
     assert np.array_equal(a.predict(source).X, b.predict(source).X)
+
+
+# ------------------------------------------------------------------------------ sparse input, batch by batch
+
+
+def test_sparse_input_trains_and_predicts_exactly_as_dense(syn):
+    import scipy.sparse as sp
+
+    spec, train, source, _ = _task(syn)
+    assert not sp.issparse(train.X)  # the synthetic data are dense
+    sparse_train, sparse_source = train.copy(), source.copy()
+    sparse_train.X, sparse_source.X = sp.csr_matrix(train.X), sp.csr_matrix(source.X)
+    for name in ("scgen", "scpram"):
+        dense_model = pk.models.get(name, epochs=2, **SMALL).fit(train, spec, seed=0)
+        sparse_model = pk.models.get(name, epochs=2, **SMALL).fit(sparse_train, spec, seed=0)
+        assert dense_model.history.val_loss == sparse_model.history.val_loss, name
+        assert np.array_equal(dense_model.predict(source).X, sparse_model.predict(sparse_source).X), name
+
+
+def test_rows_hand_out_dense_blocks_without_densifying_the_matrix():
+    import scipy.sparse as sp
+    import torch
+
+    from perturbkit.models._train import Rows
+
+    X = sp.random(50, 7, density=0.3, format="csr", dtype=np.float32, random_state=0)
+    rows = Rows(X)
+    assert sp.issparse(rows.X) and rows.shape == (50, 7) and len(rows) == 50
+    idx = torch.tensor([4, 0, 49, 4])
+    assert np.array_equal(rows.take(idx).numpy(), X.toarray()[[4, 0, 49, 4]])
+    assert np.array_equal(torch.cat(list(rows.chunks(16))).numpy(), X.toarray())
+    dense = Rows(X.toarray())
+    assert np.array_equal(dense.take(idx).numpy(), rows.take(idx).numpy())
+
+
+def test_a_large_validation_set_is_scored_chunk_by_chunk(syn, monkeypatch):
+    import torch
+
+    from perturbkit.models import _train
+
+    spec, train, _, _ = _task(syn)
+    model = pk.models.get("scgen", epochs=1, **SMALL).fit(train, spec, seed=0)
+    rows, idx = _train.Rows(train.X), torch.arange(train.n_obs)
+    whole = _train._val_loss(model.module, rows, idx)
+    monkeypatch.setattr(_train, "VAL_CHUNK", 7)  # 450 cells in chunks of 7
+    assert _train._val_loss(model.module, rows, idx) == pytest.approx(whole, rel=1e-5)

@@ -48,3 +48,10 @@ def test_without_intervals_nothing_is_claimed():
                  ("scgen", "edistance", 1.0, math.nan, math.nan, False))
     assert verdict_lines(table, ["edistance", "r2_mean_all"]) == [
         "edistance (lower is better): best scgen (1.000); no intervals to compare with mean_shift"]
+
+
+def test_a_bench_summary_reads_its_mean_column():
+    table = rows(("mean_shift", "pearson_delta", 0.80, 0.78, 0.82, True),
+                 ("scgen", "pearson_delta", 0.85, 0.83, 0.87, True)).rename(columns={"value": "mean"})
+    assert verdict_lines(table, ["pearson_delta"], value="mean") == [
+        "pearson_delta (higher is better): best scgen (0.850); scgen beats mean_shift"]

@@ -127,8 +127,8 @@ def verdict_lines(rows, metrics, baseline: str = BASELINE, value: str = "value")
             beat = f"no intervals to compare with {baseline}"
         else:
             beat = f"no model beats {baseline}"
-        lines.append(f"{metric} ({'higher' if hib else 'lower'} is better): best {best.model} "
-                     f"({getattr(best, value):.3f}); {beat}")
+        lines.append(f"{metric} ({'higher' if hib else 'lower'} is better): best {best['model']} "
+                     f"({best[value]:.3f}); {beat}")
     return lines
 
 

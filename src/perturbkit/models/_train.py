@@ -1,4 +1,4 @@
-"""One plain training loop: data kept as one tensor, seeded, early stopping, progress bar, history."""
+"""One plain training loop: mini-batches densified one at a time, seeded, early stopping, progress bar, history."""
 
 from __future__ import annotations
 
@@ -79,9 +79,67 @@ def to_tensor(X) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
 
-def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, progress: bool = True,
+class Rows:
+    """The rows (cells) of a cells x genes matrix, handed out as dense float32 tensors a block at a time.
+
+    A sparse matrix stays sparse (CSR): each mini-batch, validation chunk or encoding chunk is densified on its
+    own, so no dense copy of the whole matrix is ever made. A dense array or tensor is used as is (no copy when
+    it is float32 already). The values handed out are the same either way, so training on the sparse and on the
+    dense form of the same data gives the same weights.
+    """
+
+    def __init__(self, X):
+        if isinstance(X, Rows):
+            X = X.X
+        if isinstance(X, torch.Tensor):
+            self.X = X if X.dtype == torch.float32 else X.float()
+        elif sp.issparse(X):
+            self.X = X.tocsr()
+        else:
+            self.X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        self.shape = tuple(self.X.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The rows ``idx`` (in that order) as a dense float32 tensor."""
+        if isinstance(self.X, torch.Tensor):
+            return self.X[idx]
+        return torch.from_numpy(self.X[idx.numpy()].toarray().astype(np.float32, copy=False))
+
+    def slice(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` as a dense float32 tensor."""
+        if isinstance(self.X, torch.Tensor):
+            return self.X[start:stop]
+        return torch.from_numpy(self.X[start:stop].toarray().astype(np.float32, copy=False))
+
+    def chunks(self, size: int):
+        """Dense blocks of at most ``size`` consecutive rows, in order."""
+        for i in range(0, len(self), size):
+            yield self.slice(i, i + size)
+
+
+#: validation sets up to this many cells are scored in one pass; larger ones chunk by chunk (bounded memory)
+VAL_CHUNK = 16384
+
+
+def _val_loss(module: VAE, rows: Rows, idx: torch.Tensor) -> float:
+    """Mean validation loss (posterior means, no noise) of the rows ``idx``: one pass, or the cell-weighted mean
+    over chunks of VAL_CHUNK cells for larger sets."""
+    if len(idx) <= VAL_CHUNK:
+        return module.loss(rows.take(idx), sample=False).loss.item()
+    total = 0.0
+    for i in range(0, len(idx), VAL_CHUNK):
+        part = idx[i:i + VAL_CHUNK]
+        total += module.loss(rows.take(part), sample=False).loss.item() * len(part)
+    return total / len(idx)
+
+
+def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = True,
               desc: str = "training", callback=None) -> History:
-    """Train ``module`` on the rows of ``X`` in place and return its history.
+    """Train ``module`` on the rows of ``X`` (a :class:`Rows`, or any matrix it takes) in place and return its
+    history.
 
     All randomness (validation split, shuffling, dropout, reparameterisation noise) is drawn from torch's RNG
     inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's global RNG state is untouched and
@@ -93,7 +151,8 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
     """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
-    n = X.shape[0]
+    rows = Rows(X)
+    n = len(rows)
     hist = History(precision=resolve_precision(cfg.precision))
     cfg = TrainConfig(**{**cfg.to_dict(), "precision": hist.precision})
     t0 = time.perf_counter()
@@ -101,23 +160,24 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
         torch.manual_seed(seed)
         perm = torch.randperm(n)
         n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 and n >= 20 else 0
-        X_val, X_tr = X[perm[:n_val]], X[perm[n_val:]]
-        hist.n_train, hist.n_val = X_tr.shape[0], n_val
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        n_tr = len(tr_idx)
+        hist.n_train, hist.n_val = n_tr, n_val
         hist.monitor = "validation loss" if n_val else "training loss"
         opt = _adam(module, cfg)
-        bs = max(2, min(cfg.batch_size, X_tr.shape[0]))
-        n_batches = X_tr.shape[0] // bs + (1 if X_tr.shape[0] % bs >= 2 else 0)  # a 1-cell batch breaks BN
+        bs = max(2, min(cfg.batch_size, n_tr))
+        n_batches = n_tr // bs + (1 if n_tr % bs >= 2 else 0)  # a 1-cell batch breaks BN
         best, best_state, bad = math.inf, None, 0
         bar = _bar(cfg.epochs, desc, progress)
         for epoch in range(cfg.epochs):
             module.train()
-            order = torch.randperm(X_tr.shape[0])
+            order = torch.randperm(n_tr)
             total, seen = 0.0, 0
             for b in range(n_batches):
                 if cfg.max_steps is not None and hist.steps >= cfg.max_steps:
                     hist.stop_reason = "max_steps"
                     break
-                xb = X_tr[order[b * bs:(b + 1) * bs]]
+                xb = rows.take(tr_idx[order[b * bs:(b + 1) * bs]])
                 with _autocast(cfg.precision):
                     out = module.loss(xb)
                 opt.zero_grad(set_to_none=True)
@@ -130,13 +190,13 @@ def train_vae(module: VAE, X: torch.Tensor, cfg: TrainConfig, *, seed: int, prog
                 seen += xb.shape[0]
             if not seen:  # max_steps reached at the end of the previous epoch
                 break
-            hist.train_loss.append(total / (seen if hist.stop_reason == "max_steps" else X_tr.shape[0]))
+            hist.train_loss.append(total / (seen if hist.stop_reason == "max_steps" else n_tr))
             hist.epochs_run = epoch + 1
             monitor = hist.train_loss[-1]
             if n_val:
                 module.eval()
                 with torch.no_grad():
-                    monitor = module.loss(X_val, sample=False).loss.item()
+                    monitor = _val_loss(module, rows, val_idx)
                 hist.val_loss.append(monitor)
             if monitor < best - cfg.min_delta:
                 best, bad, hist.best_epoch = monitor, 0, epoch + 1

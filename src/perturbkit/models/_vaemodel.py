@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..data import PerturbSpec
-from ._base import Model, dense
+from ._base import Model
 
 VAE_KEYS = ("n_hidden", "n_latent", "n_layers", "dropout_rate", "batch_norm", "activation", "output_activation",
             "kl_weight", "recon_scale", "kl_scale", "input_noise")
@@ -77,10 +77,10 @@ class VAEModel(Model):
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool, callback=None) -> None:
         import torch
 
-        from ._train import to_tensor, train_vae
+        from ._train import Rows, train_vae
         from ._vae import VAE
 
-        X = to_tensor(adata.X)
+        X = Rows(adata.X)  # sparse stays sparse: batches are densified one at a time
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
         with torch.random.fork_rng(devices=[]):
@@ -122,18 +122,22 @@ class VAEModel(Model):
 
     def latent(self, adata) -> np.ndarray:
         """Posterior means of the cells of ``adata`` (cells x n_latent)."""
-        from ._train import to_tensor
+        from ._train import Rows
 
         self._check_fitted()
         self.check_genes(adata, "adata")
-        return self._encode(to_tensor(adata.X))
+        return self._encode(Rows(adata.X))
 
     def _encode(self, X, chunk: int = 4096) -> np.ndarray:
+        """Posterior means of the rows of ``X`` (a :class:`~perturbkit.models._train.Rows` or a matrix), chunk by
+        chunk."""
         import torch
+
+        from ._train import Rows
 
         self.module.eval()
         with torch.no_grad():
-            return np.concatenate([self.module.encode(X[i:i + chunk])[0].numpy() for i in range(0, len(X), chunk)])
+            return np.concatenate([self.module.encode(xb)[0].numpy() for xb in Rows(X).chunks(chunk)])
 
     def decode(self, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
         import torch
@@ -144,9 +148,9 @@ class VAEModel(Model):
             return np.concatenate([self.module.decode(zt[i:i + chunk]).numpy() for i in range(0, len(zt), chunk)])
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
-        from ._train import to_tensor
+        from ._train import Rows
 
-        z = self._encode(to_tensor(dense(source.X)))
+        z = self._encode(Rows(source.X))
         return self.decode(self._transfer(z, perturbation))
 
     # -------------------------------------------------------------------------------------- persistence

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data import PerturbSpec
 from ..errors import InputError, InputWarning
-from ._vaemodel import VAEModel
+from ._vaemodel import VAEModel, training_warnings
 
 SOURCE_CONTEXTS = ("paired", "all")
 #: the RBF bandwidths of the reference's model selection (``cellot/losses/mmd.py``: ``compute_scalar_mmd``)
@@ -144,11 +144,11 @@ class CellOT(VAEModel):
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool, callback=None) -> None:
         import torch
 
-        from ._train import to_tensor, train_vae
+        from ._train import Rows, train_vae
         from ._vae import VAE
 
         self._seed = int(seed)
-        X = to_tensor(adata.X)
+        X = Rows(adata.X)
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
         with torch.random.fork_rng(devices=[]):
@@ -158,8 +158,9 @@ class CellOT(VAEModel):
                                  desc="cellot autoencoder")
         z = self._encode(X)
         report = self._fit_transport(z, cond, ctx, spec, seed=seed, progress=progress, callback=callback)
-        self.fit_info = {"history": self.history.to_dict(), "seed": seed, "torch_threads": torch.get_num_threads(),
-                         "latent": "posterior mean", "transport": report}
+        self.fit_info = {"history": self.history.to_dict(), "seed": seed, "steps": self.history.steps,
+                         "torch_threads": torch.get_num_threads(), "latent": "posterior mean", "transport": report,
+                         "warnings": training_warnings(self.name, self.history)}
 
     def _fit_transport(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *, seed: int,
                        progress: bool, callback=None) -> dict:

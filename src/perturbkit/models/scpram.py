@@ -272,13 +272,12 @@ class ScPRAM(VAEModel):
         (``model.pairing(perturbation).control_latent[j]``; ``model.control_latent[j]`` with one).
         ``perturbation`` may be omitted when the model learned one.
         """
-        from ._base import dense
-        from ._train import to_tensor
+        from ._train import Rows
 
         self._check_fitted()
         label = self._pair_label(perturbation)
         self.check_genes(source, "source")
-        return self._weights(self._query_latent(to_tensor(dense(source.X))), label)
+        return self._weights(self._query_latent(Rows(source.X)), label)
 
     def figures(self, source) -> dict[str, Any]:
         """``attention``: the tutorial's heatmap of the query cells' attention over the training control cells
@@ -289,10 +288,9 @@ class ScPRAM(VAEModel):
         return {"attention": pl.attention_heatmap(self, source, perturbation=first)}
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
-        from ._base import dense
-        from ._train import to_tensor
+        from ._train import Rows
 
-        z = self._query_latent(to_tensor(dense(source.X)))
+        z = self._query_latent(Rows(source.X))
         return self.decode(self._transfer(z, perturbation))
 
     def _transfer(self, z: np.ndarray, perturbation: str) -> np.ndarray:
@@ -324,11 +322,13 @@ class ScPRAM(VAEModel):
             return super()._encode(X, chunk)
         import torch
 
+        from ._train import Rows
+
         self.module.eval()
         out = []
         with torch.no_grad():
-            for i in range(0, len(X), chunk):
-                mu, logvar = self.module.encode(X[i:i + chunk])
+            for xb in Rows(X).chunks(chunk):
+                mu, logvar = self.module.encode(xb)
                 eps = torch.randn(mu.shape, generator=self._rng, dtype=mu.dtype)
                 out.append((mu + torch.exp(0.5 * logvar) * eps).numpy())
         return np.concatenate(out)
