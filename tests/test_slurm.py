@@ -54,7 +54,7 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """The small synthetic benchmark of test_workflow.py (6 cells), and its run by plain `perturbkit bench`."""
+    """The small synthetic benchmark of test_workflow.py (3 cells), and its run by plain `perturbkit bench`."""
     root = tmp_path_factory.mktemp("small")
     cfg = root / "small.toml"
     cfg.write_text(SMALL)
