@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PIP := $(BIN)/python -m pip install --quiet --no-compile -c constraints.txt
+PIP := $(BIN)/python -m pip install --quiet -c constraints.txt
 
 .PHONY: install install-test install-docs demo test docs slurm bench clean
 
