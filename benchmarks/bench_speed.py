@@ -60,7 +60,7 @@ def main() -> None:
 
     from perturbkit import data, models, split
     from perturbkit._io import atomic_write_text
-    from perturbkit.models._train import to_tensor, train_vae
+    from perturbkit.models._train import Rows, train_vae
     from perturbkit.models._vae import VAE
 
     if args.threads:
@@ -68,7 +68,7 @@ def main() -> None:
     adata, _ = data.preprocess(data.load("kang2018"), log=lambda *a: None)
     spec = data.DATASETS["kang2018"].spec
     train, _, _ = split.holdout_cell_type(adata, spec, "CD4 T cells").subsets(adata)
-    X = to_tensor(train.X)
+    X = Rows(train.X)
     rows = []
     for name in [m for m in args.models.split(",") if m]:
         if name not in models.MODELS:

@@ -155,33 +155,30 @@ def _command() -> str:
 
 
 def _print_table(out: Path) -> None:
+    import pandas as pd
+
     from .pipeline import summary
 
-    table = summary(out)
+    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    table = summary(scores)
     if "n_perturbations" in table.attrs:  # a screen: the means over its perturbations
-        import pandas as pd
-
         effects = pd.read_csv(out / "effects.csv")
         n_resp = int(effects.responsive.sum())
         print(f"mean over {table.attrs['n_perturbations']} perturbations (mean_responsive: the {n_resp} with "
               "a significant effect, effects.csv); per perturbation in scores.csv")
     print(table.to_string(float_format=lambda v: f"{v:.3f}", na_rep=""))
-    _print_verdicts(out)
+    _print_verdicts(scores, screen="n_perturbations" in table.attrs)
 
 
-def _print_verdicts(out: Path) -> None:
-    """Per metric: the best model and whether any model's interval lies beyond mean_shift's (report.py)."""
-    import pandas as pd
-
-    from .pipeline import SUMMARY_METRICS, SUMMARY_ROWS
+def _print_verdicts(scores, *, screen: bool) -> None:
+    """Per metric: the best model and whether any model's interval lies beyond mean_shift's (report.py); for a
+    screen, from the means over its perturbations."""
+    from .pipeline import SUMMARY_METRICS
     from .report import BASELINE, verdict_lines
 
-    scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
     if BASELINE not in set(scores.model):
         return
-    screen = "perturbation" in scores.columns and scores.perturbation.isin(SUMMARY_ROWS).any()
-    rows = scores[scores.perturbation == "mean"] if screen else scores
-    for line in verdict_lines(rows, SUMMARY_METRICS):
+    for line in verdict_lines(scores[scores.perturbation == "mean"] if screen else scores, SUMMARY_METRICS):
         print(line)
 
 

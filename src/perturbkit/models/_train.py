@@ -73,12 +73,6 @@ def still_falling(losses: list[float]) -> bool:
     return bool(last < before - FALLING_TOL * abs(before))
 
 
-def to_tensor(X) -> torch.Tensor:
-    """Dense float32 tensor of a (sparse or dense) matrix."""
-    arr = X.toarray() if sp.issparse(X) else np.asarray(X)
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
 class Rows:
     """The rows (cells) of a cells x genes matrix, handed out as dense float32 tensors a block at a time.
 
@@ -104,15 +98,16 @@ class Rows:
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The rows ``idx`` (in that order) as a dense float32 tensor."""
-        if isinstance(self.X, torch.Tensor):
-            return self.X[idx]
-        return torch.from_numpy(self.X[idx.numpy()].toarray().astype(np.float32, copy=False))
+        return self._dense(idx if isinstance(self.X, torch.Tensor) else idx.numpy())
 
     def slice(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` as a dense float32 tensor."""
+        return self._dense(slice(start, stop))
+
+    def _dense(self, rows) -> torch.Tensor:
         if isinstance(self.X, torch.Tensor):
-            return self.X[start:stop]
-        return torch.from_numpy(self.X[start:stop].toarray().astype(np.float32, copy=False))
+            return self.X[rows]
+        return torch.from_numpy(self.X[rows].toarray().astype(np.float32, copy=False))
 
     def chunks(self, size: int):
         """Dense blocks of at most ``size`` consecutive rows, in order."""
