@@ -16,6 +16,7 @@ import scipy.sparse as sp
 from .. import _keys as K
 from ..data import PerturbSpec
 from ..errors import InputError, check_seed, suggest
+from ..execution import CPU, Execution
 
 FORMAT_VERSION = 1
 #: the parameters that the messages of Model.save / Model.load name
@@ -72,12 +73,18 @@ class Model:
         self.spec: PerturbSpec | None = None
         self.var_names: list[str] | None = None
         self.fit_info: dict[str, Any] = {}
+        #: where the model trains and predicts (:mod:`perturbkit.execution`; set by fit, or by use)
+        self.execution = CPU
         #: the perturbations seen in training (each has a learned response), in the spec's order
         self.trained: list[str] = []
 
     # -------------------------------------------------------------------------------------- public API
-    def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False, callback=None) -> Model:
+    def fit(self, adata, spec: PerturbSpec, *, seed: int = 0, progress: bool = False, callback=None,
+            execution: Execution | None = None) -> Model:
         """Learn the response from ``adata`` (the training cells: every cell except the held-out target).
+
+        ``execution``: where to train and later predict (:func:`perturbkit.execution.resolve`; None: the CPU).
+        The model keeps it in ``self.execution`` (:meth:`use` changes it).
 
         ``callback(epoch, history)``: for models that train (``needs_torch``), called after every training epoch
         with the model usable for :meth:`predict` at its current weights; returning True stops training early.
@@ -87,6 +94,8 @@ class Model:
 
         check_seed(seed)
         validate(adata, spec)
+        if execution is not None:
+            self.use(execution)
         self.spec = spec
         self.var_names = [str(v) for v in adata.var_names]
         cond = adata.obs[spec.condition_key].astype(str)
@@ -99,6 +108,18 @@ class Model:
         else:
             self._fit(adata, spec, seed=seed, progress=progress)
         return self
+
+    def use(self, execution: Execution) -> Model:
+        """Train and predict in ``execution`` from now on (a fitted or loaded model moves its state there)."""
+        if not isinstance(execution, Execution):
+            raise InputError(f"execution must be a perturbkit.execution.Execution (from execution.resolve), got "
+                             f"{type(execution).__name__}.", params=("execution",))
+        self.execution = execution
+        self._moved()
+        return self
+
+    def _moved(self) -> None:
+        """Hook: move learned state to ``self.execution`` (models that keep tensors)."""
 
     def predict(self, source, perturbation: str | None = None):
         """Predicted cells of ``perturbation`` for the control cells ``source`` (a new AnnData whose obs are the
