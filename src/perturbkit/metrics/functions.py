@@ -3,7 +3,7 @@ function per registered metric, each taking an :class:`~perturbkit.metrics.evald
 returning a float.
 
 Importing this module loads numpy only; scipy.stats, scipy.spatial, scikit-learn and threadpoolctl load when
-a metric needs them.
+a metric needs them, and torch only when a distance is asked for on a device other than the CPU (``device=``).
 """
 
 from __future__ import annotations
@@ -183,6 +183,105 @@ def _pair_sums(
     return sums
 
 
+# ------------------------------------------------------------------- the same tiled sums in torch (GPU)
+
+#: rows and columns of one tile on a CUDA device: a 8192 x 8192 float64 tile is 512 MiB, few enough tiles
+#: that the per-tile launches and the one synchronisation per tile (the near-pair check) stay negligible
+GPU_PAIR_BLOCK = 8192
+
+
+def _device_kind(device) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"mps"`` of ``device`` (None, a string, a ``torch.device`` or an
+    :class:`~perturbkit.execution.Execution`), without importing torch."""
+    if device is None:
+        return "cpu"
+    device = getattr(device, "device", device)  # an Execution
+    text = device if isinstance(device, str) else getattr(device, "type", None)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}")
+    kind = text.strip().lower().split(":", 1)[0]
+    if kind == "mps":
+        raise ValueError(
+            "device 'mps': Apple's Metal has no float64, and the distances accumulate in float64 (float32 "
+            "changes the third digit of an energy distance); compute them on the CPU (device=None)."
+        )
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be None, 'cpu', 'cuda', 'cuda:N' or a torch.device, got {device!r}")
+    return kind
+
+
+def _torch_pair_sum(A, B, centre: np.ndarray, f: str, gamma: float, *, symmetric: bool, block: int, device) -> float:
+    """:class:`_PairSum` summed over all its tiles in torch on ``device``, float64: the same augmented rows,
+    the same product form, the same recomputation of the pairs it cannot resolve (``_NEAR``), the same tile
+    weights; tile sums stay on the device and are added with :func:`math.fsum` in tile order at the end.
+
+    ``A`` and ``B`` are float64 tensors on ``device`` (``B`` is ``A`` when ``symmetric``); ``f`` is ``"sqrt"``
+    (energy distance) or ``"rbf"`` (``exp(-gamma d2)``).
+    """
+    import torch
+
+    k = A.shape[1]
+    c = torch.as_tensor(centre, dtype=torch.float64, device=device)
+    L = torch.empty((A.shape[0], k + 2), dtype=torch.float64, device=device)  # [a, |a|^2, 1]
+    torch.sub(A, c, out=L[:, :k])
+    na = (L[:, :k] * L[:, :k]).sum(dim=1)
+    L[:, k], L[:, k + 1] = na, 1.0
+    if symmetric:
+        R, nb = torch.empty_like(L), na
+        R[:, :k] = L[:, :k]
+    else:
+        R = torch.empty((B.shape[0], k + 2), dtype=torch.float64, device=device)
+        torch.sub(B, c, out=R[:, :k])
+        nb = (R[:, :k] * R[:, :k]).sum(dim=1)
+    R[:, :k] *= -2.0  # exact: b is recovered as R[:, :k] * -0.5
+    R[:, k], R[:, k + 1] = 1.0, nb
+    n, m = L.shape[0], R.shape[0]
+    sums = []
+    for i0 in range(0, n, block):
+        r = min(block, n - i0)
+        for j0 in range(i0 if symmetric else 0, m, block):
+            cc = min(block, m - j0)
+            D = L[i0 : i0 + r] @ R[j0 : j0 + cc].T
+            diagonal = symmetric and i0 == j0
+            if diagonal:
+                D.fill_diagonal_(math.inf)  # self-pairs: set to exactly 0 below
+            na_t, nb_t = na[i0 : i0 + r], nb[j0 : j0 + cc]
+            if bool(D.amin() < _NEAR * (na_t.amax() + nb_t.amax())):  # one synchronisation per tile
+                ii, jj = torch.nonzero(D < _NEAR * (na_t[:, None] + nb_t[None, :]), as_tuple=True)
+                a, b = L[i0 : i0 + r, :k], R[j0 : j0 + cc, :k]
+                step = max(1, r * cc // max(k, 1))
+                for s in range(0, len(ii), step):
+                    diff = a[ii[s : s + step]] + 0.5 * b[jj[s : s + step]]
+                    D[ii[s : s + step], jj[s : s + step]] = (diff * diff).sum(dim=1)
+            if diagonal:
+                D.fill_diagonal_(0.0)
+            if f == "sqrt":
+                D.sqrt_()
+            else:
+                D.mul_(-gamma).exp_()
+            sums.append(D.sum() * (2.0 if symmetric and j0 > i0 else 1.0))
+            del D
+    return math.fsum(torch.stack(sums).cpu().tolist())  # in tile order, as the numpy path
+
+
+def _torch_three_means(X, Y, f: str, gamma: float, block, device) -> tuple[float, float, float]:
+    """:func:`_three_means` in torch on ``device`` (a ``torch.device``, the CPU included: the tests compare
+    it there with the numpy path), float64."""
+    import torch
+
+    device = torch.device(device)
+    X, Y, block = _pairs_args(X, Y, block if block is not None else
+                              (GPU_PAIR_BLOCK if device.type == "cuda" else PAIR_BLOCK))
+    n, m = X.shape[0], Y.shape[0]
+    pooled = (X.sum(axis=0) + Y.sum(axis=0)) / (n + m)
+    Xt = torch.as_tensor(X, dtype=torch.float64, device=device)
+    Yt = torch.as_tensor(Y, dtype=torch.float64, device=device)
+    xy = _torch_pair_sum(Xt, Yt, pooled, f, gamma, symmetric=False, block=block, device=device)
+    xx = _torch_pair_sum(Xt, Xt, X.mean(axis=0), f, gamma, symmetric=True, block=block, device=device)
+    yy = _torch_pair_sum(Yt, Yt, Y.mean(axis=0), f, gamma, symmetric=True, block=block, device=device)
+    return xy / (n * m), xx / (n * n), yy / (m * m)
+
+
 def _sqrt_sum(D: np.ndarray) -> float:
     np.sqrt(D, out=D)
     return float(D.sum())
@@ -206,7 +305,7 @@ def _three_means(X, Y, f, block, n_jobs) -> tuple[float, float, float]:
 
 
 def energy_distance(
-    X: np.ndarray, Y: np.ndarray, *, block: int | None = None, n_jobs: int | None = None
+    X: np.ndarray, Y: np.ndarray, *, block: int | None = None, n_jobs: int | None = None, device=None
 ) -> float:
     """Energy distance as pertpy's ``Edistance``: ``2 E|x - y| - E|x - x'| - E|y - y'|``.
 
@@ -222,6 +321,11 @@ def energy_distance(
         ``8 * block**2`` bytes per thread, never ``O(n * m)``. Does not change the result beyond rounding.
     n_jobs
         threads over the tiles (default: all CPUs of the process); the result does not depend on it.
+    device
+        where the tiles are summed: None or ``"cpu"`` (numpy, the code above), or a CUDA device (``"cuda"``,
+        ``"cuda:N"``, a ``torch.device`` or an :class:`~perturbkit.execution.Execution`): the same tiled sums in
+        torch, float64, tiles of ``GPU_PAIR_BLOCK`` rows unless ``block`` is given (``n_jobs`` unused).
+        ``"mps"`` is refused: Metal has no float64.
 
     Returns
     -------
@@ -234,7 +338,10 @@ def energy_distance(
     closer than that product form resolves recomputed from coordinate differences), so it equals the all-pairs
     computation to rounding (``tests/test_distances.py`` keeps that computation as the reference).
     """
-    xy, xx, yy = _three_means(X, Y, _sqrt_sum, block, n_jobs)
+    if _device_kind(device) == "cuda":
+        xy, xx, yy = _torch_three_means(X, Y, "sqrt", 0.0, block, getattr(device, "device", device))
+    else:
+        xy, xx, yy = _three_means(X, Y, _sqrt_sum, block, n_jobs)
     return 2 * xy - xx - yy
 
 
@@ -245,14 +352,19 @@ def mmd_rbf(
     *,
     block: int | None = None,
     n_jobs: int | None = None,
+    device=None,
 ) -> float:
     """Squared MMD, RBF kernel, as pertpy's ``MMD(kernel="rbf")``: ``mean K_XX + mean K_YY - 2 mean K_XY``.
 
     ``K(x, y) = exp(-gamma * ||x - y||^2)`` with pertpy's fixed ``gamma = 1.0``; the means run over all pairs,
     diagonal included (the biased V-statistic estimate of MMD^2, no square root). ``block`` and ``n_jobs``
-    as :func:`energy_distance` (tiled float64 sums; memory bounded by the tile size, not ``n * m``).
+    as :func:`energy_distance` (tiled float64 sums; memory bounded by the tile size, not ``n * m``), and
+    ``device`` too (a CUDA device: the same sums in torch, float64).
     """
     gamma = float(gamma)
+    if _device_kind(device) == "cuda":
+        xy, xx, yy = _torch_three_means(X, Y, "rbf", gamma, block, getattr(device, "device", device))
+        return xx + yy - 2 * xy
 
     def kernel_sum(D: np.ndarray) -> float:
         np.multiply(D, -gamma, out=D)
@@ -418,15 +530,22 @@ def r2score_delta(d: EvalData) -> float:
     return _r2score(d.truth_mean - d.source_mean, d.pred_mean - d.source_mean)
 
 
+def _distance_device(d: EvalData) -> str | None:
+    """Where ``edistance`` and ``mmd`` sum their pairs: the EvalData's CUDA device, else the CPU (None; on mps
+    too, which has no float64)."""
+    ex = getattr(d, "execution", None)
+    return ex.device if ex is not None and ex.is_cuda else None
+
+
 def edistance(d: EvalData) -> float:
     """:func:`energy_distance` (pertpy's ``Edistance``) of truth vs pred cells on :attr:`EvalData.embedding`.
 
     ``2 mean_ij ||t_i - p_j|| - mean_ij ||t_i - t_j|| - mean_ij ||p_i - p_j||`` (Euclidean, self-pairs
     included), PCA with ``min(50, n_source + n_truth - 1, n_genes)`` components fitted on source + truth,
-    pred projected into it.
+    pred projected into it. On the EvalData's CUDA device when it has one (float64), else on the CPU.
     """
     emb = d.embedding
-    return energy_distance(emb.truth, emb.pred)
+    return energy_distance(emb.truth, emb.pred, device=_distance_device(d))
 
 
 def mmd(d: EvalData) -> float:
@@ -435,7 +554,7 @@ def mmd(d: EvalData) -> float:
     ``mean_ij k(t_i, t_j) + mean_ij k(p_i, p_j) - 2 mean_ij k(t_i, p_j)``, ``k(x, y) = exp(-||x - y||^2)``.
     """
     emb = d.embedding
-    return mmd_rbf(emb.truth, emb.pred, gamma=MMD_GAMMA)
+    return mmd_rbf(emb.truth, emb.pred, gamma=MMD_GAMMA, device=_distance_device(d))
 
 
 def kde_mean_var(d: EvalData) -> float:
