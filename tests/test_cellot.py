@@ -15,7 +15,7 @@ from scipy.stats import linregress
 import perturbkit as pk
 from perturbkit.errors import InputError, InputWarning
 from perturbkit.models import MODELS, Model, get
-from perturbkit.runner import torch_threads
+from perturbkit.execution import Execution
 
 #: a small autoencoder (conftest's SMALL) and a small, fast transport: fits in seconds on one CPU thread
 FAST = dict(**SMALL, epochs=30, ot_hidden=16, ot_layers=2, ot_iters=300, n_inner_iters=5, ot_batch_size=64,
@@ -29,7 +29,7 @@ def _task(syn, holdout="ctx1"):
 
 def _fit(train, spec, seed=0, **params):
     model = get("cellot", **{**FAST, **params})
-    with torch_threads(1, active=True):  # tiny matrices: one thread is the fastest, and the same everywhere
+    with Execution(threads=1).activate():  # tiny matrices: one thread is the fastest, and the same everywhere
         return model.fit(train, spec, seed=seed)
 
 
@@ -187,13 +187,13 @@ def test_cellot_callback_sees_every_round_changes_nothing_and_can_stop(syn):
         seen.append((epoch, history.steps[-1], model.predict(source).X.mean()))  # usable at the current weights
         return False
 
-    with torch_threads(1, active=True):
+    with Execution(threads=1).activate():
         model.fit(train, spec, seed=1, callback=watch)
     assert [(e, s) for e, s, _ in seen] == [(1, 10), (2, 20), (3, 30), (4, 40)]
     assert len({m for *_, m in seen}) == 4
     np.testing.assert_array_equal(plain.predict(source).X, model.predict(source).X)  # the same random draws
 
-    with torch_threads(1, active=True):
+    with Execution(threads=1).activate():
         stopper = get("cellot", **{**FAST, **quick}).fit(train, spec, seed=1, callback=lambda e, h: e >= 2)
     assert stopper.transport_history.stopped_early and stopper.transport_history.epochs_run == 2
     assert stopper.fit_info["transport"]["perturbations"]["stimulated"]["selected_step"] in (10, 20)

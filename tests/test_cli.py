@@ -20,7 +20,7 @@ FAST = [*SMALL_ARGS, "--n-boot", "10", "--no-progress"]
 
 def predict(syn_path, out, *extra):
     return main(["predict", "--data", str(syn_path), "--model", "scgen", "--holdout", "ctx2", "--epochs", "3",
-                 "--seed", "0", "--out", str(out), *FAST, *extra])
+                 "--seed", "0", "--device", "cpu", "--out", str(out), *FAST, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def run_dir(syn_path, tmp_path_factory):
 
 
 def test_predict_writes_contract_files(run_dir, syn_path):
-    assert sorted(p.name for p in run_dir.iterdir()) == ["pred.h5ad", "record.json", "reg_mean.png", "scores.csv"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["effects.csv", "pred.h5ad", "record.json", "reg_mean.png",
+                                                         "scores.csv"]
     scores = pd.read_csv(run_dir / "scores.csv")
     assert list(scores.columns[:4]) == ["model", "perturbation", "metric", "value"]  # issue 16: + perturbation
     assert set(scores.perturbation) == {"stimulated"}
@@ -44,6 +45,10 @@ def test_predict_writes_contract_files(run_dir, syn_path):
     record = json.loads((run_dir / "record.json").read_text())
     assert record["config"]["seed"] == 0 and record["config"]["epochs"] == 3
     assert record["data"]["sha256"] and record["versions"]["torch"]
+    assert record["execution"]["device"] == "cpu" and record["execution"]["device_name"]  # --device cpu
+    assert record["execution"]["guarantee"].startswith("byte-identical")
+    effects = pd.read_csv(run_dir / "effects.csv")  # one perturbation: one row of the effect test
+    assert list(effects.perturbation) == ["stimulated"] and effects.responsive.all()
     assert record["preprocessing"]["input"] == "log-normalised"
     assert record["split"]["n_target"] == 150 and record["timings"]["fit_s"]["scgen"] > 0
     assert record["models"]["scgen"]["fit"]["history"]["epochs_run"] == 3

@@ -232,7 +232,7 @@ def test_baseline_that_cannot_predict_a_perturbation_is_left_out(screen, tmp_pat
 
 
 def test_single_perturbation_keeps_the_kang_contract(syn, syn_path, tmp_path, capsys):
-    """Two conditions: the four files as before, scores.csv = runner.score's table plus the perturbation
+    """Two conditions: the four files as before, scores.csv = metrics.score_models' table plus the perturbation
     column (byte for byte), the printed table as before."""
     out = tmp_path / "single"
     rc, text, err = run(["predict", "--data", str(syn_path), "--model", "mean_shift", "--holdout", "ctx2",
@@ -248,9 +248,9 @@ def test_single_perturbation_keeps_the_kang_contract(syn, syn_path, tmp_path, ca
     task = pk.split.holdout_cell_type(adata, spec, "ctx2")
     train, source, target = task.subsets(adata)
     preds = {name: pk.models.get(name).fit(train, spec).predict(source) for name in ("mean_shift", "control")}
-    ref, _ = pk.runner.score(target, source, preds, None, n_boot=5, seed=0)
-    pk.runner.write_csv(tmp_path / "ref.csv", ref)
-    pk.runner.write_csv(tmp_path / "new.csv", scores.drop(columns="perturbation"))
+    ref, _ = pk.metrics.score_models(target, source, preds, None, n_boot=5, seed=0)
+    pk._io.write_csv(tmp_path / "ref.csv", ref)
+    pk._io.write_csv(tmp_path / "new.csv", scores.drop(columns="perturbation"))
     assert (tmp_path / "new.csv").read_bytes() == (tmp_path / "ref.csv").read_bytes()
     lines = text.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("metric"))

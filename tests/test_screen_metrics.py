@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from perturbkit import metrics, runner
+from perturbkit import metrics
+from perturbkit.metrics import stats
 from perturbkit.errors import InputError
 from perturbkit.metrics import (
     METRICS,
@@ -205,7 +206,7 @@ def test_effect_table_responsive_and_bh():
 # ------------------------------------------------------------------------------------ evaluate_screen
 
 
-def test_single_perturbation_is_runner_score_plus_the_column():
+def test_single_perturbation_is_score_models_plus_the_column():
     rng = np.random.default_rng(6)
     source = _adata(_cells(rng, 50, 0.0), ["control"] * 50, "s")
     target = _adata(_cells(rng, 40, _effect(1)), ["stimulated"] * 40, "t")
@@ -213,20 +214,20 @@ def test_single_perturbation_is_runner_score_plus_the_column():
              "control": _adata(source.X, ["stimulated"] * 50, "c"),
              "mean_shift": _adata(source.X + _effect(1) * 0.5, ["stimulated"] * 50, "m")}
     got, info = evaluate_screen(target, preds, source, condition_key="condition", n_boot=5, seed=3)
-    want, want_info = runner.score(target, source, preds, None, n_boot=5, seed=3)
+    want, want_info = metrics.score_models(target, source, preds, None, n_boot=5, seed=3)
     want.insert(1, "perturbation", "stimulated")
     pd.testing.assert_frame_equal(got, want)
     assert info == want_info
 
 
-def test_per_perturbation_rows_are_runner_score_of_its_cells(screen, scored):
+def test_per_perturbation_rows_are_score_models_of_its_cells(screen, scored):
     target, preds, source = screen
     table, info = scored
     assert table.perturbation.unique().tolist() == [*PERTS, "mean", "mean_responsive", "all"]
     for p in ("g0", "g3"):
         cells = (target.obs.condition == p).to_numpy()
         sub = {k: v[(v.obs.condition == p).to_numpy()] for k, v in preds.items()}
-        want, _ = runner.score(target[cells], source, sub, FEW, n_boot=5, seed=0)
+        want, _ = metrics.score_models(target[cells], source, sub, FEW, n_boot=5, seed=0)
         got = table[(table.perturbation == p) & ~table.metric.str.startswith("pearson_delta_systema")]
         pd.testing.assert_frame_equal(got.drop(columns="perturbation").reset_index(drop=True), want)
     assert info["perturbations"] == PERTS and info["responsive"] == ["g0", "g2"]
@@ -242,7 +243,7 @@ def test_summary_rows_are_the_means_over_perturbations(scored):
         assert len(summary) == len(per.groupby(["model", "metric"]))
         for row in summary.itertuples():
             values = per[(per.model == row.model) & (per.metric == row.metric) & per.perturbation.isin(perts)]
-            mean, _sd, lo, hi = runner.t_interval(values.value.to_numpy())
+            mean, _sd, lo, hi = stats.t_interval(values.value.to_numpy())
             assert row.value == pytest.approx(mean) and (row.ci_low, row.ci_high) == pytest.approx((lo, hi))
             assert row.higher_is_better == values.higher_is_better.iloc[0]
     # the "all" systema row is its mean over perturbations
@@ -266,7 +267,7 @@ def test_average_effect_model_discriminates_poorly_but_correlates(scored):
     assert _value(table, "oracle", "all", "share_beats_mean_shift") == 1.0
     assert _value(table, "control", "all", "share_beats_mean_shift") == 0.0
     assert not (table.metric == "share_beats_mean_shift").loc[table.model == "mean_shift"].any()
-    # the shares are those of the pearson_delta rows runner.score reports
+    # the shares are those of the pearson_delta rows metrics.score_models reports
     per = table[table.perturbation.isin(PERTS) & (table.metric == "pearson_delta")].pivot(
         index="perturbation", columns="model", values="value")
     assert _value(table, "mixed", "all", "share_beats_mean_shift") == 0.5
@@ -276,7 +277,7 @@ def test_average_effect_model_discriminates_poorly_but_correlates(scored):
     assert {"pearson_delta_systema_norm", "discrimination_score"} <= set(table.metric)
 
 
-def test_cross_perturbation_ceiling_uses_runner_scores_split(screen, scored):
+def test_cross_perturbation_ceiling_uses_score_models_split(screen, scored):
     target, _preds, source = screen
     table, _ = scored
     for p in PERTS:

@@ -11,7 +11,8 @@ import pytest
 import perturbkit as pk
 from perturbkit.errors import InputError
 from perturbkit.models import MODELS, Model, get
-from perturbkit.runner import score, torch_threads
+from perturbkit.execution import Execution
+from perturbkit.metrics import score_models as score
 
 # 50 genes: the metrics' top-100 DEG sets take every gene, and say so
 pytestmark = pytest.mark.filterwarnings("ignore:n_top=100 is more than:UserWarning")
@@ -26,7 +27,7 @@ HIGH = 0.6  # pearson_delta a model must exceed on every perturbation with an ef
 
 def _fit(name: str, train, spec=SPEC) -> Model:
     model = get(name, **(VAE if MODELS[name].needs_torch else {}))
-    with torch_threads(1, active=model.needs_torch):  # tiny matrices: one thread is the fastest on 2 cores
+    with Execution(threads=1).activate(torch_used=model.needs_torch):  # tiny matrices: one thread is the fastest on 2 cores
         return model.fit(train, spec, seed=0)
 
 

@@ -67,7 +67,7 @@ PROMISED = {
         "UMAP of control, real and predicted cells": ('basis="umap"', "figure"),
         "per-gene means and variances, top DEGs labelled": ("pk.pl.reg_var(", "figure"),
         "violins of the top responding genes": ("pk.pl.deg_violins(", "figure"),
-        "metric table with baselines and the ceiling": ("runner.score(", "table"),
+        "metric table with baselines and the ceiling": ("metrics.score_models(", "table"),
         "the genes the decoded latent delta moves most": ("decoded latent delta", "figure"),
     },
     "02_scpram": {
@@ -79,7 +79,7 @@ PROMISED = {
         "per-cell vs first_cell attention, measured": ('"first_cell"', "table"),
         "ratio as a knob": ("ratios = [", "table"),
         "ratio sweep figure": ("delta spread", "figure"),
-        "metric table with baselines and the ceiling": ("runner.score(", "table"),
+        "metric table with baselines and the ceiling": ("metrics.score_models(", "table"),
     },
     "03_benchmarking": {
         "seeds, one dot per seed": ("pk.pl.seed_variability(", "figure"),

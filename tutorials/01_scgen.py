@@ -50,7 +50,6 @@ from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
 import perturbkit as pk
-from perturbkit import runner
 
 SEED = 0  # one seed: tutorial 3 shows how much the scores move between seeds
 EPOCHS = 10  # the tutorial's short training (scGen's default is 100 epochs with early stopping)
@@ -240,7 +239,7 @@ pk.pl.deg_violins({"control": source, "real": target, "scGen": pred, "mean_shift
 # %% [markdown]
 # ## 9. The scores, with baselines and the ceiling beside them
 #
-# `perturbkit.runner.score` scores every prediction with the same metrics, adds the ceiling and the normalised
+# `perturbkit.metrics.score_models` scores every prediction with the same metrics, adds the ceiling and the normalised
 # scores `(model - control) / (ceiling - control)` (0 = no better than predicting no change, 1 = as good as a
 # replicate of the real cells). Intervals are 95 % bootstrap intervals over cells (100 replicates); they show
 # the noise of a finite number of cells, not that of training (tutorial 3 has the seeds).
@@ -249,7 +248,7 @@ pk.pl.deg_violins({"control": source, "real": target, "scGen": pred, "mean_shift
 METRICS = ["r2_mean_all", "r2_mean_top100", "r2_var_all", "pearson_delta", "pearson_delta_top100",
            "edistance", "deg_overlap_top100"]
 t = time.perf_counter()
-scores, eval_info = runner.score(target, source, preds, METRICS, n_boot=100, seed=SEED)
+scores, eval_info = pk.metrics.score_models(target, source, preds, METRICS, n_boot=100, seed=SEED)
 print(f"scored in {time.perf_counter() - t:.1f} s")
 
 ORDER = ["scgen", "mean_shift", "control", "ceiling"]

@@ -46,7 +46,6 @@ from IPython.display import Markdown, display
 from matplotlib.figure import Figure
 
 import perturbkit as pk
-from perturbkit import runner
 from perturbkit.models.scpram import cost_matrix, ot_pairing
 
 SEED = 0
@@ -329,7 +328,7 @@ display(Markdown(
 
 # %%
 METRICS = ["r2_mean_all", "r2_mean_top100", "r2_var_all", "pearson_delta", "edistance", "deg_overlap_top100"]
-scores, _ = runner.score(target, source, preds, METRICS, n_boot=100, seed=SEED)
+scores, _ = pk.metrics.score_models(target, source, preds, METRICS, n_boot=100, seed=SEED)
 plain = scores[~scores.metric.str.endswith("_norm")]
 text = plain.assign(text=[f"{v:.3f} [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) else f"{v:.3f}"
                           for v, lo, hi in zip(plain.value, plain.ci_low, plain.ci_high)])

@@ -7,6 +7,7 @@ then remain; :func:`remove_stale_temps` clears those).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -168,3 +169,54 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise InputError(f"config {str(path)!r} is not valid TOML: {exc}.") from None
     except UnicodeDecodeError:
         raise InputError(f"config {str(path)!r} is not a UTF-8 text file.") from None
+
+
+# ============================================================================ output guard and writers
+
+
+def check_out(out: str | os.PathLike, *, accepts: Callable[[Path, list[str]], bool], force: bool | None = None,
+              what: str = "another run or tool") -> None:
+    """The one output-directory guard: ``out`` must be new, empty, or a directory that ``accepts(out, entries)``
+    (a previous run of the same configuration; ``entries``: its visible file names). ``force=True`` takes any
+    directory; callers that offer no force leave it None (the message then does not offer it). A file, or a
+    directory of anything else, raises :class:`InputError` naming the fix."""
+    from .errors import InputError
+
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InputError(f"out {str(out)!r} exists and is a file; give a directory.", params=("out",))
+    entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if not entries or force or accepts(out, entries):
+        return
+    fix = "Choose a new or empty directory" + (", or overwrite them with force." if force is not None else ".")
+    raise InputError(f"out {str(out)!r} already holds other files ({', '.join(entries[:4])}) from {what}. {fix}",
+                     params=("out", "force") if force is not None else ("out",))
+
+
+def json_default(o):
+    """``json.dumps(default=...)`` for records: numpy scalars and arrays, paths."""
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_json(obj, indent: int = 2) -> str:
+    return json.dumps(obj, indent=indent, default=json_default) + "\n"
+
+
+def write_csv(path: str | Path, table, *, float_format: str | None = "%.10g") -> None:
+    """A table as CSV, atomically, in the one format every perturbkit table uses."""
+    atomic_write_text(path, table.to_csv(index=False, float_format=float_format, lineterminator="\n"))
+
+
+def write_png(path: str | Path, fig, dpi: int = 110) -> None:
+    """A figure as PNG, atomically, without the software tag (so reruns give identical bytes)."""
+    atomic_write_with(path, lambda p: fig.savefig(p, dpi=dpi, format="png", metadata={"Software": None}))

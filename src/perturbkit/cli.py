@@ -53,6 +53,8 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     t.add_argument("--epochs", type=int, default=10 if demo else None, help="training epochs (model default: 100)")
     t.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (recorded; default: torch's)")
+    t.add_argument("--device", default="auto", help="where models train and predict: auto (cuda, mps, else cpu; "
+                   "default), cpu, cuda, cuda:N, mps (recorded in record.json)")
     t.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a model parameter, e.g. --param n_latent=50 (repeatable)")
     g = p.add_argument_group("model options (each model declares its own; also settable as --param KEY=VALUE)")
@@ -110,7 +112,7 @@ def _config(args, *, data: str, model: str, holdout: str | None, spec, combinati
         raise InputError(f"--n-boot must be >= 0, got {args.n_boot}.")
     return PredictConfig(data=data, model=model, holdout=holdout, spec=spec, preprocessing=pp, epochs=args.epochs,
                          seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot,
-                         threads=args.threads, filter=where or {}, combination=combination)
+                         threads=args.threads, filter=where or {}, combination=combination, device=args.device)
 
 
 def _perturbed(text: str, delimiter: str):
@@ -257,7 +259,8 @@ def cmd_tune(args) -> int:
 
     cfg = load_config(args.config)
     record = run(cfg, args.out, trials=args.trials, storage=args.storage, study=args.study, worker=args.worker,
-                 worker_only=args.worker_only, threads=args.threads, progress=not args.no_progress,
+                 worker_only=args.worker_only, threads=args.threads, device=args.device,
+                 progress=not args.no_progress,
                  command=_command(), config_text=Path(args.config).read_text())
     if args.worker_only:
         print(f"worker {args.worker}: ran {len(record['trials'])} trials of study {record['study']!r}")
@@ -293,6 +296,8 @@ def _add_tune(sub) -> None:
     p.add_argument("--worker-only", action="store_true",
                    help="only run trials; a later run without this flag writes the results")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's or torch's)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N or mps (default: the config's "
+                   "training.device, else auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tune)
 
@@ -445,7 +450,7 @@ FLAGS = {
     "control": "--control", "perturbed": "--perturbed", "context_key": "--context-key",
     "combo_delimiter": "--combo-delimiter", "combination": "--holdout-combination", "filter": "--filter",
     "n_top_genes": "--n-top-genes", "normalize": "--normalize", "epochs": "--epochs", "seed": "--seed",
-    "threads": "--threads", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
+    "threads": "--threads", "device": "--device", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
     "metrics": "--metrics", "n_boot": "--n-boot", "out": "--out", "force": "--force", "save_model": "--save-model",
     "load_model": "--load-model", "truth": "--truth", "pred": "--pred", "source": "--source", "output": "--output",
     "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going",

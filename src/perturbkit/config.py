@@ -378,12 +378,34 @@ class TrainingConfig:
 
     epochs: int | None = None  # None: each model's default
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    #: where models train and predict: "auto" (cuda, mps or cpu), "cpu", "cuda", "cuda:N", "mps"
+    device: str = "auto"
 
     def __post_init__(self):
+        from .execution import DEVICES, check_device
+
         if self.epochs is not None:
             positive("training.epochs", self.epochs, 1)
         if self.threads is not None:
             positive("training.threads", self.threads, 1)
+        try:
+            object.__setattr__(self, "device", check_device(self.device))
+        except InputError:
+            raise InputError(f"training.device must be one of {', '.join(map(repr, DEVICES))} (N a GPU index), "
+                             f"got {self.device!r}.") from None
+
+    def execution(self, *, threads: int | None = None, device: str | None = None):
+        """The execution context of these settings (``threads`` and ``device`` override ``training.threads``
+        and ``training.device``); a device that is not on this machine raises :class:`InputError`."""
+        from .execution import resolve
+
+        try:
+            return resolve(self.device if device is None else device,
+                           threads=self.threads if threads is None else threads)
+        except InputError as exc:
+            if device is not None:
+                raise
+            raise InputError(f"training.device: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def resolve(device: str | Execution | None = "auto", *, threads: int | None = No
             found = device if device in here else None
         if found is None:
             raise InputError(f"device {device!r} is not available on this machine (torch "
-                             f"{_torch_version()} sees: {', '.join(here)}); use device='cpu' or 'auto'.",
+                             f"{_torch_version()} sees: {', '.join(here)}); choose one of those, or 'auto'.",
                              params=("device",))
     is_cuda = found.startswith("cuda")
     return Execution(device=found, threads=threads, precision=precision, deterministic=deterministic,

@@ -15,7 +15,7 @@ It writes into ``out``:
   the ceiling (one half of the real target against the other), plus baseline-normalised rows; for a screen
   also the means over perturbations (``mean``, ``mean_responsive``) and the cross-perturbation rows (``all``),
   see :func:`perturbkit.metrics.evaluate_screen`;
-- ``effects.csv`` (screens only): per perturbation the energy-distance permutation test against the source
+- ``effects.csv``: per perturbation the energy-distance permutation test against the source
   cells (``statistic, p_value, q_value, responsive``; :func:`perturbkit.metrics.effect_table`);
 - ``record.json``: what was run and what determined it (versions, seed, threads, data sha256, filter,
   preprocessing, split, the perturbations predicted and skipped with their reasons, parameters, training
@@ -75,6 +75,8 @@ class PredictConfig:
     threads: int | None = None
     filter: dict[str, Any] = field(default_factory=dict)
     combination: str | None = None
+    #: where the models train and predict: "auto" (cuda, mps or cpu), "cpu", "cuda", "cuda:N", "mps"
+    device: str = "auto"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,7 +104,7 @@ class PredictConfig:
 
 
 def _same_run(config: dict[str, Any]):
-    """The output-directory test of :func:`perturbkit.runner.check_out` for ``predict``: a previous run of the same
+    """The output-directory test of :func:`perturbkit._io.check_out` for ``predict``: a previous run of the same
     configuration (finished, or interrupted while writing its outputs)."""
     from . import _io
 
@@ -128,62 +130,6 @@ def _model_names(chosen: str, perturbations: list[str], spec: PerturbSpec) -> li
     return names
 
 
-def _why_not(model, label: str) -> str:
-    if model.spec.is_combination(label) and not model.COMBINES:
-        return (f"{model.name} cannot predict the unseen combination {label!r} (it learns one response per "
-                "perturbation seen in training and does not compose singles)")
-    return f"{model.name} learned no response for {label!r}"
-
-
-def train_spec(spec: PerturbSpec, train) -> PerturbSpec:
-    """The spec the models are fitted with: a listed perturbation without training cells (skipped by the
-    split, or an unseen combination) is left out of the list; ``"all"`` and one label stay as they are."""
-    if spec.single or spec.perturbed == "all":
-        return spec
-    present = set(train.obs[spec.condition_key].astype(str))
-    kept = tuple(p for p in spec.perturbed if p in present)
-    return spec if kept == spec.perturbed else replace(spec, perturbed=kept)
-
-
-def fit_predict_all(model, train, source, spec: PerturbSpec, perturbations: list[str], *, seed: int,
-                    threads: int | None = None, progress: bool = False, fitted: bool = False):
-    """Fit ``model`` once on ``train`` (unless ``fitted``; with :func:`train_spec`) and predict ``source`` for
-    each perturbation it can.
-
-    Returns (:class:`perturbkit.runner.Fitted` whose ``pred`` maps perturbation -> predicted AnnData, and
-    perturbation -> reason for those the fitted model cannot predict). Threads as
-    :func:`perturbkit.runner.fit_predict`.
-    """
-    from . import runner
-
-    runner.check_threads(threads)
-    timings: dict[str, float] = {}
-    with runner.torch_threads(threads if model.needs_torch else None, active=model.needs_torch) as used:
-        t = time.perf_counter()
-        if not fitted:
-            model.fit(train, train_spec(spec, train), seed=seed, progress=progress and model.needs_torch)
-        timings["fit_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        preds, cannot = {}, {}
-        for p in perturbations:
-            if model.can_predict(p):
-                preds[p] = model.predict(source, p)
-            else:
-                cannot[p] = _why_not(model, p)
-        timings["predict_s"] = time.perf_counter() - t
-    return runner.Fitted(model, preds, timings, used), cannot
-
-
-def stack(preds: dict[str, Any]):
-    """One AnnData of the predictions of several perturbations (obs names suffixed ``-<perturbation>`` so they
-    stay unique); a single prediction is returned as it is."""
-    if len(preds) == 1:
-        return next(iter(preds.values()))
-    import anndata as ad
-
-    return ad.concat(list(preds.values()), keys=list(preds), index_unique="-")
-
-
 def file_label(label: str, taken: set[str]) -> str:
     """``label`` as a file-name part (characters other than letters, digits, ``.``, ``_``, ``-`` -> ``_``),
     made unique against ``taken`` (which it joins)."""
@@ -199,17 +145,18 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
                 save_model: str | Path | None = None, load_model: str | Path | None = None,
                 command: str | None = None) -> dict[str, Any]:
     """Run one held-out prediction task and write its outputs into ``out``; returns the record dict."""
-    from . import _io, data, metrics, models, runner, split
+    from . import _io, data, engine, execution, metrics, models, split
+    from . import record as rec
 
     t_start = time.time()
     timings: dict[str, float] = {}
     out = Path(out)
     config = json.loads(json.dumps(cfg.to_dict()))
-    runner.check_out(out, accepts=_same_run(config), force=force)
+    _io.check_out(out, accepts=_same_run(config), force=force)
     models.get(cfg.model)  # unknown model -> clear error before any work
     metric_names = metrics.resolve(cfg.metrics)
     check_seed(cfg.seed)
-    runner.check_threads(cfg.threads)
+    ex = execution.resolve(cfg.device, threads=cfg.threads)  # a device that is not there: InputError now
     cfg.preprocessing.check()
     cfg.check_task()
     params = dict(cfg.params)
@@ -235,7 +182,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         kept = ", ".join(f"{k}={v}" for k, v in cfg.filter.items())
         log(f"filter {kept}: {adata.n_obs} of {n_loaded} cells")
     timings["load_s"] = time.perf_counter() - t
-    cfg.spec.validate(adata, holdout=cfg.holdout if cfg.spec.single else None)
+    data.validate(adata, cfg.spec, holdout=cfg.holdout)
     t = time.perf_counter()
     adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
     timings["preprocess_s"] = time.perf_counter() - t
@@ -243,15 +190,12 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
     task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
             else split.holdout_combination(adata, cfg.spec, cfg.combination))
-    perts = list(task.info.get("perturbations", [cfg.spec.perturbed]))
+    perts = engine.task_perturbations(task, cfg.spec)
     skipped = dict(task.info.get("skipped", {}))
-    if cfg.spec.single:
-        log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} "
-            f"{cfg.spec.perturbed!r} cells from {len(task.source)} {cfg.spec.control!r} cells")
-    else:
-        log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} cells of "
-            f"{len(perts)} perturbation(s) ({', '.join(perts[:6])}{' ...' if len(perts) > 6 else ''}) from "
-            f"{len(task.source)} {cfg.spec.control!r} cells")
+    what = (f"{perts[0]!r} cells" if len(perts) == 1 else f"cells of {len(perts)} perturbations "
+            f"({', '.join(perts[:6])}{' ...' if len(perts) > 6 else ''})")
+    log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} {what} from "
+        f"{len(task.source)} {cfg.spec.control!r} cells on {ex.device}")
 
     names = _model_names(cfg.model, perts, cfg.spec)
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
@@ -260,39 +204,36 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     train, source, target = task.subsets(adata)
     fitted, left_out = {}, {}
     for name, model in todo.items():
-        f, cannot = fit_predict_all(model, train, source, cfg.spec, perts, seed=cfg.seed, threads=cfg.threads,
-                                    progress=progress, fitted=name == cfg.model and load_model is not None)
+        f = engine.fit_predict(model, train, source, cfg.spec, perts, seed=cfg.seed, execution=ex,
+                               progress=progress, fitted=name == cfg.model and load_model is not None)
         log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict {f.timings['predict_s']:.2f} s")
         for warning in f.model.fit_info.get("warnings", []):
             log(f"warning: {warning}")
-        if name == cfg.model and cannot:  # the chosen model decides what the task can predict
-            for p, why in cannot.items():
+        if name == cfg.model and f.cannot:  # the chosen model decides what the task can predict
+            for p, why in f.cannot.items():
                 skipped[p] = why
                 log(f"note: {p!r} is skipped: {why}.")
-            perts = [p for p in perts if p not in cannot]
+            perts = [p for p in perts if p not in f.cannot]
             if not perts:
                 raise InputError(f"model {cfg.model!r} can predict none of the task's perturbations: "
-                                 + "; ".join(cannot.values()) + ". Choose a model that can (e.g. scgen or "
+                                 + "; ".join(f.cannot.values()) + ". Choose a model that can (e.g. scgen or "
                                  "additive for an unseen combination).", params=("model",))
-        elif any(p in cannot for p in perts):
-            left_out[name] = {p: why for p, why in cannot.items() if p in perts}
+        elif any(p in f.cannot for p in perts):
+            left_out[name] = {p: why for p, why in f.cannot.items() if p in perts}
             log(f"note: {name} is left out of this task: {'; '.join(left_out[name].values())}.")
             continue
         fitted[name] = f
-    if len(perts) < len(task.info.get("perturbations", perts)):
+    if len(perts) < len(engine.task_perturbations(task, cfg.spec)):
         keep = target.obs[cfg.spec.condition_key].astype(str).isin(perts).to_numpy()
         target = target[keep].copy()
-    preds = {name: stack({p: f.pred[p] for p in perts}) for name, f in fitted.items()}
+    preds = {name: f.pred(perts) for name, f in fitted.items()}
     timings["fit_s"] = {n: f.timings["fit_s"] for n, f in fitted.items()}
     timings["predict_s"] = {n: f.timings["predict_s"] for n, f in fitted.items()}
 
     t = time.perf_counter()
-    screen = not cfg.spec.single
-    effects = None
-    if screen:
-        effects = metrics.effect_table(target, source, condition_key=cfg.spec.condition_key, seed=cfg.seed)
+    effects = metrics.effect_table(target, source, condition_key=cfg.spec.condition_key, seed=cfg.seed)
     reference = "mean_shift" if "mean_shift" in preds else "additive"
-    responsive = None if effects is None else effects.perturbation[effects.responsive].tolist()
+    responsive = effects.perturbation[effects.responsive].tolist()
     scores, eval_info = metrics.evaluate_screen(
         target, preds, source, condition_key=cfg.spec.condition_key, metric_names=metric_names,
         n_boot=cfg.n_boot, seed=cfg.seed, baseline="control", reference=reference, responsive=responsive)
@@ -311,17 +252,15 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     pred = preds[cfg.model]
     where = {"holdout": cfg.holdout} if cfg.combination is None else {"combination": cfg.combination}
     pred.uns["perturbkit"] = {"model": cfg.model, **where, "seed": cfg.seed,
-                              **({"perturbations": perts} if screen else {})}
+                              "perturbations": perts}
     _io.atomic_write_with(out / "pred.h5ad", lambda p: pred.write_h5ad(p))
-    runner.write_csv(out / "scores.csv", scores)
-    written = ["pred.h5ad", "scores.csv"]
-    if effects is not None:
-        runner.write_csv(out / "effects.csv", effects)
-        written.append("effects.csv")
+    _io.write_csv(out / "scores.csv", scores)
+    _io.write_csv(out / "effects.csv", effects)
+    written = ["pred.h5ad", "scores.csv", "effects.csv"]
     figures = _figures(cfg, perts, targets, fitted, scores, effects, top, reference)
     figures.update(chosen.figures(source))  # the model's own figures (scPRAM: the tutorial's attention scores)
     for name, fig in figures.items():
-        runner.write_png(out / f"{name}.png", fig, dpi=120)
+        _io.write_png(out / f"{name}.png", fig, dpi=120)
     written += [f"{name}.png" for name in figures]
     for name in previous:  # a figure of an earlier --force run of another model
         if name not in written:
@@ -333,14 +272,16 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         "kind": RECORD_KIND,
         "config": config,
         "command": command,
-        "started": runner.stamp(t_start),
-        "versions": runner.versions(),
-        "platform": runner.platform_info(),
+        "started": rec.stamp(t_start),
+        "versions": rec.versions(),
+        "platform": rec.platform_info(),
+        "execution": ex.describe(),
         "determinism": {
             "seed": cfg.seed,
             "torch_threads": fitted[cfg.model].threads,
-            "note": "scores and predictions are byte-identical for the same inputs, seed, thread count, "
-                    "library versions and CPU; all randomness is drawn from generators seeded with `seed`.",
+            "device": ex.device,
+            "guarantee": ex.guarantee,
+            "note": "all randomness is drawn from generators seeded with `seed`.",
         },
         "data": {**source_desc, "sha256": digest, "filter": config["filter"], "n_cells_loaded": n_loaded,
                  "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
@@ -353,11 +294,11 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         "warnings": [w for f in fitted.values() for w in f.model.fit_info.get("warnings", [])],
         "loaded_model": str(load_model) if load_model is not None else None,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95,
-                       "top_degs": top[perts[0]] if cfg.spec.single else top, **eval_info},
+                       "top_degs": top, **eval_info},
         "timings": timings,
         "outputs": {name: data.sha256(out / name) for name in written},
     }
-    _io.atomic_write_text(out / "record.json", runner.to_json(record))
+    _io.atomic_write_text(out / "record.json", _io.to_json(record))
     (out / PENDING).unlink(missing_ok=True)
     return record
 
@@ -368,12 +309,12 @@ def _figures(cfg: PredictConfig, perts, targets, fitted, scores, effects, top, r
     from . import pl
 
     def reg(p, title_p):
-        return pl.reg_mean(targets[p], fitted[cfg.model].pred[p], top_genes=top[p],
+        return pl.reg_mean(targets[p], fitted[cfg.model].preds[p], top_genes=top[p],
                            title=f"{cfg.model}: {title_p} (seed {cfg.seed})")
 
     where = cfg.holdout if cfg.combination is None else "unseen combination"
-    if cfg.spec.single:
-        return {"reg_mean": reg(perts[0], f"{cfg.holdout}, {cfg.spec.perturbed}")}
+    if len(perts) == 1:
+        return {"reg_mean": reg(perts[0], f"{where}, {perts[0]}")}
     per = scores[~scores.perturbation.isin(SUMMARY_ROWS)]
     figures = {"heatmap_perturbation_metric": pl.perturbation_heatmap(
         per, metrics=SUMMARY_METRICS, title=f"per perturbation: {where} (seed {cfg.seed})")}

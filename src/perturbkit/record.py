@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ def write_crate(out: str | Path, record: dict[str, Any] | None = None, *, name: 
     root["description"] = description or record.get("description") or (
         f"perturbkit {verb} run on {record.get('data', {}).get('file', 'the input data')} "
         f"(perturbkit {pk_version}).")
-    root["datePublished"] = _iso(record.get("ended") or now())
+    root["datePublished"] = _iso(record.get("ended") or stamp())
     license_id = license or (cfg.get("output") or {}).get("license") or "https://creativecommons.org/licenses/by/4.0/"
     root["license"] = crate.add(ContextEntity(crate, license_id, properties={"@type": "CreativeWork",
                                                                              "name": license_id}))
@@ -236,7 +237,7 @@ def write_crate(out: str | Path, record: dict[str, Any] | None = None, *, name: 
     cells = record.get("cells")
     finished = None if not isinstance(cells, dict) else sum(1 for c in cells.values() if c.get("status") == "finished")
     props = {"@type": "CreateAction", "name": f"perturbkit {verb} run",
-             "startTime": _iso(record.get("started") or now()), "endTime": _iso(record.get("ended") or now()),
+             "startTime": _iso(record.get("started") or stamp()), "endTime": _iso(record.get("ended") or stamp()),
              "actionStatus": {"@id": "http://schema.org/CompletedActionStatus" if not record.get("missing")
                               else "http://schema.org/ActiveActionStatus"}}
     if finished is not None:
@@ -264,10 +265,6 @@ def validate(out: str | Path, profile: str = "ro-crate-1.1", *, severity: str = 
     result = services.validate(settings)
     issues = [f"{i.severity.name}: {getattr(i.check, 'identifier', '')} {i.message}" for i in result.get_issues()]
     return result.passed(), issues
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 # ================================================================================= the workflow as a crate
@@ -352,7 +349,7 @@ def write_workflow_crate(workflow_dir: str | Path, out: str | Path, *, authors: 
     from rocrate.model.person import Person
     from rocrate.rocrate import ROCrate
 
-    from . import __version__, runner
+    from . import __version__, _io
     from .errors import InputError
 
     wdir, out = Path(workflow_dir).resolve(), Path(out)
@@ -364,7 +361,7 @@ def write_workflow_crate(workflow_dir: str | Path, out: str | Path, *, authors: 
         raise InputError(f"out {str(out)!r} exists and is not a workflow crate; give a new file name.",
                          params=("out",))
     if not is_zip:
-        runner.check_out(out, accepts=lambda folder, entries: _is_workflow_crate(folder),
+        _io.check_out(out, accepts=lambda folder, entries: _is_workflow_crate(folder),
                          what="something other than a workflow crate")
     schema = yaml.safe_load((wdir / WORKFLOW_SCHEMA).read_text()) if (wdir / WORKFLOW_SCHEMA).is_file() else {}
     example = yaml.safe_load((wdir / WORKFLOW_EXAMPLE).read_text()) if (wdir / WORKFLOW_EXAMPLE).is_file() else {}
@@ -383,7 +380,7 @@ def write_workflow_crate(workflow_dir: str | Path, out: str | Path, *, authors: 
     root["name"] = name or "perturbkit workflow (Snakemake): benchmark cells and tuning workers as jobs"
     root["description"] = (f"{snakefile_about} Written in Snakemake; profiles for a laptop, SLURM and Kubernetes; "
                            f"every job runs perturbkit {__version__}.")
-    root["datePublished"] = _iso(now())
+    root["datePublished"] = _iso(stamp())
     root["version"] = __version__
     root["keywords"] = ["single-cell", "perturbation", "benchmark", "hyperparameter tuning", "Snakemake"]
     root["license"] = crate.add(ContextEntity(crate, f"https://spdx.org/licenses/{license_id}", properties={
@@ -546,3 +543,36 @@ def link_workflow(out: str | Path, folder: str = "workflow") -> bool:
 
     _io.atomic_write_text(out / METADATA, json.dumps(crate, indent=2) + "\n")
     return True
+
+
+# =========================================================================== what every record holds
+
+#: the libraries whose versions shape the numbers (recorded in every record)
+LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "torch", "pot", "h5py", "matplotlib")
+
+_VERSIONS: dict[str, str] = {}
+
+
+def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Versions of Python, perturbkit and the libraries that shape the numbers (looked up once per process)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    for dist in (*LIBRARIES, *extra):
+        if dist not in _VERSIONS:
+            try:
+                _VERSIONS[dist] = version(dist)
+            except PackageNotFoundError:
+                _VERSIONS[dist] = "not installed"
+    return {"python": platform.python_version(), "perturbkit": __version__,
+            **{d: _VERSIONS[d] for d in (*LIBRARIES, *extra)}}
+
+
+def platform_info() -> dict[str, str]:
+    return {"system": platform.platform(), "machine": platform.machine(), "processor": platform.processor()}
+
+
+def stamp(t: float | None = None) -> str:
+    """A local ISO-8601 timestamp with offset (``time.time()`` when ``t`` is None)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))

@@ -133,7 +133,7 @@ def verdict_lines(rows, metrics, baseline: str = BASELINE, value: str = "value")
 
 
 def _summary_tables(summary, metrics) -> str:
-    from .bench.screen import overall
+    from .scenarios.screen_rows import overall
 
     parts = []
     headline = overall(summary)

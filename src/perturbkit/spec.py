@@ -87,12 +87,6 @@ class PerturbSpec:
         """The two-condition spec of one perturbation (control vs ``label``)."""
         return replace(self, perturbed=label)
 
-    def validate(self, adata, *, holdout: str | None = None, min_cells: int = 3) -> None:
-        """Check that ``adata`` carries this spec; raise :class:`InputError` naming the fix otherwise."""
-        from .data import validate
-
-        validate(adata, self, holdout=holdout, min_cells=min_cells)
-
 
 @dataclass(frozen=True)
 class Preprocessing:

@@ -11,8 +11,8 @@ Read it in this order:
    like any other and get cells on every split.
 3. :mod:`.data`: :class:`Context`, the preprocessed data (made once per run directory, cached in
    ``DIR/.cache``) and the splits (made by each task's scenario).
-4. :mod:`.execute`: :func:`run_cell` runs one cell: split -> :func:`perturbkit.runner.fit_predict` ->
-   :func:`perturbkit.runner.score` -> the files of ``DIR/cells/<cell id>/`` (every file written to a temporary
+4. :mod:`.execute`: :func:`run_cell` runs one cell: split -> :func:`perturbkit.engine.fit_predict` ->
+   :func:`perturbkit.metrics.evaluate_screen` -> the files of ``DIR/cells/<cell id>/`` (every file written to a temporary
    name and renamed; ``result.json`` last, so a cell with a ``result.json`` is finished and complete).
    :func:`run` = ``check the directory -> every unfinished cell (in worker processes with jobs > 1) ->
    aggregate``; a rerun of the same config into the same directory skips the finished cells.

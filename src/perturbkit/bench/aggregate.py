@@ -55,7 +55,7 @@ def tidy_scores(raw, control: str | None, *, screen: bool = False, responsive=No
     import pandas as pd
 
     from ..metrics import normalise
-    from .screen import per_perturbation, screen_rows
+    from ..scenarios.screen_rows import per_perturbation, screen_rows
 
     is_ceiling = raw.model == "ceiling"
     ceiling = raw[is_ceiling].drop_duplicates(["scenario", "split", "perturbation", "seed", "metric"])
@@ -80,7 +80,7 @@ def summarise(scores):
     """
     import pandas as pd
 
-    from ..runner import t_interval
+    from ..metrics.stats import t_interval
 
     rows = []
     hib = scores.groupby("metric")["higher_is_better"].first().to_dict()
@@ -112,10 +112,10 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
     """
     import pandas as pd
 
-    from .. import _io, report, runner
+    from .. import _io, report
     from ..scenarios import Aggregation, context_counts
     from .figures import make_figures
-    from .screen import reference_labels, responsive_sets
+    from ..scenarios.screen_rows import reference_labels, responsive_sets
 
     cfg = config if isinstance(config, BenchConfig) else load_config(config)
     out = prepare_dir(cfg, out)
@@ -139,7 +139,7 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
 
     def write_table(name, table):
         if table is not None and not table.empty:
-            runner.write_csv(out / name, table)
+            _io.write_csv(out / name, table)
             written.append(name)
 
     write_table("scores.csv", scores)
@@ -158,7 +158,7 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
     if cfg.output.figures:
         figures, model_figures = make_figures(cfg, out, ctx, agg, tables, log=log)
     record = run_record(cfg, ctx, cells, results, missing, written, figures, model_figures)
-    _io.atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=runner.json_default) + "\n")
+    _io.atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=_io.json_default) + "\n")
     report.write_report(out)
     write_crate(out)
     log(f"aggregated {len(results)} cells into {out}: scores.csv, summary.csv, {len(figures)} figures, "
@@ -185,7 +185,7 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
                model_figures=()) -> dict:
     """``run.json``: what was run, on what, with which software, when, and how long each cell took
     (``model_figures``: those of ``figures`` that the models drew themselves)."""
-    from .. import runner
+    from .. import record as rec
     from ..config import plain
     from ..data import DATASETS
 
@@ -205,10 +205,10 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
         "config": cfg.to_dict(),
         "config_sha": config_hash(cfg.to_dict()),
         "started": starts[0],
-        "ended": max(ends[-1], runner.stamp()),
-        "aggregated": runner.stamp(),
-        "versions": runner.versions(),
-        "platform": {**runner.platform_info(), "python": platform.python_implementation()},
+        "ended": max(ends[-1], rec.stamp()),
+        "aggregated": rec.stamp(),
+        "versions": rec.versions(),
+        "platform": {**rec.platform_info(), "python": platform.python_implementation()},
         "data": {
             "source": src,
             "dataset": src if ds else None,
@@ -283,7 +283,7 @@ def headline(out: str | Path, metrics=("r2_mean_top100", "pearson_delta", "edist
     """A short text table of summary.csv: each scenario's mean over splits and seeds, with the interval."""
     import pandas as pd
 
-    from .screen import overall
+    from ..scenarios.screen_rows import overall
 
     s = pd.read_csv(Path(out) / "summary.csv", keep_default_na=False, na_values=[""],
                     dtype={"perturbation": str})

@@ -29,6 +29,14 @@ class Context:
         self._data = None
         self._digest: str | None = None
         self._splits: dict[tuple[str, str], Any] = {}
+        self._execution = None
+
+    @property
+    def execution(self):
+        """The execution context of ``[training]`` (device, threads), resolved once per process."""
+        if self._execution is None:
+            self._execution = self.cfg.training.execution()
+        return self._execution
 
     @property
     def digest(self) -> str:
@@ -72,7 +80,7 @@ class Context:
         if digest != self.digest:
             raise InputError(f"data.source {self.cfg.data.source!r} changed while the run was planned "
                              f"(sha256 {digest[:12]}..., expected {self.digest[:12]}...).")
-        self.spec.validate(raw)
+        data.validate(raw, self.spec)
         pp, info = data.preprocess(raw, self.cfg.preprocessing, log=self.log)
         pp.uns["perturbkit_bench_preprocessing"] = json.dumps(info)
         return pp
@@ -103,8 +111,10 @@ class Context:
         path = self.cache_file()
         if self._data is not None or (path is not None and path.exists()):
             return self.data()
+        from ..data import validate
+
         adata, _digest, _desc = self.cfg.data.load()
-        self.spec.validate(adata)
+        validate(adata, self.spec)
         return adata
 
     def preprocessing_info(self) -> dict[str, Any]:

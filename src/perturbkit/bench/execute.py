@@ -29,36 +29,30 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     perturbation is scored (:func:`perturbkit.metrics.screen.evaluate_screen`) and the cell that scores the
     ceiling also tests each perturbation's effect (``effects`` in ``result.json``).
     """
-    from .. import _io, metrics, models, runner
+    from .. import _io, engine, metrics, models
+    from .. import record as rec
     from ..data import sha256
     from ..metrics.screen import effect_table, evaluate_screen
-    from .screen import ALL, LABELS
+    from ..scenarios.screen_rows import ALL, LABELS
 
     out = Path(out)
     cdir = cell_dir(out, cell)
     done = cell_result(out, cell)
     if done is not None:
         return done
-    started, t_start = runner.stamp(), time.perf_counter()
+    started, t_start = rec.stamp(), time.perf_counter()
     adata, spec = ctx.data(), ctx.spec
     s = ctx.split(cell.split)
     train, source, target = s.subsets(adata)
     mc = cfg.model(cell.model)
     model = models.get(mc.model, **mc.build_params(cfg.training))
-    perts = None if spec.single else list(s.info.get("perturbations") or cell.split.perturbations)
-    if perts is None:
-        fitted = runner.fit_predict(model, train, source, spec, seed=cell.seed, threads=cfg.training.threads,
-                                    progress=progress)
-        pred = fitted.pred
-    else:
-        from ..pipeline import fit_predict_all, stack
-
-        fitted, cannot = fit_predict_all(model, train, source, spec, perts, seed=cell.seed,
-                                         threads=cfg.training.threads, progress=progress)
-        if cannot:
-            raise InputError(f"cell {cell.id}: the {cell.model!r} model cannot predict "
-                             + "; ".join(f"{p} ({why})" for p, why in cannot.items()))
-        pred = stack(fitted.pred)
+    perts = engine.task_perturbations(s, spec)
+    fitted = engine.fit_predict(model, train, source, spec, perts, seed=cell.seed, execution=ctx.execution,
+                                progress=progress)
+    if fitted.cannot:
+        raise InputError(f"cell {cell.id}: the {cell.model!r} model cannot predict "
+                         + "; ".join(f"{p} ({why})" for p, why in fitted.cannot.items()))
+    pred = fitted.pred(perts)
     timings = dict(fitted.timings)
     t = time.perf_counter()
     metric_names = cfg.evaluation.metric_names()
@@ -73,7 +67,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
                                                             | (scores.perturbation == ALL))]
     timings["evaluate_s"] = time.perf_counter() - t
     effects = None
-    if perts is not None and is_ceiling:
+    if is_ceiling:  # each perturbation's measurable effect (the responsive set of the aggregation)
         t = time.perf_counter()
         effects = effect_table(target, source, condition_key=spec.condition_key, seed=cell.seed)
         effects = effects.to_dict("records")
@@ -84,10 +78,9 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         timings["degs_s"] = time.perf_counter() - t
     else:
         degs = None
-    n_target = len(s.target)
-    if perts is not None:  # a perturbation's rows: its own target cells
-        n_target = scores.perturbation.map(target.obs[spec.condition_key].astype(str).value_counts())
-        n_target = n_target.fillna(len(s.target)).astype(int)
+    # a perturbation's rows: its own target cells (summary rows: all of them)
+    n_target = scores.perturbation.map(target.obs[spec.condition_key].astype(str).value_counts())
+    n_target = n_target.fillna(len(s.target)).astype(int)
     scores = scores.assign(scenario=cell.scenario, split=cell.split.name, seed=cell.seed,
                            context=cell.split.context, variant=cell.split.variant, n_train=len(s.train),
                            n_source=len(s.source), n_target=n_target)
@@ -95,7 +88,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
 
     t = time.perf_counter()
     files = {}
-    runner.write_csv(cdir / "scores.csv", scores)
+    _io.write_csv(cdir / "scores.csv", scores)
     files["scores.csv"] = sha256(cdir / "scores.csv")
     if cfg.output.save_predictions or keep_pred:
         pred.uns["perturbkit"] = {"cell": cell.id, "model": cell.model, "seed": cell.seed}
@@ -112,7 +105,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         for name, fig in model.figures(source).items():
             fig.axes[0].set_title(f"{cell.model} {name}: {cell.split.context} (seed {cell.seed})", fontsize=9,
                                   pad=18)
-            runner.write_png(cdir / f"{name}.png", fig)
+            _io.write_png(cdir / f"{name}.png", fig)
             files[f"{name}.png"] = sha256(cdir / f"{name}.png")
     timings["write_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
@@ -131,20 +124,22 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         "config_sha": config_hash(cfg.to_dict()),
         "data_sha256": ctx.digest,
         "started": started,
-        "ended": runner.stamp(),
+        "ended": rec.stamp(),
         "timings": timings,
         "torch_threads": fitted.threads,
+        "execution": fitted.execution.describe(),
         "split_info": s.to_dict(adata.obs_names),
         "params": model.params,
         "fit": model.fit_info,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.evaluation.n_boot, "seed": cell.seed,
                        **eval_info},
         "degs": degs,
-        **({"perturbations": perts, "effects": effects} if perts is not None else {}),
-        "versions": runner.versions(),
+        "perturbations": perts,
+        "effects": effects,
+        "versions": rec.versions(),
         "files": files,
     }
-    text = json.dumps(result, indent=1, default=runner.json_default) + "\n"
+    text = json.dumps(result, indent=1, default=_io.json_default) + "\n"
     _io.atomic_write_text(cdir / "result.json", text)
     return result
 
@@ -177,6 +172,8 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
     out = prepare_dir(cfg, out, config_text=config_text)
     _io.remove_stale_temps(out, recursive=True)  # left by a SIGKILLed process; never another worker's
     ctx = Context(cfg, out, log=log)
+    if do_cells:
+        ctx.execution  # a device that is not on this machine: the error now, before any work
     everything = plan(cfg, ctx.planning_data())
     by_id = {c.id: c for c in everything}
     if cells:

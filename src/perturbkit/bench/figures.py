@@ -22,14 +22,14 @@ def make_figures(cfg: BenchConfig, out: Path, ctx: Context, agg, tables: dict[st
 
     ``agg``: the :class:`~perturbkit.scenarios.Aggregation`; ``tables``: scenario name -> its tables.
     """
-    from .. import _io, metrics, pl, runner
-    from .screen import per_perturbation
+    from .. import _io, metrics, pl
+    from ..scenarios.screen_rows import per_perturbation
 
     fdir = out / "figures"
     written: list[str] = []
 
     def save(name: str, fig) -> None:
-        runner.write_png(fdir / name, fig, dpi=cfg.output.dpi)
+        _io.write_png(fdir / name, fig, dpi=cfg.output.dpi)
         written.append(f"figures/{name}")
 
     scores = agg.scores

@@ -32,7 +32,7 @@ def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = 
     defaults, is the same config (:func:`~perturbkit.bench.config.same_run`); it is rewritten in the current
     form.
     """
-    from .. import _io, config, runner
+    from .. import _io, config
     from .config import same_run
 
     out = Path(out)
@@ -50,7 +50,7 @@ def prepare_dir(cfg: BenchConfig, out: str | Path, *, config_text: str | None = 
                              "new directory for a changed config, or rerun the same config to resume.")
         return True
 
-    runner.check_out(out, accepts=same_config, what="another tool: it is not a perturbkit bench run")
+    _io.check_out(out, accepts=same_config, what="another tool: it is not a perturbkit bench run")
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(cfg_dict, indent=2) + "\n"
     if not (out / "config.json").exists() or (out / "config.json").read_text() != text:

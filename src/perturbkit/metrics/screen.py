@@ -1,9 +1,9 @@
 """Screens: metrics across perturbations (:func:`discrimination_score`, cell-eval's;
 :func:`pearson_delta_systema`, Systema's), scPerturb's effect test (:func:`effect_test`, :func:`effect_table`:
 which perturbations have a measurable effect) and :func:`evaluate_screen` (every registered metric per
-(model, perturbation) through :func:`perturbkit.runner.score`, means over perturbations, cross-perturbation
+(model, perturbation) through :func:`perturbkit.metrics.score_models`, means over perturbations, cross-perturbation
 rows). Nothing here is registered in ``METRICS``, so single-pair scoring is unchanged. Importing this module
-loads numpy only; pandas, scipy, scikit-learn and the runner load when used.
+loads numpy only; pandas, scipy, scikit-learn and the scoring core load when used.
 """
 
 from __future__ import annotations
@@ -415,7 +415,7 @@ def _row(model, pert, metric, value, lo=math.nan, hi=math.nan, error="", better=
 
 def _t_row(model, pert, metric, values, names, better=True) -> dict:
     """A row holding the Student-t mean of ``values`` (one per perturbation in ``names``)."""
-    from ..runner import t_interval
+    from .stats import t_interval
 
     values = np.asarray(values, dtype=float)
     mean, _sd, lo, hi = t_interval(values)
@@ -473,7 +473,7 @@ def _check_screen(target, preds, condition_key, responsive):
 def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metric_names=None,
                     n_boot: int = 100, seed: int = 0, baseline: str = "control",
                     reference: str = "mean_shift", ceiling: bool = True,
-                    responsive: Iterable[str] | None = None):
+                    responsive: Iterable[str] | None = None, execution=None):
     """Score every model on every perturbation of a screen, with means over perturbations and the
     cross-perturbation metrics (docs/metrics.md, "Screens").
 
@@ -486,8 +486,8 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
         ``target`` (the baselines are among the models); labels not in ``target`` are ignored, with a note.
     source
         AnnData of the control cells every prediction started from.
-    metric_names, n_boot, seed, baseline, ceiling
-        as :func:`perturbkit.runner.score`, which scores each perturbation's cells.
+    metric_names, n_boot, seed, baseline, ceiling, execution
+        as :func:`perturbkit.metrics.score_models`, which scores each perturbation's cells.
     reference
         the model the ``share_beats_<reference>`` rows compare with (no such rows, and a note, if absent).
     responsive
@@ -499,24 +499,23 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
     (pandas.DataFrame, dict)
         The tidy table ``model, perturbation, metric, value, ci_low, ci_high, higher_is_better, error``:
 
-        * per perturbation, in order of first appearance: exactly ``runner.score``'s rows for its cells
+        * per perturbation, in order of first appearance: exactly ``score_models``'s rows for its cells
           (models, ``ceiling``, ``*_norm``); with >= 2 perturbations also ``pearson_delta_systema`` (and its
-          ``_norm`` when ``runner.score`` normalises) for each model and the ceiling;
+          ``_norm`` when ``score_models`` normalises) for each model and the ceiling;
         * with >= 2 perturbations: ``perturbation = "mean"``, per (model, metric) the mean over perturbations
-          with a Student-t 95 % interval over them (:func:`perturbkit.runner.t_interval`);
+          with a Student-t 95 % interval over them (:func:`perturbkit.stats.t_interval`);
           ``"mean_responsive"``, the same over ``responsive``; ``"all"``: ``discrimination_score``,
           ``pearson_delta_systema`` (equal to its ``mean`` row) and ``share_beats_<reference>`` per model.
 
-        The ceiling's cross-perturbation rows use :func:`ceiling_split`, the halves of ``runner.score``'s
-        ceiling. With one perturbation: ``runner.score``'s table plus the ``perturbation`` column (after
+        The ceiling's cross-perturbation rows use :func:`ceiling_split`, the halves of ``score_models``'s
+        ceiling. With one perturbation: ``score_models``'s table plus the ``perturbation`` column (after
         ``model``) and its dict. Otherwise the dict also holds ``perturbations``, ``embeddings`` (per
         perturbation), ``responsive``, ``definitions`` (:data:`DEFINITIONS`) and ``screen_notes``, and each
         model's ``notes`` start with their perturbation.
     """
     import pandas as pd
 
-    from .. import runner
-    from . import normalise
+    from .core import SCORE_COLUMNS, normalise, score_models
 
     labels, perts, pred_labels, chosen, screen_notes = _check_screen(target, preds, condition_key, responsive)
 
@@ -528,8 +527,8 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
     for p in perts:
         preds_p = {name: cells(pred, pred_labels[name], p) for name, pred in preds.items()}
         try:
-            tab, infos[p] = runner.score(cells(target, labels, p), source, preds_p, metric_names,
-                                         n_boot=n_boot, seed=seed, baseline=baseline, ceiling=ceiling)
+            tab, infos[p] = score_models(cells(target, labels, p), source, preds_p, metric_names, n_boot=n_boot,
+                                         seed=seed, baseline=baseline, ceiling=ceiling, execution=execution)
         except InputError as exc:
             raise InputError(f"perturbation {p!r}: {exc}", params=exc.params) from exc
         tab.insert(1, "perturbation", p)
@@ -582,7 +581,7 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
                             f"share_beats_{reference} rows.")
 
     table = pd.concat([per_pert, pd.DataFrame(summary + all_rows)], ignore_index=True)
-    columns = [runner.SCORE_COLUMNS[0], "perturbation", *runner.SCORE_COLUMNS[1:]]
+    columns = [SCORE_COLUMNS[0], "perturbation", *SCORE_COLUMNS[1:]]
     info = {**infos[perts[0]],
             "embedding": next((infos[p]["embedding"] for p in perts if infos[p]["embedding"]), None),
             "notes": {name: [f"{p}: {note}" for p in perts for note in infos[p]["notes"].get(name, [])]

@@ -15,6 +15,8 @@ MODELS: dict[str, type[Model]] = {
     "additive": Additive,
 }
 
+Model.registry = MODELS  # what Model.load looks saved models up in (the same dict: registering here is enough)
+
 BASELINES = ("control", "mean_shift")
 #: the baselines added where combinations are predicted
 COMBINATION_BASELINES = ("additive",)

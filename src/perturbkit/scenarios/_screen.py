@@ -102,7 +102,7 @@ class ScreenScenario(Scenario):
 
     @classmethod
     def tables(cls, agg: Aggregation) -> dict[str, Any]:
-        from ..bench.screen import effects_table
+        from .screen_rows import effects_table
 
         effects = effects_table(agg.results)
         effects = effects[effects.scenario == cls.name]
@@ -113,7 +113,7 @@ class ScreenScenario(Scenario):
     @classmethod
     def figures(cls, agg: Aggregation, tables: dict[str, Any], metrics: list[str], save) -> None:
         from .. import pl
-        from ..bench.screen import per_perturbation
+        from .screen_rows import per_perturbation
 
         s = agg.summary
         mine = per_perturbation(s[(s.scenario == cls.name) & (s.model != "ceiling")])
@@ -137,8 +137,8 @@ class ScreenScenario(Scenario):
 
 
 def baseline_labels(cfg, present) -> dict[str, str]:
-    """:func:`perturbkit.bench.screen.reference_labels` of the baselines among the labels ``present``."""
-    from ..bench.screen import reference_labels
+    """:func:`perturbkit.scenarios.screen_rows.reference_labels` of the baselines among the labels ``present``."""
+    from .screen_rows import reference_labels
 
     present = set(present)
     return {name: label for name, label in reference_labels(cfg).items() if label in present}
@@ -146,7 +146,7 @@ def baseline_labels(cfg, present) -> dict[str, str]:
 
 def perturbation_table(summary, effects, scenario: str):
     """``perturbations.csv`` rows of one scenario (see the module docstring)."""
-    from ..bench.screen import per_perturbation
+    from .screen_rows import per_perturbation
 
     rows = per_perturbation(summary[summary.scenario == scenario]).copy()
     if rows.empty:
@@ -168,8 +168,8 @@ def screen_summary(agg: Aggregation, scenario: str):
     import numpy as np
     import pandas as pd
 
-    from ..bench.screen import ALL, MEAN, RESPONSIVE
-    from ..runner import t_interval
+    from .screen_rows import ALL, MEAN, RESPONSIVE
+    from ..metrics.stats import t_interval
 
     sc = agg.scores[agg.scores.scenario == scenario]
     if sc.empty:

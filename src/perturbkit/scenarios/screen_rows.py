@@ -6,7 +6,7 @@ per (perturbation, metric), and the cross-perturbation rows (``perturbation = "a
 ``discrimination_score``, ``pearson_delta_systema``). Here, per (scenario, split, seed):
 
 * ``perturbation = "mean"``: per (model, metric) the mean over the task's perturbations, with the Student-t
-  95 % interval over them (:func:`perturbkit.runner.t_interval`), ``_norm`` metrics included;
+  95 % interval over them (:func:`perturbkit.stats.t_interval`), ``_norm`` metrics included;
 * ``"mean_responsive"``: the same over the perturbations the effect test flagged (``effects`` of the task's
   ceiling cell, :func:`perturbkit.metrics.screen.effect_table`);
 * ``"all"`` / ``share_beats_<baseline>``: per model, the share of the task's perturbations where its
@@ -84,7 +84,7 @@ def screen_rows(scores, responsive: dict[tuple[str, str, int], set[str]], labels
     import numpy as np
     import pandas as pd
 
-    from ..runner import t_interval
+    from ..metrics.stats import t_interval
 
     per = per_perturbation(scores)
     rows: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@
    cells) (:func:`.study.validation_tasks`);
 4. an Optuna study (:mod:`.study`: TPE sampler, seeded; median pruner on per-epoch validation scores of
    models that train) samples the model's parameters from the space; each trial fits on the validation task's
-   training cells (:func:`perturbkit.runner.fit_predict`) and is scored with ``[tune] metric`` on the
+   training cells (:func:`perturbkit.engine.fit_predict`) and is scored with ``[tune] metric`` on the
    validation context's perturbed cells;
 5. the best parameters and the default parameters (the model's own with its table's applied) are both
    retrained on the real task for every seed of ``seeds`` and scored on the real held-out target with the
@@ -46,7 +46,8 @@ __all__ = ["ALIASES", "OLD_KEYS", "RECORD_KIND", "Dim", "PrunerConfig", "Sampler
 
 def run(config: TuneConfig | str | Path, out: str | Path, *, trials: int | None = None,
         storage: str | None = None, study: str | None = None, worker: int = 0, worker_only: bool = False,
-        threads: int | None = None, progress: bool = True, log=print, command: str | None = None,
+        threads: int | None = None, device: str | None = None, progress: bool = True, log=print,
+        command: str | None = None,
         config_text: str | None = None) -> dict[str, Any]:
     """Run (or continue) a study and, unless ``worker_only``, evaluate its best parameters; return the
     record.
@@ -70,6 +71,9 @@ def run(config: TuneConfig | str | Path, out: str | Path, *, trials: int | None 
         only run trials and return the worker's summary (also written to ``out/workers/worker-N.json``).
     threads
         torch CPU threads (default ``[training] threads``, else torch's).
+    device
+        where the models train and predict (default ``[training] device``, else ``"auto"``; see
+        :func:`perturbkit.execution.resolve`).
     progress, log
         a progress bar; where progress lines go.
     command
@@ -84,16 +88,18 @@ def run(config: TuneConfig | str | Path, out: str | Path, *, trials: int | None 
 
         warnings.filterwarnings("ignore", category=ExperimentalWarning)  # heartbeat, fail_stale_trials
         return _run(config, out, trials=trials, storage=storage, study=study, worker=worker,
-                    worker_only=worker_only, threads=threads, progress=progress, log=log, command=command,
+                    worker_only=worker_only, threads=threads, device=device, progress=progress, log=log,
+                    command=command,
                     config_text=config_text)
 
 
-def _run(config, out, *, trials, storage, study, worker, worker_only, threads, progress, log, command,
+def _run(config, out, *, trials, storage, study, worker, worker_only, threads, device, progress, log, command,
          config_text):
     import numpy as np
     import optuna
 
-    from .. import data, models, runner, split
+    from .. import _io, data, execution, models, split
+    from .. import record as rec
     from .._io import atomic_write_text
     from ..config import plain
     from . import final
@@ -107,21 +113,21 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
         raise InputError(f"--trials must be an integer >= 0, got {n_total!r}.")
     if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
         raise InputError(f"--worker must be an integer >= 0, got {worker!r}.")
-    threads = cfg.training.threads if threads is None else threads
-    runner.check_threads(threads, "--threads")
+    execution.check_threads(threads, "--threads")
+    ex = cfg.training.execution(threads=threads, device=device)  # a device that is not there: the error now
     t_start = time.time()
     timings: dict[str, float] = {}
     out = Path(out)
-    runner.check_out(out, accepts=final.accepts_out(cfg))
+    _io.check_out(out, accepts=final.accepts_out(cfg))
     out.mkdir(parents=True, exist_ok=True)
     url = storage_url(storage, out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     t = time.perf_counter()
     adata, digest, source_desc = cfg.data.load()
-    cfg.spec.validate(adata, holdout=cfg.tune.holdout)
+    data.validate(adata, cfg.spec, holdout=cfg.tune.holdout)
     adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
-    task = split.holdout_cell_type(adata, cfg.spec, cfg.tune.holdout)
+    task = split.holdout_context(adata, cfg.spec, cfg.tune.holdout)
     train = adata[task.train].copy()
     tasks = validation_tasks(train, cfg.spec, cfg)
     for vname, vsplit in tasks:  # true by construction; checked because it is the promise of this module
@@ -138,18 +144,18 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
     st = open_study(cfg, url, name, digest, worker=worker)
     log(f"study {name!r} in {redact(url)}: {counted(st)} trials so far, running to {n_total} "
         f"({cfg.direction} {cfg.tune.metric})")
-    with runner.torch_threads(threads, active=models.MODELS[cfg.name].needs_torch) as n_threads:
+    with ex.activate(torch_used=models.MODELS[cfg.name].needs_torch) as n_threads:
         t = time.perf_counter()
-        ran = optimize(st, Objective(cfg, train, tasks, threads=threads, worker=worker, log=log), n_total, log=log,
+        ran = optimize(st, Objective(cfg, train, tasks, execution=ex, worker=worker, log=log), n_total, log=log,
                        progress=progress)
         timings["trials_s"] = time.perf_counter() - t
         worker_info = {"worker": worker, "study": name, "storage": redact(url), "trials": ran,
                        "seconds": timings["trials_s"], "sampler_seed": cfg.tune.seed + worker}
         if worker_only or ran:  # a results-only run (no trial left to run) must not replace a worker's record
-            atomic_write_text(out / "workers" / f"worker-{worker}.json", runner.to_json(worker_info))
+            atomic_write_text(out / "workers" / f"worker-{worker}.json", _io.to_json(worker_info))
         if worker_only:
             return worker_info
-        parts = final.results(cfg, st, out, adata, task, threads=threads, timings=timings, log=log,
+        parts = final.results(cfg, st, out, adata, task, execution=ex, timings=timings, log=log,
                               progress=progress)
 
     if config_text is not None:
@@ -160,11 +166,11 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
         "kind": RECORD_KIND,
         "config": cfg.to_dict(),
         "command": command,
-        "started": runner.stamp(t_start),
-        "ended": runner.stamp(),
-        "versions": runner.versions(extra=("optuna", "sqlalchemy")),
+        "started": rec.stamp(t_start),
+        "ended": rec.stamp(),
+        "versions": rec.versions(extra=("optuna", "sqlalchemy")),
         "determinism": {
-            "seed": ts.seed, "torch_threads": n_threads,
+            "seed": ts.seed, "torch_threads": n_threads, "execution": ex.describe(),
             "note": "one worker: the same config, seed, thread count and library versions give the same "
                     "trials. Several workers: the order in which trials finish depends on timing, so the "
                     "study differs between runs; each worker's sampler is seeded with seed + worker.",
@@ -188,7 +194,7 @@ def _run(config, out, *, trials, storage, study, worker, worker_only, threads, p
         "timings": timings,
         "outputs": {o: data.sha256(out / o) for o in parts["outputs"]},
     }
-    atomic_write_text(out / "record.json", runner.to_json(record))
+    atomic_write_text(out / "record.json", _io.to_json(record))
     final.write_crate(out, record)
     return record
 

@@ -23,7 +23,7 @@ SQLITE_SUFFIXES = (".db", ".db-journal", ".db-wal", ".db-shm")
 
 
 def accepts_out(cfg: TuneConfig):
-    """``accepts(out, entries)`` for :func:`perturbkit.runner.check_out`: a tuning run of the same model (or
+    """``accepts(out, entries)`` for :func:`perturbkit._io.check_out`: a tuning run of the same model (or
     the study and worker files it starts with)."""
     from .._io import read_json
 
@@ -58,37 +58,45 @@ def best_document(cfg: TuneConfig, study) -> dict[str, Any]:
             "default_params": models.get(cfg.name, **cfg.params).params}
 
 
-def evaluate_configs(adata, task, cfg: TuneConfig, configs: dict[str, dict], *, threads: int | None = None,
+def evaluate_configs(adata, task, cfg: TuneConfig, configs: dict[str, dict], *, execution=None,
                      log=print, progress: bool = True):
     """Retrain each parameter set on the real task for every seed of ``seeds``; score them with the baselines
     and the ceiling.
 
     Returns the tidy table (``model, config, seed, metric, value, ci_low, ci_high, higher_is_better, error``;
-    ``model`` is e.g. ``scgen:tuned``) and fit details per (config, seed).
+    ``model`` is e.g. ``scgen:tuned``) and fit details per (config, seed). In a screen each score is the mean
+    over the task's perturbations (:func:`perturbkit.metrics.evaluate_screen`'s ``mean`` rows).
     """
     import pandas as pd
 
-    from .. import models
-    from ..runner import fit_predict, score
+    from .. import engine, models
+    from ..metrics import evaluate_screen
 
     train, source, target = task.subsets(adata)
+    perts = engine.task_perturbations(task, cfg.spec)
     names = cfg.evaluation.metric_names()
     baselines = models.BASELINES if cfg.evaluation.baselines else ()
-    base_preds = {b: fit_predict(models.get(b), train, source, cfg.spec, seed=0).pred for b in baselines}
+    base_preds = {b: engine.fit_predict(models.get(b), train, source, cfg.spec, perts, seed=0,
+                                        execution=execution).pred(perts) for b in baselines}
     tables, fits = [], {}
     for seed in cfg.seeds:
         preds = {}
         for label, params in configs.items():
             model = models.get(cfg.name, **params)
-            done = fit_predict(model, train, source, cfg.spec, seed=seed, threads=threads, progress=progress)
-            preds[f"{cfg.label}:{label}"] = done.pred
+            done = engine.fit_predict(model, train, source, cfg.spec, perts, seed=seed, execution=execution,
+                                      progress=progress)
+            preds[f"{cfg.label}:{label}"] = done.pred(perts)
             history = getattr(model, "history", None)
             seconds = done.timings["fit_s"] + done.timings["predict_s"]
             fits[f"{label}:seed{seed}"] = {"seconds": round(seconds, 3),
                                            "epochs_run": history.epochs_run if history is not None else None}
             log(f"final {label} seed {seed}: fit {done.timings['fit_s']:.0f} s")
         preds.update(base_preds)
-        tab, _ = score(target, source, preds, names, n_boot=cfg.evaluation.n_boot, seed=seed)
+        tab, _ = evaluate_screen(target, preds, source, condition_key=cfg.spec.condition_key, metric_names=names,
+                                 n_boot=cfg.evaluation.n_boot, seed=seed)
+        if len(perts) > 1:  # the means over the perturbations
+            tab = tab[tab.perturbation == "mean"]
+        tab = tab.drop(columns="perturbation").reset_index(drop=True)
         tab.insert(1, "seed", seed)
         tables.append(tab)
     out = pd.concat(tables, ignore_index=True)
@@ -102,7 +110,7 @@ def summarise_seeds(scores, *, ci: float = 0.95):
     import numpy as np
     import pandas as pd
 
-    from ..runner import t_interval
+    from ..metrics.stats import t_interval
 
     rows = []
     for (model, metric), g in scores.groupby(["model", "metric"], sort=False):
@@ -126,7 +134,7 @@ def headline(cfg: TuneConfig) -> list[str]:
 def write_figures(out: Path, trials_df, inter_df, imp_df, final, cfg: TuneConfig) -> list[str]:
     """history.png, intermediate.png, importance.png, final.png; returns the names written."""
     from .. import pl
-    from ..runner import write_png
+    from .._io import write_png
 
     metric = cfg.tune.metric
     figs = {
@@ -140,7 +148,7 @@ def write_figures(out: Path, trials_df, inter_df, imp_df, final, cfg: TuneConfig
     return list(figs)
 
 
-def results(cfg: TuneConfig, study, out: Path, adata, task, *, threads: int | None, timings: dict[str, float],
+def results(cfg: TuneConfig, study, out: Path, adata, task, *, execution, timings: dict[str, float],
             log=print, progress: bool = True) -> dict[str, Any]:
     """Write the tables of the study, the best parameters, their importance, the final retraining and the
     figures into ``out``; returns the record's parts (states, best, importance, final, outputs)."""
@@ -148,7 +156,7 @@ def results(cfg: TuneConfig, study, out: Path, adata, task, *, threads: int | No
     from optuna.trial import TrialState
 
     from .._io import atomic_write_text
-    from ..runner import to_json, write_csv
+    from .._io import to_json, write_csv
     from .study import intermediate_table, param_importance, trials_table
 
     states = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
@@ -181,7 +189,7 @@ def results(cfg: TuneConfig, study, out: Path, adata, task, *, threads: int | No
 
     t = time.perf_counter()
     configs = {"tuned": best["params"], "default": dict(cfg.params)}
-    final, fit_info = evaluate_configs(adata, task, cfg, configs, threads=threads, log=log, progress=progress)
+    final, fit_info = evaluate_configs(adata, task, cfg, configs, execution=execution, log=log, progress=progress)
     timings["final_s"] = time.perf_counter() - t
     write_csv(out / "final_scores.csv", final)
     write_csv(out / "final_summary.csv", summarise_seeds(final))

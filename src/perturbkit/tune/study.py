@@ -26,7 +26,8 @@ def validation_contexts(train, spec: PerturbSpec, cfg: TuneConfig) -> list[str]:
     v, holdout = cfg.tune.validation, cfg.tune.holdout
     cond = train.obs[spec.condition_key].astype(str).to_numpy()
     ctx = train.obs[spec.context_key].astype(str).to_numpy()
-    n_pert = {c: int(((ctx == c) & (cond == spec.perturbed)).sum()) for c in np.unique(ctx)}
+    perturbed = np.isin(cond, spec.perturbations(train))  # the requested perturbations (one, or a screen's)
+    n_pert = {c: int(((ctx == c) & perturbed).sum()) for c in np.unique(ctx)}
     n_ctrl = {c: int(((ctx == c) & (cond == spec.control)).sum()) for c in np.unique(ctx)}
     if v.contexts:
         for c in v.contexts:
@@ -57,7 +58,7 @@ def validation_tasks(train, spec: PerturbSpec, cfg: TuneConfig):
     with warnings.catch_warnings():  # the real held-out context has control cells only here, by construction
         only = rf"context\(s\) {re.escape(repr(cfg.tune.holdout))} \(\w+ only\) "
         warnings.filterwarnings("ignore", message=only, category=InputWarning)
-        return [(c, split.holdout_cell_type(train, spec, c)) for c in validation_contexts(train, spec, cfg)]
+        return [(c, split.holdout_context(train, spec, c)) for c in validation_contexts(train, spec, cfg)]
 
 
 # ----------------------------------------------------------------------------------------------- storage
@@ -157,9 +158,24 @@ class Objective:
     the first validation task; other models are scored once.
     """
 
-    def __init__(self, cfg: TuneConfig, train, tasks, *, threads: int | None = None, worker: int = 0, log=print):
-        self.cfg, self.log, self.threads, self.worker = cfg, log, threads, worker
-        self.tasks = [(name, *split.subsets(train)) for name, split in tasks]
+    def __init__(self, cfg: TuneConfig, train, tasks, *, execution=None, worker: int = 0, log=print):
+        from .. import engine
+
+        self.cfg, self.log, self.execution, self.worker = cfg, log, execution, worker
+        self.tasks = [(name, engine.task_perturbations(split, cfg.spec), *split.subsets(train))
+                      for name, split in tasks]
+
+    def score(self, vtarget, preds: dict, vsource) -> float:
+        """The objective on one validation task: ``[tune] metric`` of each perturbation's prediction against
+        its real cells, averaged over the task's perturbations (one, or a screen's)."""
+        import numpy as np
+
+        from ..metrics import score_one
+
+        cond = vtarget.obs[self.cfg.spec.condition_key].astype(str).to_numpy()
+        values = [score_one(self.cfg.tune.metric, vtarget if len(preds) == 1 else vtarget[cond == p], pred,
+                            vsource, seed=self.cfg.tune.seed) for p, pred in preds.items()]
+        return float(np.mean(values))
 
     def decides(self, epoch: int, last: int | None) -> bool:
         """Whether the pruner can act after ``epoch`` (scores are computed only then; never after the
@@ -167,12 +183,10 @@ class Objective:
         w, step = self.cfg.tune.pruner.n_warmup_steps, max(self.cfg.tune.pruner.interval_steps, 1)
         return epoch >= w and (epoch - w) % step == 0 and (last is None or epoch < last)
 
-    def pruning_callback(self, trial, model, vsource, vtarget, t0: float):
+    def pruning_callback(self, trial, model, perts, vsource, vtarget, t0: float):
         """``callback(epoch, history)`` for ``model.fit``: score, report, maybe prune after deciding
         epochs."""
         import optuna
-
-        from ..runner import score_one
 
         cfg, last = self.cfg, model.params.get("epochs")
         metric = cfg.tune.metric
@@ -180,7 +194,7 @@ class Objective:
         def callback(epoch, history):
             if not self.decides(epoch, last):
                 return False
-            value = score_one(metric, vtarget, model.predict(vsource), vsource, seed=cfg.tune.seed)
+            value = self.score(vtarget, {p: model.predict(vsource, p) for p in perts}, vsource)
             if math.isfinite(value):
                 trial.report(value, epoch)
             if trial.should_prune():
@@ -195,8 +209,7 @@ class Objective:
         import numpy as np
         import optuna
 
-        from .. import models
-        from ..runner import fit_predict, score_one
+        from .. import engine, models
 
         cfg = self.cfg
         metric = cfg.tune.metric
@@ -206,13 +219,15 @@ class Objective:
         t0 = time.perf_counter()
         values, epochs = [], []
         try:
-            for k, (name, vtrain, vsource, vtarget) in enumerate(self.tasks):
+            for k, (name, perts, vtrain, vsource, vtarget) in enumerate(self.tasks):
                 model = models.get(cfg.name, **params)
                 prunes = k == 0 and cfg.tune.pruner.kind != "none" and model.needs_torch
-                callback = self.pruning_callback(trial, model, vsource, vtarget, t0) if prunes else None
-                fitted = fit_predict(model, vtrain, vsource, cfg.spec, seed=cfg.tune.seed,
-                                     threads=self.threads, callback=callback)
-                value = score_one(metric, vtarget, fitted.pred, vsource, seed=cfg.tune.seed)
+                callback = self.pruning_callback(trial, model, perts, vsource, vtarget, t0) if prunes else None
+                fitted = engine.fit_predict(model, vtrain, vsource, cfg.spec, perts, seed=cfg.tune.seed,
+                                            execution=self.execution, callback=callback)
+                if fitted.cannot:
+                    raise InputError(f"validation task {name!r}: " + "; ".join(fitted.cannot.values()))
+                value = self.score(vtarget, fitted.preds, vsource)
                 values.append(value)
                 history = getattr(model, "history", None)
                 epochs.append(history.epochs_run if history is not None else None)
