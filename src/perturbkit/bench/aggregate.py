@@ -132,7 +132,8 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
         raise InputError(f"the finished cells were computed from different input data (sha256 "
                          f"{sorted(shas)}); start a new run directory.")
     t0 = time.perf_counter()
-    scores = tidy_scores(raw, control_label(cfg), screen=not ctx.spec.single,
+    several = len(ctx.spec.perturbations(ctx.data())) > 1  # a screen of one has no rows over perturbations
+    scores = tidy_scores(raw, control_label(cfg), screen=several,
                          responsive=responsive_sets(results), references=reference_labels(cfg))
     summary = summarise(scores)
     written = []
