@@ -40,10 +40,8 @@ def test_a_missing_device_is_one_clear_error(device):
         execution.resolve(device)
 
 
-@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", 3, None and "x"])
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", 3])
 def test_a_malformed_device_names_the_choices(bad):
-    if bad is None:
-        return
     with pytest.raises(InputError, match="device must be one of 'auto', 'cpu'"):
         execution.resolve(bad)
 
