@@ -1,10 +1,26 @@
-"""One plain training loop: mini-batches densified one at a time, seeded, early stopping, progress bar, history."""
+"""One plain training loop: mini-batches densified one at a time, seeded, early stopping, progress bar, history.
+
+The loop runs on the device of an execution context (:mod:`perturbkit.execution`; the CPU by default). On the
+CPU it is the plain loop it always was (byte-identical results for the same seed and thread count). On a GPU:
+
+- the whole training matrix lives on the device when it is dense and fits (``RESIDENT_FRACTION`` of the free
+  memory), and batches are gathered there; otherwise (sparse or too large) a background thread densifies each
+  host batch, pins it (CUDA) and the step copies it without blocking (``non_blocking=True``);
+- the training loss is summed on the device (float64; float32 on mps, which has no float64) and read once per
+  epoch, the validation loss once per epoch: no ``.item()`` inside the step loop;
+- on CUDA with ``execution.graphs``, full batches replay the training step (forward, backward, gradient
+  clipping, Adam with ``capturable=True``) from a captured CUDA graph after ``GRAPH_WARMUP`` eager steps on a
+  side stream; the last, partial batch of an epoch runs eagerly. ``History.cuda_graphs`` says whether a graph
+  was used.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import math
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -13,6 +29,15 @@ import scipy.sparse as sp
 import torch
 
 from ._vae import VAE
+
+#: a dense training matrix moves to a CUDA device when it takes at most this share of the free device memory
+RESIDENT_FRACTION = 0.5
+#: ... and to an mps device when it takes at most this many bytes (memory shared with the host)
+RESIDENT_MPS_BYTES = 2**30
+#: host batches the prefetch thread prepares ahead of the step
+PREFETCH_DEPTH = 4
+#: eager steps (on the capture's side stream) before the training step is captured in a CUDA graph
+GRAPH_WARMUP = 3
 
 
 @dataclass(frozen=True)
@@ -51,6 +76,11 @@ class History:
     monitor: str = "training loss"  # the loss early stopping and the still-falling rule watch
     #: True when training ran out of epochs or steps while the monitored loss was still falling (still_falling)
     still_falling: bool = False
+    device: str = "cpu"  # the execution context's device the module trained on
+    #: where the training batches came from: "host" (the CPU: each batch cut from the matrix in the loop),
+    #: "device" (the whole matrix resident on the device) or "prefetch" (host batches prepared on a thread)
+    batches: str = "host"
+    cuda_graphs: bool = False  # whether full batches replayed a captured CUDA graph of the training step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,31 +144,222 @@ class Rows:
         for i in range(0, len(self), size):
             yield self.slice(i, i + size)
 
+    def device_chunks(self, size: int, execution=None):
+        """:meth:`chunks` on the device of ``execution`` (None: the CPU, where this is :meth:`chunks` itself).
+
+        Off the CPU each block is densified on a background thread (pinned on CUDA) while the caller works on the
+        previous one, and copied without blocking."""
+        ex = _execution(execution)
+        if ex.kind == "cpu":
+            yield from self.chunks(size)
+            return
+        with contextlib.closing(prefetched(lambda i: self.slice(i, i + size), range(0, len(self), size),
+                                           ex)) as blocks:
+            yield from blocks
+
+
+def _execution(execution):
+    """``execution``, or the CPU context where it is None."""
+    if execution is None:
+        from ..execution import CPU
+
+        return CPU
+    return execution
+
+
+def accumulator_dtype(execution) -> torch.dtype:
+    """The dtype losses are summed in on the device: float64, or float32 on mps (which has no float64)."""
+    return torch.float32 if _execution(execution).kind == "mps" else torch.float64
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Prefetcher:
+    """``make(key)`` for each key, computed on a background thread at most ``depth`` ahead of the consumer (and
+    pinned when ``pin``). Iterating yields them in order; :meth:`close` stops the thread early."""
+
+    _END = object()
+
+    def __init__(self, make, keys, *, pin: bool, depth: int = PREFETCH_DEPTH):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(make, keys, pin), daemon=True,
+                                        name="perturbkit-prefetch")
+        self._thread.start()
+
+    def _run(self, make, keys, pin: bool) -> None:
+        try:
+            for key in keys:
+                if self._stop.is_set():
+                    return
+                x = make(key)
+                self._put(x.pin_memory() if pin else x)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(_Failed(exc))
+            return
+        self._put(self._END)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._END:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def prefetched(make, keys, execution):
+    """The tensors ``make(key)`` (host tensors) for each key, on the device of ``execution``: made on a
+    background thread, pinned on CUDA and copied with ``non_blocking=True``, so the caller's device work never
+    waits for the host. A generator: close it (``contextlib.closing``) when leaving it early."""
+    ex = _execution(execution)
+    dev = ex.torch_device
+    pre = _Prefetcher(make, keys, pin=ex.pin_memory)
+    try:
+        for host in pre:
+            yield host.to(dev, non_blocking=ex.pin_memory)
+    finally:
+        pre.close()
+
+
+def to_device(x: torch.Tensor, execution) -> torch.Tensor:
+    """``x`` on the device of ``execution`` (the same tensor where it is there already)."""
+    ex = _execution(execution)
+    if ex.kind == "cpu" and x.device.type == "cpu":
+        return x
+    if ex.pin_memory and x.device.type == "cpu":
+        return x.pin_memory().to(ex.torch_device, non_blocking=True)
+    return x.to(ex.torch_device)
+
+
+def resident(rows: Rows, execution) -> torch.Tensor | None:
+    """The whole matrix of ``rows`` on the device of ``execution`` when it is dense and fits (see
+    ``RESIDENT_FRACTION``, ``RESIDENT_MPS_BYTES``); None on the CPU, for sparse data, or when it does not fit."""
+    ex = _execution(execution)
+    if ex.kind == "cpu" or not isinstance(rows.X, torch.Tensor):
+        return None
+    nbytes = rows.X.numel() * rows.X.element_size()
+    if ex.is_cuda:
+        free, _ = torch.cuda.mem_get_info(ex.torch_device)
+        fits = nbytes <= RESIDENT_FRACTION * free
+    else:
+        fits = nbytes <= RESIDENT_MPS_BYTES
+    return rows.X.to(ex.torch_device) if fits else None
+
 
 #: validation sets up to this many cells are scored in one pass; larger ones chunk by chunk (bounded memory)
 VAL_CHUNK = 16384
 
 
-def _val_loss(module: VAE, rows: Rows, idx: torch.Tensor) -> float:
+def _val_loss(module: VAE, rows: Rows, idx: torch.Tensor, execution=None, *, on_device=None,
+              cached: torch.Tensor | None = None) -> float:
     """Mean validation loss (posterior means, no noise) of the rows ``idx``: one pass, or the cell-weighted mean
-    over chunks of VAL_CHUNK cells for larger sets."""
+    over chunks of VAL_CHUNK cells for larger sets (summed on the device, read once).
+
+    ``on_device``: the whole matrix resident on the device (:func:`resident`), else rows are densified on the
+    host and copied; ``cached``: the rows ``idx`` already on the device (one pass only)."""
+    ex = _execution(execution)
+
+    def block(part):
+        if on_device is not None:
+            return on_device.index_select(0, to_device(part, ex))
+        return to_device(rows.take(part), ex)
+
     if len(idx) <= VAL_CHUNK:
-        return module.loss(rows.take(idx), sample=False).loss.item()
-    total = 0.0
+        return module.loss(cached if cached is not None else block(idx), sample=False).loss.item()
+    total = torch.zeros((), dtype=accumulator_dtype(ex), device=ex.torch_device)
     for i in range(0, len(idx), VAL_CHUNK):
         part = idx[i:i + VAL_CHUNK]
-        total += module.loss(rows.take(part), sample=False).loss.item() * len(part)
-    return total / len(idx)
+        total += module.loss(block(part), sample=False).loss.detach().to(total.dtype) * len(part)
+    return total.item() / len(idx)
+
+
+class _Stepper:
+    """One training step of ``module`` on a device batch: eager, or (CUDA with graphs) replayed from a captured
+    CUDA graph for full batches. The loss of every step, times its batch size, is added to ``acc`` on the
+    device."""
+
+    def __init__(self, module: VAE, opt, cfg: TrainConfig, ex, acc: torch.Tensor, *, graphs: bool, batch: int):
+        self.module, self.opt, self.cfg, self.ex, self.acc = module, opt, cfg, ex, acc
+        self.graphs, self.batch = graphs, batch
+        self.graph = None
+        self.static_x = None
+        self.warm = 0
+        self._keep: list = []
+        self.stream = torch.cuda.Stream(device=ex.torch_device) if graphs else None
+
+    def _body(self, xb: torch.Tensor, *, zero_grad: bool) -> None:
+        with _autocast(self.cfg.precision, self.ex.kind, cache=not self.graphs):
+            out = self.module.loss(xb)
+        if zero_grad:
+            self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip, foreach=True)
+        self.opt.step()
+        self.acc += out.loss.detach().to(self.acc.dtype) * xb.shape[0]
+
+    def __call__(self, xb: torch.Tensor) -> None:
+        if not self.graphs or xb.shape[0] != self.batch:
+            self._body(xb, zero_grad=True)
+        elif self.graph is not None:
+            self.static_x.copy_(xb, non_blocking=True)
+            self.graph.replay()
+        elif self.warm < GRAPH_WARMUP:  # eager steps on the capture stream (PyTorch's CUDA graphs notes)
+            current = torch.cuda.current_stream(self.ex.torch_device)
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                self._body(xb, zero_grad=True)
+            current.wait_stream(self.stream)
+            self.warm += 1
+        else:
+            self._capture(xb)
+            self.graph.replay()  # capturing runs nothing: this replay is the step of this batch
+
+    def _capture(self, xb: torch.Tensor) -> None:
+        self.static_x = torch.empty_like(xb)
+        self.static_x.copy_(xb)
+        self.opt.zero_grad(set_to_none=True)  # backward inside the capture allocates .grad in the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            self._body(self.static_x, zero_grad=False)
+        self.graph = graph
+        # the replays write these gradients; keep them referenced while eager steps set .grad anew
+        self._keep = [p.grad for p in self.module.parameters()]
+
+    def close(self) -> None:
+        self.graph, self.static_x, self._keep = None, None, []
 
 
 def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = True,
-              desc: str = "training", callback=None) -> History:
+              desc: str = "training", callback=None, execution=None) -> History:
     """Train ``module`` on the rows of ``X`` (a :class:`Rows`, or any matrix it takes) in place and return its
     history.
 
-    All randomness (validation split, shuffling, dropout, reparameterisation noise) is drawn from torch's RNG
-    inside ``torch.random.fork_rng`` seeded with ``seed``, so the caller's global RNG state is untouched and
-    the same seed and thread count give the same weights.
+    ``execution``: the :class:`~perturbkit.execution.Execution` to train in (None: the CPU). The module is moved
+    to its device; the precision is ``execution.precision_for(cfg.precision)`` resolved by
+    :func:`resolve_precision` for that device.
+
+    All randomness (validation split, shuffling, dropout, reparameterisation noise) is drawn from torch's RNGs
+    inside ``execution.seeded(seed)`` (one ``torch.random.fork_rng`` over the CPU's and the device's generators),
+    so the caller's RNG state is untouched and the same seed and thread count give the same weights on the CPU.
+    The split and the shuffles come from the CPU generator on every device.
 
     ``callback(epoch, history)``, if given, is called after every epoch (``epoch`` counts from 1) with the
     module in eval mode; returning True stops training (``history.stopped_early``), an exception propagates.
@@ -146,52 +367,60 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
     """
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {cfg.precision!r}")
+    ex = _execution(execution)
+    dev = ex.torch_device
+    on_cpu = ex.kind == "cpu"
     rows = Rows(X)
     n = len(rows)
-    hist = History(precision=resolve_precision(cfg.precision))
+    hist = History(precision=resolve_precision(ex.precision_for(cfg.precision), ex), device=ex.device)
     cfg = TrainConfig(**{**cfg.to_dict(), "precision": hist.precision})
     t0 = time.perf_counter()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    module.to(dev)
+    stepper = None
+    with ex.seeded(seed):
         perm = torch.randperm(n)
         n_val = int(round(n * cfg.val_fraction)) if cfg.val_fraction > 0 and n >= 20 else 0
         val_idx, tr_idx = perm[:n_val], perm[n_val:]
         n_tr = len(tr_idx)
         hist.n_train, hist.n_val = n_tr, n_val
         hist.monitor = "validation loss" if n_val else "training loss"
-        opt = _adam(module, cfg)
         bs = max(2, min(cfg.batch_size, n_tr))
         n_batches = n_tr // bs + (1 if n_tr % bs >= 2 else 0)  # a 1-cell batch breaks BN
+        graphs = bool(ex.is_cuda and ex.graphs and n_tr >= bs)
+        opt = _adam(module, cfg, capturable=graphs)
+        on_device = resident(rows, ex)
+        hist.batches = "host" if on_cpu else "device" if on_device is not None else "prefetch"
+        val_x = None
+        if n_val and not on_cpu and n_val <= VAL_CHUNK:  # the validation cells copied once
+            val_x = (on_device.index_select(0, to_device(val_idx, ex)) if on_device is not None
+                     else to_device(rows.take(val_idx), ex))
+        acc = torch.zeros((), dtype=accumulator_dtype(ex), device=dev)
+        stepper = _Stepper(module, opt, cfg, ex, acc, graphs=graphs, batch=bs)
         best, best_state, bad = math.inf, None, 0
         bar = _bar(cfg.epochs, desc, progress)
         for epoch in range(cfg.epochs):
             module.train()
             order = torch.randperm(n_tr)
-            total, seen = 0.0, 0
-            for b in range(n_batches):
-                if cfg.max_steps is not None and hist.steps >= cfg.max_steps:
-                    hist.stop_reason = "max_steps"
-                    break
-                xb = rows.take(tr_idx[order[b * bs:(b + 1) * bs]])
-                with _autocast(cfg.precision):
-                    out = module.loss(xb)
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip, foreach=True)
-                opt.step()
-                hist.steps += 1
-                total += out.loss.item() * xb.shape[0]
-                seen += xb.shape[0]
+            acc.zero_()
+            seen = 0
+            with contextlib.closing(_batches(rows, tr_idx, order, bs, n_batches, ex, on_device)) as batches:
+                for _ in range(n_batches):
+                    if cfg.max_steps is not None and hist.steps >= cfg.max_steps:
+                        hist.stop_reason = "max_steps"
+                        break
+                    xb = next(batches)
+                    stepper(xb)
+                    hist.steps += 1
+                    seen += xb.shape[0]
             if not seen:  # max_steps reached at the end of the previous epoch
                 break
-            hist.train_loss.append(total / (seen if hist.stop_reason == "max_steps" else n_tr))
+            hist.train_loss.append(acc.item() / (seen if hist.stop_reason == "max_steps" else n_tr))
             hist.epochs_run = epoch + 1
             monitor = hist.train_loss[-1]
             if n_val:
                 module.eval()
                 with torch.no_grad():
-                    monitor = _val_loss(module, rows, val_idx)
+                    monitor = _val_loss(module, rows, val_idx, ex, on_device=on_device, cached=val_x)
                 hist.val_loss.append(monitor)
             if monitor < best - cfg.min_delta:
                 best, bad, hist.best_epoch = monitor, 0, epoch + 1
@@ -204,7 +433,7 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
                 bar.update(1)
             if callback is not None:
                 module.eval()
-                with torch.random.fork_rng(devices=[]):
+                with torch.random.fork_rng(devices=ex.fork_devices()):
                     if callback(epoch + 1, hist):
                         hist.stopped_early, hist.stop_reason = True, "callback"
                         break
@@ -215,6 +444,8 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
                 break
         if bar is not None:
             bar.close()
+        hist.cuda_graphs = stepper.graph is not None
+        stepper.close()  # the graph is released inside the fork of the RNGs it advanced
         if best_state is not None:
             module.load_state_dict(best_state)
     if hist.stop_reason in ("epochs", "max_steps"):
@@ -222,6 +453,23 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
     module.eval()
     hist.seconds = time.perf_counter() - t0
     return hist
+
+
+def _batches(rows: Rows, tr_idx: torch.Tensor, order: torch.Tensor, bs: int, n_batches: int, ex, on_device):
+    """The training batches of one epoch (``tr_idx[order]`` cut in ``bs`` rows) on the device of ``ex``."""
+    if ex.kind == "cpu":  # the plain loop: each batch cut from the host matrix when the step wants it
+        for b in range(n_batches):
+            yield rows.take(tr_idx[order[b * bs:(b + 1) * bs]])
+        return
+    epoch_idx = tr_idx[order]
+    if on_device is not None:  # one copy of the epoch's indices; batches gathered on the device
+        ids = to_device(epoch_idx, ex)
+        for b in range(n_batches):
+            yield on_device.index_select(0, ids[b * bs:(b + 1) * bs])
+        return
+    with contextlib.closing(prefetched(lambda b: rows.take(epoch_idx[b * bs:(b + 1) * bs]), range(n_batches),
+                                       ex)) as blocks:
+        yield from blocks
 
 
 PRECISIONS = ("float32", "bfloat16", "auto")
@@ -243,23 +491,33 @@ def native_bf16() -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
-    """``"auto"``: ``"bfloat16"`` where :func:`native_bf16`, else ``"float32"``; other values unchanged."""
+def resolve_precision(precision: str, execution=None) -> str:
+    """``"auto"``: on CUDA ``"bfloat16"`` where ``torch.cuda.is_bf16_supported()``, on mps ``"float32"``, on the
+    CPU ``"bfloat16"`` where :func:`native_bf16`; else ``"float32"``. Other values unchanged."""
     if precision == "auto":
+        ex = _execution(execution)
+        if ex.is_cuda:
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        if ex.kind == "mps":
+            return "float32"
         return "bfloat16" if native_bf16() else "float32"
     return precision
 
 
-def _autocast(precision: str):
-    """bfloat16 autocast of the forward pass (weights, gradients and Adam state stay float32), or a no-op."""
+def _autocast(precision: str, device_type: str = "cpu", *, cache: bool = True):
+    """bfloat16 autocast of the forward pass on ``device_type`` (weights, gradients and Adam state stay float32),
+    or a no-op. ``cache=False`` inside a CUDA graph capture (autocast's cast cache must not outlive it)."""
     if precision == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
-def _adam(module: VAE, cfg: TrainConfig) -> torch.optim.Adam:
-    """Adam with the fused CPU kernel where torch has it (>= 2.4): 2-3x faster steps than the per-tensor loop."""
+def _adam(module: VAE, cfg: TrainConfig, *, capturable: bool = False) -> torch.optim.Adam:
+    """Adam with the fused kernel where torch has it (>= 2.4 on the CPU): 2-3x faster steps than the per-tensor
+    loop. ``capturable=True`` keeps its step counts on the device, for a step captured in a CUDA graph."""
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    if capturable:
+        kwargs["capturable"] = True
     try:
         return torch.optim.Adam(module.parameters(), fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):

@@ -78,14 +78,11 @@ class VAEModel(Model):
         import torch
 
         from ._train import Rows, train_vae
-        from ._vae import VAE
 
         X = Rows(adata.X)  # sparse stays sparse: batches are densified one at a time
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.module = VAE(self._vae_config(X.shape[1]))
+        self.module = self._new_module(X.shape[1], seed)
         hook = None
         if callback is not None:
             def hook(epoch, history):  # predict() inside the callback first refits the transfer at these weights
@@ -96,12 +93,33 @@ class VAEModel(Model):
                 finally:
                     self._pending_transfer = None
         self.history = train_vae(self.module, X, self._train_config(), seed=seed, progress=progress,
-                                 desc=f"{self.name} training", callback=hook)
+                                 desc=f"{self.name} training", callback=hook, execution=self.execution)
         z = self._encode(X)
         self._fit_transfer(z, cond, ctx, spec, seed=seed)
         self.fit_info = {"history": self.history.to_dict(), "seed": seed, "steps": self.history.steps,
                          "torch_threads": torch.get_num_threads(), "latent": "posterior mean",
-                         "warnings": training_warnings(self.name, self.history)}
+                         **self._device_info(), "warnings": training_warnings(self.name, self.history)}
+
+    def _new_module(self, n_input: int, seed: int):
+        """A fresh VAE initialised from ``seed`` (inside ``execution.seeded``: the same weights on every device),
+        on the execution's device."""
+        from ._vae import VAE
+
+        with self.execution.seeded(seed):
+            module = VAE(self._vae_config(n_input))
+        return module.to(self.execution.torch_device)
+
+    def _device_info(self) -> dict:
+        """What ``fit_info`` says of where the model trained: the device, the precision of the training steps,
+        whether CUDA graphs replayed them and where the batches came from."""
+        h = self.history
+        return {"device": self.execution.device, "precision": h.precision, "cuda_graphs": h.cuda_graphs,
+                "batches": h.batches}
+
+    def _moved(self) -> None:
+        """Move the fitted (or loaded) module to the device of ``self.execution``."""
+        if self.module is not None:
+            self.module.to(self.execution.torch_device)
 
     def _fit_transfer(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
                       seed: int) -> None:
@@ -130,22 +148,27 @@ class VAEModel(Model):
 
     def _encode(self, X, chunk: int = 4096) -> np.ndarray:
         """Posterior means of the rows of ``X`` (a :class:`~perturbkit.models._train.Rows` or a matrix), chunk by
-        chunk."""
+        chunk on the execution's device (each chunk's result moved to the CPU once)."""
         import torch
 
         from ._train import Rows
 
         self.module.eval()
         with torch.no_grad():
-            return np.concatenate([self.module.encode(xb)[0].numpy() for xb in Rows(X).chunks(chunk)])
+            return np.concatenate([self.module.encode(xb)[0].cpu().numpy()
+                                   for xb in Rows(X).device_chunks(chunk, self.execution)])
 
     def decode(self, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
+        """Decoded expression of the latents ``z``, chunk by chunk on the execution's device."""
         import torch
+
+        from ._train import to_device
 
         self.module.eval()
         zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
         with torch.no_grad():
-            return np.concatenate([self.module.decode(zt[i:i + chunk]).numpy() for i in range(0, len(zt), chunk)])
+            return np.concatenate([self.module.decode(to_device(zt[i:i + chunk], self.execution)).cpu().numpy()
+                                   for i in range(0, len(zt), chunk)])
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._train import Rows
@@ -167,7 +190,7 @@ class VAEModel(Model):
         self.module = VAE(self._vae_config(len(self.var_names)))
         sd = {k[len("module."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("module.")}
         self.module.load_state_dict(sd)
-        self.module.eval()
+        self.module.to(self.execution.torch_device).eval()
         self._load_transfer({k[len("transfer."):]: v for k, v in arrays.items() if k.startswith("transfer.")})
 
     def _transfer_arrays(self) -> dict[str, np.ndarray]:

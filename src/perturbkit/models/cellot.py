@@ -145,22 +145,19 @@ class CellOT(VAEModel):
         import torch
 
         from ._train import Rows, train_vae
-        from ._vae import VAE
 
         self._seed = int(seed)
         X = Rows(adata.X)
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.module = VAE(self._vae_config(X.shape[1]))
+        self.module = self._new_module(X.shape[1], seed)
         self.history = train_vae(self.module, X, self._train_config(), seed=seed, progress=progress,
-                                 desc="cellot autoencoder")
+                                 desc="cellot autoencoder", execution=self.execution)
         z = self._encode(X)
         report = self._fit_transport(z, cond, ctx, spec, seed=seed, progress=progress, callback=callback)
         self.fit_info = {"history": self.history.to_dict(), "seed": seed, "steps": self.history.steps,
                          "torch_threads": torch.get_num_threads(), "latent": "posterior mean", "transport": report,
-                         "warnings": training_warnings(self.name, self.history)}
+                         **self._device_info(), "warnings": training_warnings(self.name, self.history)}
 
     def _fit_transport(self, z: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *, seed: int,
                        progress: bool, callback=None) -> dict:
@@ -200,7 +197,7 @@ class CellOT(VAEModel):
             inner=p["n_inner_iters"], batch_size=p["ot_batch_size"], lr=p["ot_lr"],
             betas=(p["ot_beta1"], p["ot_beta2"]), g_penalty=p["g_penalty"], init_scale=p["ot_init_scale"],
             eval_every=p["ot_eval_every"], val_fraction=p["ot_val_fraction"], seed=seed, progress=progress,
-            history=hist, callback=None if callback is None else on_round)
+            history=hist, callback=None if callback is None else on_round, execution=self.execution)
         for label, info in zip(self.trained, per):
             info["contexts"] = contexts[label]
         return {
@@ -241,13 +238,21 @@ class CellOT(VAEModel):
     def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
-        g = {k[len("g."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("g.")}
+        dev = self.execution.torch_device
+        g = {k[len("g."):]: torch.from_numpy(v.copy()).to(dev) for k, v in arrays.items() if k.startswith("g.")}
         want = _shapes(len(self.trained), self.params["n_latent"], self.params["ot_hidden"],
                        self.params["ot_layers"])
         got = {k: tuple(v.shape) for k, v in g.items()}
         if got != want:
             raise ValueError(f"transport networks {got} do not match the parameters {want}")
         self._g = g
+
+    def _moved(self) -> None:
+        """Move the autoencoder and the g networks to the device of ``self.execution``."""
+        super()._moved()
+        if self._g is not None:
+            dev = self.execution.torch_device
+            self._g = {k: v.to(dev) for k, v in self._g.items()}
 
     def _state_json(self) -> dict:
         return {"seed": self._seed, "latent_radius": self._radius,
@@ -340,12 +345,14 @@ def _slope(u):
 
 
 def transport(g: dict[str, Any], z: np.ndarray, chunk: int = 4096) -> np.ndarray:
-    """``grad g(z)`` for one g network (a slice of stacked parameters) and latents ``z`` (cells x d)."""
+    """``grad g(z)`` for one g network (a slice of stacked parameters) and latents ``z`` (cells x d), chunk by
+    chunk on the device of ``g``'s tensors (each chunk's result moved to the CPU once)."""
     import torch
 
+    dev = next(iter(g.values())).device
     zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     with torch.no_grad():
-        parts = [grad_map(g, zt[i:i + chunk][None])[0].numpy() for i in range(0, len(zt), chunk)]
+        parts = [grad_map(g, zt[i:i + chunk].to(dev)[None])[0].cpu().numpy() for i in range(0, len(zt), chunk)]
     return np.concatenate(parts) if parts else np.zeros((0, zt.shape[1]), dtype=np.float32)
 
 
@@ -357,14 +364,15 @@ def _mmd_terms(a, b, gammas=MMD_GAMMAS):
     """Mean RBF kernel values ``E k(a, b)`` for each gamma (one pairwise distance matrix)."""
     import torch
 
-    d2 = torch.cdist(a.double(), b.double()).pow(2)
-    return [float(torch.exp(-g * d2).mean()) for g in gammas]
+    wide = torch.float32 if a.device.type == "mps" else torch.float64  # mps has no float64
+    d2 = torch.cdist(a.to(wide), b.to(wide)).pow(2)
+    return [float(v) for v in torch.stack([torch.exp(-g * d2).mean() for g in gammas]).cpu()]
 
 
 def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarray], *, hidden: int, layers: int,
                 iters: int, inner: int, batch_size: int, lr: float, betas: tuple[float, float], g_penalty: float,
                 init_scale: float, eval_every: int, val_fraction: float, seed: int, progress: bool = False,
-                history: TransportHistory | None = None, callback=None):
+                history: TransportHistory | None = None, callback=None, execution=None):
     """Train one (f, g) ICNN pair per problem ``k``: transport the latents ``z[sources[k]]`` onto ``z[targets[k]]``.
 
     All pairs are stacked and trained in lockstep: every parameter belongs to one problem and the loss is the sum
@@ -376,14 +384,26 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
     Batches are drawn with replacement from each problem's training cells by a ``torch.Generator`` seeded from
     ``seed`` (the caller's RNG is untouched). Returns the g networks (stacked; the best validation round's
     weights of each problem where it has held-out cells, else the last) and one report dict per problem.
+
+    ``execution`` (None: the CPU): the networks train on its device. The validation split and the initial
+    weights come from the CPU generator on every device (the same as on the CPU); off the CPU the batches are
+    drawn by a generator on the device (seeded from ``seed``), the losses stay there and a non-finite loss is
+    detected at the next evaluation round instead of at its step (no per-step synchronisation).
     """
     import torch
 
+    from ._train import _execution
+
+    ex = _execution(execution)
+    dev = ex.torch_device
+    on_cpu = ex.kind == "cpu"
     t0 = time.perf_counter()
     hist = history if history is not None else TransportHistory()
     n, d = len(sources), z.shape[1]
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 0xCE11]).generate_state(1)[0]))
-    Z = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
+    bgen = gen if on_cpu else torch.Generator(device=dev).manual_seed(
+        int(np.random.SeedSequence([seed, 0xCE11, 1]).generate_state(1)[0]))
+    Z = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(dev)
 
     # held-out cells of each side of each problem (a seeded shuffle; none where a side has under 20 cells)
     train_src, train_tgt, val = [], [], []
@@ -406,23 +426,23 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
             idx[k, :len(rows)] = torch.from_numpy(rows.astype(np.int64))
         return idx, torch.tensor([len(r) for r in rows_list], dtype=torch.long)
 
-    src_idx, n_src = padded(train_src)
-    tgt_idx, n_tgt = padded(train_tgt)
+    src_idx, n_src = (t.to(dev) for t in padded(train_src))
+    tgt_idx, n_tgt = (t.to(dev) for t in padded(train_tgt))
 
     def batch(idx, counts):
-        pick = (torch.rand((n, batch_size), generator=gen) * counts[:, None]).long()
+        pick = (torch.rand((n, batch_size), generator=bgen, device=dev) * counts[:, None]).long()
         pick = torch.minimum(pick, counts[:, None] - 1)
         return Z[idx.gather(1, pick)]  # n x batch x d
 
-    f = {k: v.requires_grad_(True) for k, v in init_icnns(n, d, hidden, layers, init_scale, gen).items()}
-    g = {k: v.requires_grad_(True) for k, v in init_icnns(n, d, hidden, layers, init_scale, gen).items()}
+    f = {k: v.to(dev).requires_grad_(True) for k, v in init_icnns(n, d, hidden, layers, init_scale, gen).items()}
+    g = {k: v.to(dev).requires_grad_(True) for k, v in init_icnns(n, d, hidden, layers, init_scale, gen).items()}
     opt_f, opt_g = _adam(list(f.values()), lr, betas), _adam(list(g.values()), lr, betas)
     w_f = [v for k, v in f.items() if k.startswith("W")]
     w_g = [v for k, v in g.items() if k.startswith("W")]
 
     # validation: the target side's kernel means are fixed
-    val_t = [None if v is None else Z[torch.from_numpy(v[1].astype(np.int64))] for v in val]
-    val_s = [None if v is None else Z[torch.from_numpy(v[0].astype(np.int64))] for v in val]
+    val_t = [None if v is None else Z[torch.from_numpy(v[1].astype(np.int64)).to(dev)] for v in val]
+    val_s = [None if v is None else Z[torch.from_numpy(v[0].astype(np.int64)).to(dev)] for v in val]
     yy = [None if t is None else _mmd_terms(t, t) for t in val_t]
     best = [math.inf] * n
     best_step = [0] * n
@@ -449,7 +469,8 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iters, desc="cellot transport", unit="step", leave=False, dynamic_ncols=True)
-    gl = fl = torch.zeros(n)
+    gl = fl = torch.zeros(n, device=dev)
+    first_bad = None if on_cpu else torch.zeros((), dtype=torch.long, device=dev)  # step of a non-finite loss
     for step in range(1, iters + 1):
         y = batch(tgt_idx, n_tgt)
         f_fixed = {k: v.detach() for k, v in f.items()}  # the g-steps need no gradient of f's weights
@@ -475,13 +496,17 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
             for w in w_f:
                 w.clamp_(min=0)
         fl = per_f.detach()
-        if not (torch.isfinite(gl).all() and torch.isfinite(fl).all()):
-            bad = [k for k in range(n) if not (math.isfinite(float(gl[k])) and math.isfinite(float(fl[k])))]
-            raise FloatingPointError(f"cellot: the transport loss of problem(s) {bad[:5]} is not finite at step "
-                                     f"{step}; lower ot_lr or ot_init_scale.")
+        if on_cpu:
+            if not (torch.isfinite(gl).all() and torch.isfinite(fl).all()):
+                _not_finite(gl, fl, step)
+        else:  # no synchronisation per step: the first bad step is kept on the device, read at the round
+            finite = torch.isfinite(gl).all() & torch.isfinite(fl).all()
+            first_bad = torch.where((first_bad == 0) & ~finite, step, first_bad)
         if bar is not None:
             bar.update(1)
         if step % eval_every == 0 or step == iters:
+            if first_bad is not None and int(first_bad):
+                _not_finite(gl, fl, int(first_bad))
             evaluate(step)
             hist.steps.append(step)
             hist.g_loss.append(float(gl.mean()))
@@ -494,7 +519,7 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
                 bar.set_postfix(g=f"{hist.g_loss[-1]:.3f}", f=f"{hist.f_loss[-1]:.3f}",
                                 mmd="-" if mmd is None else f"{mmd:.4f}")
             if callback is not None:
-                with torch.random.fork_rng(devices=[]):
+                with torch.random.fork_rng(devices=ex.fork_devices()):
                     stop = callback(hist.epochs_run, {k: v.detach() for k, v in g.items()})
                 if stop:
                     hist.stopped_early = True
@@ -520,6 +545,12 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
             "selected_by": "lowest validation MMD" if selected else "last step (no held-out cells)",
         })
     return final, reports
+
+
+def _not_finite(gl, fl, step: int):
+    bad = [k for k in range(len(gl)) if not (math.isfinite(float(gl[k])) and math.isfinite(float(fl[k])))]
+    raise FloatingPointError(f"cellot: the transport loss of problem(s) {bad[:5]} is not finite at step "
+                             f"{step}; lower ot_lr or ot_init_scale.")
 
 
 def _adam(params: list, lr: float, betas: tuple[float, float]):

@@ -201,7 +201,7 @@ class ScPRAM(VAEModel):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
-                                           tol=p["ot_tol"], cost=p["ot_cost"])
+                                           tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device())
             for w in caught:  # a screen's warning names its perturbation
                 text = w.message if spec.single else f"perturbation {label!r}: {w.message}"
                 warnings.warn(text, w.category, stacklevel=2)
@@ -306,7 +306,13 @@ class ScPRAM(VAEModel):
     def _weights(self, z: np.ndarray, perturbation: str) -> sp.csr_matrix:
         rows = self._pairs[perturbation][0]
         keys = self._controls if len(rows) == len(self._controls) else self._controls[rows]
-        return attention_weights(z, keys, self.params["ratio"], mode=self.params["attention"])
+        return attention_weights(z, keys, self.params["ratio"], mode=self.params["attention"],
+                                 device=self._torch_device())
+
+    def _torch_device(self):
+        """Where pairing and attention run: None on the CPU (the numpy / POT code), else the execution's torch
+        device (:func:`ot_pairing` and :func:`attention_weights` in torch there)."""
+        return None if self.execution.kind == "cpu" else self.execution.torch_device
 
     def _query_latent(self, X) -> np.ndarray:
         """Latents of query cells: posterior means, or seeded draws (the same draws on every call)."""
@@ -327,10 +333,11 @@ class ScPRAM(VAEModel):
         self.module.eval()
         out = []
         with torch.no_grad():
-            for xb in Rows(X).chunks(chunk):
+            for xb in Rows(X).device_chunks(chunk, self.execution):
                 mu, logvar = self.module.encode(xb)
-                eps = torch.randn(mu.shape, generator=self._rng, dtype=mu.dtype)
-                out.append((mu + torch.exp(0.5 * logvar) * eps).numpy())
+                # the draws come from the CPU generator on every device (the same draws as on the CPU)
+                eps = torch.randn(mu.shape, generator=self._rng, dtype=mu.dtype).to(mu.device)
+                out.append((mu + torch.exp(0.5 * logvar) * eps).cpu().numpy())
         return np.concatenate(out)
 
     def _generator(self, stream: int):
@@ -380,39 +387,88 @@ def n_attended(ratio: float, n_control: int) -> int:
 
 
 def attention_weights(query: np.ndarray, keys: np.ndarray, ratio: float, *, mode: str = "cell",
-                      chunk: int = 2048) -> sp.csr_matrix:
+                      chunk: int = 2048, device=None) -> sp.csr_matrix:
     """Sparse (n_query x n_keys) attention of each query latent over the key latents; rows sum to 1.
 
     Cosine similarity to every key; the top ``ceil(ratio * n_keys)`` keys are kept with weights proportional to
     their similarity. Negative similarities get weight 0 (a key pointing away from the query is no neighbour);
     a row whose kept similarities are all <= 0 gets equal weights over its kept keys. ``mode="first_cell"``
     gives every row the first query's keys and weights (the ``scpram`` package's ``predict``).
+
+    ``device``: None computes in numpy (float64); a torch device (``"cpu"``, ``"cuda:0"``, ...) computes the
+    similarities, the top-k and the weights in torch on that device (float64; float32 on mps), ``chunk`` query
+    rows at a time, each chunk's keys and weights moved to the CPU once. Both give the same weights up to
+    rounding (``tests/test_devices.py``).
     """
     if mode not in ATTENTION:
         raise InputError(f"attention={mode!r} is not allowed; use one of {', '.join(map(repr, ATTENTION))}.")
-    query = np.asarray(query, dtype=np.float64)
-    keys = np.asarray(keys, dtype=np.float64)
     n_q, n_k = len(query), len(keys)
     k = n_attended(ratio, n_k)
-    kn = _unit(keys)
     rows = query[:1] if mode == "first_cell" else query
-    idx_parts, w_parts = [], []
-    for i in range(0, len(rows), chunk):
-        sim = _unit(rows[i:i + chunk]) @ kn.T
-        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n_k else np.tile(np.arange(n_k), (len(sim), 1))
-        idx.sort(axis=1)
-        s = np.clip(np.take_along_axis(sim, idx, axis=1), 0.0, None)
-        tot = s.sum(axis=1, keepdims=True)
-        w = np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 1.0 / k)
-        idx_parts.append(idx)
-        w_parts.append(w)
-    idx, w = np.concatenate(idx_parts), np.concatenate(w_parts)
+    if device is not None:
+        idx, w = _attention_torch(rows, keys, k, chunk, device)
+    else:
+        query = np.asarray(rows, dtype=np.float64)
+        keys = np.asarray(keys, dtype=np.float64)
+        kn = _unit(keys)
+        idx_parts, w_parts = [], []
+        for i in range(0, len(query), chunk):
+            sim = _unit(query[i:i + chunk]) @ kn.T
+            idx = (np.argpartition(-sim, k - 1, axis=1)[:, :k] if k < n_k
+                   else np.tile(np.arange(n_k), (len(sim), 1)))
+            idx.sort(axis=1)
+            s = np.clip(np.take_along_axis(sim, idx, axis=1), 0.0, None)
+            tot = s.sum(axis=1, keepdims=True)
+            w = np.where(tot > 0, s / np.where(tot > 0, tot, 1.0), 1.0 / k)
+            idx_parts.append(idx)
+            w_parts.append(w)
+        idx, w = np.concatenate(idx_parts), np.concatenate(w_parts)
     if mode == "first_cell":
         idx, w = np.broadcast_to(idx, (n_q, k)), np.broadcast_to(w, (n_q, k))
     indptr = np.arange(0, n_q * k + 1, k, dtype=np.int64)
     out = sp.csr_matrix((np.ravel(w), np.ravel(idx), indptr), shape=(n_q, n_k))
     out.has_sorted_indices = True
     return out
+
+
+def _attention_torch(query: np.ndarray, keys: np.ndarray, k: int, chunk: int, device) -> tuple[np.ndarray, np.ndarray]:
+    """The kept keys (sorted) and weights of :func:`attention_weights`, computed in torch on ``device``."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = _torch_float(dev)
+    n_k = len(keys)
+    kn = _unit_t(torch.as_tensor(np.ascontiguousarray(keys)).to(dev, dtype))
+    q_all = torch.as_tensor(np.ascontiguousarray(query))
+    idx_parts, w_parts = [], []
+    for i in range(0, len(q_all), chunk):
+        sim = _unit_t(q_all[i:i + chunk].to(dev, dtype)) @ kn.T
+        if k < n_k:
+            idx = torch.topk(sim, k, dim=1, sorted=False).indices.sort(dim=1).values
+        else:
+            idx = torch.arange(n_k, device=dev).expand(len(sim), n_k)
+        s = sim.gather(1, idx).clamp(min=0.0)
+        tot = s.sum(dim=1, keepdim=True)
+        w = torch.where(tot > 0, s / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.full_like(s, 1.0 / k))
+        idx_parts.append(idx.cpu().numpy())
+        w_parts.append(w.cpu().numpy().astype(np.float64, copy=False))
+    if not idx_parts:
+        return np.zeros((0, k), dtype=np.int64), np.zeros((0, k))
+    return np.concatenate(idx_parts), np.concatenate(w_parts)
+
+
+def _unit_t(x):
+    import torch
+
+    norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _torch_float(dev):
+    """float64 on every device that has it (mps has not: float32)."""
+    import torch
+
+    return torch.float32 if dev.type == "mps" else torch.float64
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -422,14 +478,22 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def ot_pairing(zc: np.ndarray, zp: np.ndarray, *, method: str = "sinkhorn", reg: float = 0.05,
                max_iter: int | None = None, tol: float = 1e-3, cost: str = "sqeuclidean",
-               return_plan: bool = False) -> tuple:
+               return_plan: bool = False, device=None) -> tuple:
     """Pair each row of ``zc`` with a row of ``zp`` by optimal transport with uniform marginals.
 
     Returns the partner index of every control row (the argmax of its row of the plan) and a dict describing
     the solve: method, cost, scale, regularisation, iterations, marginal errors (L1 distance of the plan's row
     and column sums to the uniform marginals), whether it converged, POT's warnings and, for ``"exact"``, POT's
-    result code. With ``return_plan=True`` the transport plan (n_control x n_perturbed) comes third.
+    result code. With ``return_plan=True`` the transport plan (n_control x n_perturbed, numpy) comes third.
+
+    ``device``: None solves with numpy and POT on the CPU (float32 matrix scaling, float64 log-domain fallback).
+    A torch device (``"cpu"``, ``"cuda:0"``, ...) builds the cost matrix, runs POT's Sinkhorn on torch tensors
+    (POT computes on their device) and takes the argmax partners there, in float64 (float32 on mps); see
+    :func:`ot_pairing_torch`. ``"exact"`` (POT's network simplex) runs on the CPU either way.
     """
+    if device is not None and method == "sinkhorn":
+        return ot_pairing_torch(zc, zp, reg=reg, max_iter=max_iter, tol=tol, cost=cost, return_plan=return_plan,
+                                device=device)
     import ot
 
     t0 = time.perf_counter()
@@ -484,6 +548,92 @@ def ot_pairing(zc: np.ndarray, zp: np.ndarray, *, method: str = "sinkhorn", reg:
         warnings.warn(f"scpram: optimal transport ({method}) did not converge: {info}", RuntimeWarning,
                       stacklevel=2)
     return (partner, info, P) if return_plan else (partner, info)
+
+
+def ot_pairing_torch(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_iter: int | None = None,
+                     tol: float = 1e-3, cost: str = "sqeuclidean", return_plan: bool = False, device="cpu") -> tuple:
+    """:func:`ot_pairing` with ``method="sinkhorn"`` in torch on ``device``: the cost matrix, its median,
+    POT's Sinkhorn (``ot.sinkhorn`` on torch tensors runs on their device; the log-domain solver takes over when
+    the kernel underflows, as on the CPU), the marginal errors and the argmax partners, all on the device in
+    float64 (float32 on mps); the partners come back to the CPU once. The result agrees with the numpy path up
+    to rounding (tests/test_devices.py)."""
+    import ot
+    import torch
+
+    if cost not in OT_COSTS:
+        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    dtype = _torch_float(dev)
+    n, m = len(zc), len(zp)
+    a = torch.full((n,), 1.0 / n, dtype=dtype, device=dev)
+    b = torch.full((m,), 1.0 / m, dtype=dtype, device=dev)
+    M = cost_matrix_torch(zc, zp, cost, device=dev)
+    scale = _median_t(M)
+    if not scale > 0:
+        scale = float(M.max()) or 1.0
+    M /= scale
+    limit = SINKHORN_MAX_ITER if max_iter is None else int(max_iter)
+    info: dict[str, Any] = {"method": "sinkhorn", "cost": cost, "cost_scale": "median", "cost_median": scale,
+                            "n_control": n, "n_perturbed": m, "device": str(dev), "dtype": str(dtype)[6:]}
+
+    def degenerate(P) -> bool:
+        return not bool(torch.isfinite(P).all() & (P.sum(dim=1) > 0).all() & (P.sum(dim=0) > 0).all())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        solver = "sinkhorn"
+        P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m), log=True)
+        if degenerate(P):
+            solver = "sinkhorn_log"
+            caught.clear()
+            P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m),
+                                 log=True)
+        info.update(reg=float(reg), tol=float(tol), max_iter=limit, iterations=int(log.get("niter", -1)),
+                    solver=f"ot.sinkhorn(method={solver!r}) on torch tensors")
+    err_rows = float((P.sum(dim=1) - a).abs().sum())
+    err_cols = float((P.sum(dim=0) - b).abs().sum())
+    info.update(marginal_error_control=err_rows, marginal_error_perturbed=err_cols,
+                warnings=[str(w.message) for w in caught])
+    info["converged"] = bool(max(err_rows, err_cols) <= tol and bool(torch.isfinite(P).all()))
+    partner = P.argmax(dim=1).cpu().numpy()
+    info["seconds"] = time.perf_counter() - t0
+    if not info["converged"]:
+        warnings.warn(f"scpram: optimal transport (sinkhorn) did not converge: {info}", RuntimeWarning,
+                      stacklevel=3)
+    return (partner, info, P.cpu().numpy()) if return_plan else (partner, info)
+
+
+def _median_t(M) -> float:
+    """The median of all entries of the tensor ``M`` (as ``np.median``: the mean of the two middle values of
+    an even count), by selection on its device (numpy on the CPU where the device lacks ``kthvalue``)."""
+    flat = M.reshape(-1)
+    count = flat.numel()
+    try:
+        lo = flat.kthvalue((count + 1) // 2).values
+        if count % 2:
+            return float(lo)
+        hi = flat.kthvalue(count // 2 + 1).values
+        return float((lo + hi) / 2)
+    except (RuntimeError, NotImplementedError):
+        return float(np.median(flat.cpu().numpy()))
+
+
+def cost_matrix_torch(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean", *, device="cpu"):
+    """:func:`cost_matrix` as a torch tensor on ``device`` (float64; float32 on mps)."""
+    import torch
+
+    dev = torch.device(device)
+    dtype = _torch_float(dev)
+    zc = torch.as_tensor(np.ascontiguousarray(zc)).to(dev, dtype)
+    zp = torch.as_tensor(np.ascontiguousarray(zp)).to(dev, dtype)
+    M = (zc * zc).sum(1)[:, None] + (zp * zp).sum(1)[None, :] - 2.0 * (zc @ zp.T)
+    M.clamp_(min=0.0)
+    if cost == "euclidean":
+        M.sqrt_()
+    elif cost != "sqeuclidean":
+        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
+    return M
 
 
 def cost_matrix(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean") -> np.ndarray:
