@@ -303,9 +303,10 @@ class _Stepper:
         self.warm = 0
         self._keep: list = []
         self.stream = torch.cuda.Stream(device=ex.torch_device) if graphs else None
+        self.device_type = ex.torch_device.type
 
     def _body(self, xb: torch.Tensor, *, zero_grad: bool) -> None:
-        with _autocast(self.cfg.precision, self.ex.kind, cache=not self.graphs):
+        with _autocast(self.cfg.precision, self.device_type, cache=not self.graphs):
             out = self.module.loss(xb)
         if zero_grad:
             self.opt.zero_grad(set_to_none=True)
