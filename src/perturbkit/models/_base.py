@@ -32,6 +32,9 @@ class Model:
     """Base class. Subclasses set ``name`` and implement ``_fit`` and ``_predict_matrix``."""
 
     name: ClassVar[str] = "model"
+    #: name -> class of every registered model: :data:`perturbkit.models.MODELS` (the literal registry), which
+    #: that package hands to this class once it is built, so this module need not import its package back
+    registry: ClassVar[dict[str, type[Model]]] = {}
     needs_torch: ClassVar[bool] = False
     #: the model's parameters and their defaults (None: the model takes no parameters)
     DEFAULTS: ClassVar[dict[str, Any] | None] = None
@@ -215,8 +218,7 @@ class Model:
         except Exception as exc:
             raise InputError(f"load_model: {str(path)!r} is not a readable saved model ({exc}).",
                              params=LOAD_PARAMS) from None
-        from . import MODELS
-
+        MODELS = Model.registry
         if not isinstance(meta, dict):
             raise InputError(f"load_model: {str(pfile)!r} does not hold a JSON object; it was not "
                              f"{SAVED_BY}.", params=LOAD_PARAMS)
