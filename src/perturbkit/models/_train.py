@@ -254,6 +254,8 @@ def resident(rows: Rows, execution) -> torch.Tensor | None:
     ex = _execution(execution)
     if ex.kind == "cpu" or not isinstance(rows.X, torch.Tensor):
         return None
+    if rows.X.device == ex.torch_device:  # handed over on the device already
+        return rows.X
     nbytes = rows.X.numel() * rows.X.element_size()
     if ex.is_cuda:
         free, _ = torch.cuda.mem_get_info(ex.torch_device)
@@ -304,6 +306,7 @@ class _Stepper:
         self._keep: list = []
         self.stream = torch.cuda.Stream(device=ex.torch_device) if graphs else None
         self.device_type = ex.torch_device.type
+        self.foreach = True if self.device_type in ("cpu", "cuda") else None  # None: torch's choice (mps)
 
     def _body(self, xb: torch.Tensor, *, zero_grad: bool) -> None:
         with _autocast(self.cfg.precision, self.device_type, cache=not self.graphs):
@@ -312,7 +315,7 @@ class _Stepper:
             self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
         if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip, foreach=True)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip, foreach=self.foreach)
         self.opt.step()
         self.acc += out.loss.detach().to(self.acc.dtype) * xb.shape[0]
 
