@@ -814,7 +814,7 @@ def test_interrupt_while_writing_outputs_then_rerun(base, tmp_path, capsys, monk
     rc, _, err = run_cli(argv, capsys)
     out = tmp_path / "out"
     assert rc == 130 and "interrupted" in err
-    assert {p.name for p in out.iterdir()} == {"pred.h5ad", "scores.csv", ".perturbkit-pending.json"}
+    assert {p.name for p in out.iterdir()} == {"pred.h5ad", "scores.csv", "effects.csv", ".perturbkit-pending.json"}
     assert ad.read_h5ad(out / "pred.h5ad").n_obs == 30 and len(pd.read_csv(out / "scores.csv"))
     monkeypatch.undo()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -822,7 +822,8 @@ def test_interrupt_while_writing_outputs_then_rerun(base, tmp_path, capsys, monk
     (out / f".scores.csv.pk{dead}@{_io._host()}.abc123.tmp.csv").write_text("left by a SIGKILL")
     rc, _, err = run_cli(argv, capsys)
     assert rc == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["pred.h5ad", "record.json", "reg_mean.png", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["effects.csv", "pred.h5ad", "record.json", "reg_mean.png",
+                                                   "scores.csv"]
 
 
 def _env():
@@ -868,7 +869,8 @@ def test_kill_predict_mid_training_then_rerun(base, tmp_path):
     # the same command completes after the interruption
     done = subprocess.run(argv + ["--no-progress"], capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["pred.h5ad", "record.json", "reg_mean.png", "scores.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["effects.csv", "pred.h5ad", "record.json", "reg_mean.png",
+                                                   "scores.csv"]
     assert json.loads((out / "record.json").read_text())["models"]["scgen"]["fit"]["history"]["epochs_run"] > 2
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["params.json", "weights.safetensors"]
 
