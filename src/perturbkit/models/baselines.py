@@ -53,9 +53,7 @@ class MeanShift(Model):
         return dense(source.X) + self.shift(perturbation)[None, :]
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
-        if self.spec.single:  # the two-condition layout of earlier saves
-            return {"shift": self.shifts[self.spec.perturbed]}
-        return {f"shift/{p}": v for p, v in self.shifts.items()}
+        return {f"shift/{p}": v for p, v in self.shifts.items()}  # earlier saves of one: "shift" (still loads)
 
     def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         if "shift" in arrays:

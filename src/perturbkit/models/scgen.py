@@ -70,9 +70,7 @@ class ScGen(VAEModel):
         return z + self.delta(perturbation)[None, :]
 
     def _transfer_arrays(self) -> dict[str, np.ndarray]:
-        if self.spec.single:  # the two-condition layout of earlier saves
-            return {"delta": self.deltas[self.spec.perturbed]}
-        return {f"delta/{p}": v for p, v in self.deltas.items()}
+        return {f"delta/{p}": v for p, v in self.deltas.items()}  # earlier saves of one: "delta" (still loads)
 
     def _load_transfer(self, arrays: dict[str, np.ndarray]) -> None:
         if "delta" in arrays:

@@ -202,8 +202,8 @@ class ScPRAM(VAEModel):
                 warnings.simplefilter("always")
                 partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
                                            tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device())
-            for w in caught:  # a screen's warning names its perturbation
-                text = w.message if spec.single else f"perturbation {label!r}: {w.message}"
+            for w in caught:  # with several perturbations, a warning names its own
+                text = w.message if len(self.trained) == 1 else f"perturbation {label!r}: {w.message}"
                 warnings.warn(text, w.category, stacklevel=2)
             self._pairs[label] = (rows, (zp[partner] - zc).astype(np.float32))
             info["distinct_partners"] = int(len(np.unique(partner)))
@@ -215,7 +215,7 @@ class ScPRAM(VAEModel):
                              "attention": p["attention"], "ratio": p["ratio"],
                              "n_attended": n_attended(p["ratio"], len(zc))},
             }
-        if spec.single:
+        if len(self.trained) == 1:  # one perturbation: its report at the top level
             self._fit_extra = report[self.trained[0]]
         else:
             self._fit_extra = {
@@ -284,7 +284,7 @@ class ScPRAM(VAEModel):
         (for a screen, that of the first learned perturbation, named in the title)."""
         from .. import pl
 
-        first = None if self.spec.single else self.trained[0]
+        first = None if len(self.trained) == 1 else self.trained[0]
         return {"attention": pl.attention_heatmap(self, source, perturbation=first)}
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
@@ -347,13 +347,11 @@ class ScPRAM(VAEModel):
 
     # ----------------------------------------------------------------------------------- persistence
     def _transfer_arrays(self) -> dict[str, np.ndarray]:
-        """One perturbation: the layout of earlier saves (its control latents are all of ``_controls``). A
-        screen: the control latents once, and per perturbation ``p/<label>/control_index`` and
-        ``p/<label>/paired_delta``."""
+        """The control latents once, and per perturbation ``p/<label>/control_index`` and ``p/<label>/paired_delta``
+        (one perturbation or many; saves of earlier versions with one perturbation hold ``paired_delta`` alone,
+        and still load)."""
         codes = np.unique(self._controls_context, return_inverse=True)[1]  # names: _state_json
         arrays = {"control_latent": self._controls, "control_context_code": codes.astype(np.int32)}
-        if self.spec.single:
-            return {**arrays, "paired_delta": self._pairs[self.trained[0]][1]}
         for label, (rows, delta) in self._pairs.items():
             arrays[f"p/{label}/control_index"] = rows.astype(np.int64)
             arrays[f"p/{label}/paired_delta"] = delta
