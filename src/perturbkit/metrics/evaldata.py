@@ -220,9 +220,17 @@ def _pca_torch(fit_on: np.ndarray, parts, n_comps: int, device, seed: int) -> tu
     rng = np.random.RandomState(seed)
     Q = torch.as_tensor(rng.normal(size=(A.shape[1], n_random)), dtype=torch.float64, device=device)
 
-    def lu(Y):  # scipy.linalg.lu(Y, permute_l=True)[0]
-        P, L, _ = torch.linalg.lu(Y)
-        return P @ L
+    def lu(Y):  # scipy.linalg.lu(Y, permute_l=True)[0], without the dense rows x rows permutation matrix
+        LU, pivots, _ = torch.linalg.lu_factor_ex(Y)  # a singular U is fine here, as in scipy
+        k = LU.shape[1]
+        L = LU.tril(-1)
+        L.diagonal().fill_(1.0)
+        rows = list(range(Y.shape[0]))
+        for j, pv in enumerate(pivots.cpu().tolist()):  # LAPACK's row swaps, in order (1-based)
+            rows[j], rows[pv - 1] = rows[pv - 1], rows[j]
+        PL = torch.empty_like(L)
+        PL[torch.as_tensor(rows, device=L.device)] = L  # L U = Y[rows]
+        return PL[:, :k]
 
     for _ in range(n_iter):
         Q = lu(A @ Q)
