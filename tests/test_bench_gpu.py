@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 def test_bench_gpu_quick_on_cpu(tmp_path):
     out = tmp_path / "gpu.md"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick", "--threads", "2",
+        [sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--device", "cpu", "--quick", "--threads", "1",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
