@@ -28,7 +28,9 @@ def toys(monkeypatch):
     for tag in ("recipe-model", "recipe-metric", "recipe-metric-entry", "recipe-scenario"):
         exec(compile(recipe(tag), f"docs/architecture.md:{tag}", "exec"), ns)
     monkeypatch.setitem(pk.models.MODELS, "scaled_shift", ns["ScaledShift"])
-    monkeypatch.setattr(pk.metrics, "METRICS", MappingProxyType({**pk.metrics.METRICS, "delta_mae": ns["DELTA_MAE"]}))
+    registry = MappingProxyType({**pk.metrics.METRICS, "delta_mae": ns["DELTA_MAE"]})
+    monkeypatch.setattr(pk.metrics.core, "METRICS", registry)  # where the registry lives
+    monkeypatch.setattr(pk.metrics, "METRICS", registry)  # and its re-export
     monkeypatch.setitem(pk.scenarios.SCENARIOS, "holdout_one", ns["HoldoutOne"])
     return ns
 

@@ -409,8 +409,8 @@ def test_r2_mean_top100_uses_only_the_degs():
 
 def test_bootstrap_replicates_are_explicit_resamples(prepared):
     rng = np.random.default_rng(7)
-    W = M._boot_weights(rng, prepared.truth_X.shape[0], 3)
-    means, var = M._boot_moments(prepared.truth_X, W)
+    W = M.core._boot_weights(rng, prepared.truth_X.shape[0], 3)
+    means, var = M.core._boot_moments(prepared.truth_X, W)
     rng = np.random.default_rng(7)
     idx = rng.integers(0, prepared.truth_X.shape[0], size=(3, prepared.truth_X.shape[0]))
     for b in range(3):

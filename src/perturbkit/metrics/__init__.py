@@ -39,7 +39,29 @@ from .core import (
     score_one,
 )
 from .evaldata import MAX_PCS, Embedding, EvalData, ceiling_split, prepare, top_degs
-from .functions import MMD_GAMMA, energy_distance, mean_var_kde_distance, mmd_rbf
+from .functions import (
+    MMD_GAMMA,
+    deg_jaccard_top100,
+    deg_overlap_top100,
+    direction_agreement_top100,
+    edistance,
+    energy_distance,
+    kde_mean_var,
+    mae_mean,
+    mean_var_kde_distance,
+    mmd,
+    mmd_rbf,
+    mse_mean,
+    pearson_delta,
+    pearson_delta_top100,
+    r2_mean_all,
+    r2_mean_top100,
+    r2_var_all,
+    r2_var_top100,
+    r2score_delta,
+    r2score_mean_all,
+    r2score_mean_top100,
+)
 from .screen import (
     EffectTest,
     discrimination_score,
