@@ -12,7 +12,8 @@ cells) and :func:`score` / :func:`evaluate` to get a tidy table. Expensive piece
 are computed lazily and cached on the :class:`EvalData` object.
 
 Importing this module loads numpy, scipy.sparse and pandas only; scanpy, scikit-learn and scipy.stats load
-when a metric needs them. torch is never imported.
+when a metric needs them. torch is imported only when an execution context on a GPU is given
+(:mod:`perturbkit.execution`): the PCA and the distance tiles then run there.
 
 Layout: :mod:`perturbkit.metrics.evaldata` (input checks, :func:`prepare`, :class:`EvalData`, DEGs),
 :mod:`perturbkit.metrics.functions` (array distances and the per-metric functions), :mod:`perturbkit.metrics.core`
