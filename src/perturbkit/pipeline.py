@@ -236,7 +236,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     responsive = effects.perturbation[effects.responsive].tolist()
     scores, eval_info = metrics.evaluate_screen(
         target, preds, source, condition_key=cfg.spec.condition_key, metric_names=metric_names,
-        n_boot=cfg.n_boot, seed=cfg.seed, baseline="control", reference=reference, responsive=responsive)
+        n_boot=cfg.n_boot, seed=cfg.seed, baseline="control", reference=reference, responsive=responsive,
+        execution=ex)
     timings["evaluate_s"] = time.perf_counter() - t
     cond = target.obs[cfg.spec.condition_key].astype(str).to_numpy()
     targets = {p: target if len(perts) == 1 else target[cond == p].copy() for p in perts}

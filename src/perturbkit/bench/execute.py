@@ -61,7 +61,8 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         warnings.filterwarnings("ignore", message=r"n_top=\d+ is more than", category=UserWarning)
         scores, eval_info = evaluate_screen(target, {cell.model: pred}, source,
                                             condition_key=spec.condition_key, metric_names=metric_names,
-                                            n_boot=cfg.evaluation.n_boot, seed=cell.seed, ceiling=is_ceiling)
+                                            n_boot=cfg.evaluation.n_boot, seed=cell.seed, ceiling=is_ceiling,
+                                            execution=ctx.execution)
     # normalised, and averaged over perturbations, once all models are in: aggregate()
     scores = scores[~scores.metric.str.endswith("_norm") & (~scores.perturbation.isin(LABELS)
                                                             | (scores.perturbation == ALL))]

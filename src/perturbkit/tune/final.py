@@ -93,7 +93,7 @@ def evaluate_configs(adata, task, cfg: TuneConfig, configs: dict[str, dict], *, 
             log(f"final {label} seed {seed}: fit {done.timings['fit_s']:.0f} s")
         preds.update(base_preds)
         tab, _ = evaluate_screen(target, preds, source, condition_key=cfg.spec.condition_key, metric_names=names,
-                                 n_boot=cfg.evaluation.n_boot, seed=seed)
+                                 n_boot=cfg.evaluation.n_boot, seed=seed, execution=execution)
         if len(perts) > 1:  # the means over the perturbations
             tab = tab[tab.perturbation == "mean"]
         tab = tab.drop(columns="perturbation").reset_index(drop=True)

@@ -174,7 +174,8 @@ class Objective:
 
         cond = vtarget.obs[self.cfg.spec.condition_key].astype(str).to_numpy()
         values = [score_one(self.cfg.tune.metric, vtarget if len(preds) == 1 else vtarget[cond == p], pred,
-                            vsource, seed=self.cfg.tune.seed) for p, pred in preds.items()]
+                            vsource, seed=self.cfg.tune.seed, execution=self.execution)
+                  for p, pred in preds.items()]
         return float(np.mean(values))
 
     def decides(self, epoch: int, last: int | None) -> bool:
