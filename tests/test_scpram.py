@@ -176,15 +176,16 @@ def test_a_screen_of_one_perturbation_predicts_as_the_two_condition_case(syn, tm
     assert np.array_equal(screen.predict(source).X, pair.predict(source).X)
     for a, b in zip(screen.pairing(), (pair.control_latent, pair.paired_delta, pair.control_context)):
         assert np.array_equal(a, b)
-    # the two-condition case keeps its fit_info and save layout; a screen reports and stores per perturbation
+    # a screen of one is the two-condition case: the same fit_info (the report of its one pairing at the top
+    # level) and the same save layout (per perturbation; the older layout of one still loads)
     assert {"ot", "transfer"} <= set(pair.fit_info) and "perturbations" not in pair.fit_info
-    assert screen.fit_info["perturbations"][spec.perturbed]["ot"] == {
-        **pair.fit_info["ot"], "seconds": screen.fit_info["perturbations"][spec.perturbed]["ot"]["seconds"]}
-    assert {k for k in load_file(str(pair.save(tmp_path / "pair") / "weights.safetensors"))
-            if k.startswith("transfer.")} == {"transfer.control_latent", "transfer.paired_delta",
-                                              "transfer.control_context_code"}
+    assert screen.fit_info["ot"] == {**pair.fit_info["ot"], "seconds": screen.fit_info["ot"]["seconds"]}
+    keys = {k for k in load_file(str(pair.save(tmp_path / "pair") / "weights.safetensors"))
+            if k.startswith("transfer.")}
+    assert keys == {"transfer.control_latent", "transfer.control_context_code", "transfer.p/stimulated/control_index",
+                    "transfer.p/stimulated/paired_delta"}
     saved = load_file(str(screen.save(tmp_path / "s") / "weights.safetensors"))
-    assert "transfer.p/stimulated/paired_delta" in saved
+    assert {k for k in saved if k.startswith("transfer.")} == keys
 
 
 def test_latent_sampling_is_seeded(syn):
