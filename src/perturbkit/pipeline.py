@@ -94,10 +94,6 @@ class PredictConfig:
                 "holdout and combination " + ("are both set" if both else "are both unset")
                 + "; give exactly one: holdout='CONTEXT' (context transfer) or combination='A+B' (an unseen "
                 "combination).", params=("holdout", "combination"))
-        if self.combination is not None and self.spec.single:
-            raise InputError(f"combination {self.combination!r} needs the combination and its singles among "
-                             f"the perturbations, but perturbed is the one label {self.spec.perturbed!r}; "
-                             "pass perturbed='all' or a list of labels.", params=("combination", "perturbed"))
         if not isinstance(self.filter, dict):
             raise InputError(f"filter must map obs columns to values, got {type(self.filter).__name__} "
                              f"{self.filter!r}; e.g. filter={{'dataset': 'mcfaline23'}}.", params=("filter",))

@@ -54,18 +54,10 @@ class Split:
 def holdout_cell_type(adata, spec: PerturbSpec, holdout: str, *, min_cells: int = 3) -> Split:
     """The scGen / scPRAM protocol: train on every cell except the perturbed cells of ``holdout``.
 
-    source = the control cells of ``holdout``; target = its perturbed cells.
+    source = the control cells of ``holdout``; target = its perturbed cells. This is :func:`holdout_context`
+    (a two-condition data set is a screen of one perturbation).
     """
-    validate(adata, spec, holdout=holdout, min_cells=min_cells)
-    cond = adata.obs[spec.condition_key].astype(str).to_numpy()
-    ctx = adata.obs[spec.context_key].astype(str).to_numpy()
-    in_ctx = ctx == holdout
-    target = np.flatnonzero(in_ctx & (cond == spec.perturbed))
-    source = np.flatnonzero(in_ctx & (cond == spec.control))
-    keep = np.isin(cond, [spec.control, spec.perturbed]) & ~(in_ctx & (cond == spec.perturbed))
-    train = np.flatnonzero(keep)
-    return Split(train=train, source=source, target=target, name=f"holdout:{holdout}",
-                 info={"holdout": holdout, "scenario": "holdout_cell_type"})
+    return holdout_context(adata, spec, holdout, min_cells=min_cells)
 
 
 def holdout_context(adata, spec: PerturbSpec, context: str, *, min_cells: int = 3) -> Split:
@@ -75,13 +67,12 @@ def holdout_context(adata, spec: PerturbSpec, context: str, *, min_cells: int = 
     ``context`` (its control cells train too); source = the control cells of ``context``; target = its
     perturbed cells of every perturbation that has at least ``min_cells`` cells there and cells in another
     context (the others are skipped, with the reason in ``info["skipped"]`` and an
-    :class:`~perturbkit.errors.InputWarning`). With one perturbation this is :func:`holdout_cell_type`.
+    :class:`~perturbkit.errors.InputWarning`). With one perturbation this is the scGen / scPRAM protocol, and
+    :func:`~perturbkit.data.validate` names what the held-out context lacks.
     """
-    if spec.single:
-        return holdout_cell_type(adata, spec, context, min_cells=min_cells)
     from .errors import InputError
 
-    validate(adata, spec)
+    validate(adata, spec, holdout=context, min_cells=min_cells)
     cond, ctx = _labels(adata, spec.condition_key), _labels(adata, spec.context_key)
     if context not in set(ctx):
         from .errors import choices_text, suggest
@@ -129,12 +120,14 @@ def holdout_combination(adata, spec: PerturbSpec, combination: str, *, min_cells
                          "combination of perturbations.", params=("combo_delimiter",))
     if combination not in requested:
         raise InputError(f"holdout combination {combination!r} is not one of the requested perturbations "
-                         f"{requested[:6]}{' ...' if len(requested) > 6 else ''}.", params=("perturbed",))
+                         f"{requested[:6]}{' ...' if len(requested) > 6 else ''}; pass perturbed='all' or a list "
+                         "with the combination and its singles.", params=("perturbed",))
     missing = [s for s in spec.singles(combination) if s not in requested or not (cond == s).any()]
     if missing:
         raise InputError(f"holdout combination {combination!r}: its single perturbation(s) {missing} have no "
                          "cells among the requested perturbations, so the combination cannot be composed from "
-                         "them. Choose a combination whose singles were measured.", params=("perturbed",))
+                         "them. Choose a combination whose singles were measured, and pass perturbed='all' or a "
+                         "list with the combination and its singles.", params=("perturbed",))
     is_combo = cond == combination
     if int(is_combo.sum()) < min_cells:
         raise InputError(f"holdout combination {combination!r} has {int(is_combo.sum())} cells; at least "

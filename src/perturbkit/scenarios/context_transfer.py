@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass
 
 from ..errors import InputError, InputWarning
-from ._base import Contexts, SplitDef, choose_contexts, context_counts, unique_slugs
+from ._base import Contexts, SplitDef, unique_slugs
 from ._screen import ScreenScenario, ScreenTaskConfig, choose_labels, splits_of
 
 
@@ -31,14 +31,7 @@ class ContextTransfer(ScreenScenario):
 
     @classmethod
     def plan(cls, conf: ContextTransferConfig, cfg, adata, before: list[SplitDef]) -> list[SplitDef]:
-        spec = cfg.data.spec
-        where = f"scenarios.{cls.name}"
-        if spec.single:  # one perturbation: the loco contexts
-            counts = context_counts(adata, spec)
-            contexts = choose_contexts(conf.contexts, counts, spec, conf.min_cells, where)
-            perts = {c: (spec.perturbed,) for c in contexts}
-        else:
-            contexts, perts = screen_contexts(conf, adata, spec, where)
+        contexts, perts = screen_contexts(conf, adata, cfg.data.spec, f"scenarios.{cls.name}")
         keys = unique_slugs(contexts)
         return [SplitDef(cls.name, keys[c], c, c, params={"min_cells": conf.min_cells},
                          perturbations=perts[c]) for c in contexts]
