@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import InputError, check_seed
-from .execution import CPU, Execution
+from .execution import CPU, Execution, check
 
 
 @dataclass
@@ -75,10 +75,7 @@ def fit_predict(model, train, source, spec, perturbations: list[str], *, seed: i
     hold for the fit and the predictions and the caller's are restored. ``callback(epoch, history)`` goes to
     :meth:`perturbkit.models.Model.fit` (tune prunes with it).
     """
-    ex = CPU if execution is None else execution
-    if not isinstance(ex, Execution):
-        raise InputError(f"execution must be a perturbkit.execution.Execution (from execution.resolve), got "
-                         f"{type(ex).__name__}.", params=("execution",))
+    ex = check(execution)
     check_seed(seed)
     if isinstance(perturbations, str) or not perturbations:
         raise InputError(f"perturbations must be a non-empty list of labels, got {perturbations!r}.",

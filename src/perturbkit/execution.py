@@ -23,7 +23,7 @@ import contextlib
 import os
 import platform
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import InputError
@@ -114,9 +114,6 @@ class Execution:
             d["not_deterministic"] = list(NONDETERMINISTIC_CUDA)
         return d
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
     # ------------------------------------------------------------------------------------------ use
     @contextlib.contextmanager
     def activate(self, *, torch_used: bool = True):
@@ -153,9 +150,6 @@ class Execution:
             if self.kind == "mps":
                 torch.mps.manual_seed(seed)
             yield
-
-    def with_threads(self, threads: int | None) -> Execution:
-        return replace(self, threads=threads)
 
 
 #: the context of code that is given none: the CPU, torch's default threads
@@ -197,6 +191,17 @@ def check_device(device) -> str:
         raise InputError(f"device must be one of {', '.join(map(repr, DEVICES))} (N a GPU index), got "
                          f"{device!r}.", params=("device",))
     return device.strip().lower()
+
+
+def check(execution, *, default: Execution | None = CPU) -> Execution:
+    """``execution`` as given, ``default`` for None (the CPU; ``default=None``: None is refused); anything else
+    raises :class:`InputError`."""
+    if execution is None and default is not None:
+        return default
+    if not isinstance(execution, Execution):
+        raise InputError(f"execution must be a perturbkit.execution.Execution (from execution.resolve), got "
+                         f"{type(execution).__name__}.", params=("execution",))
+    return execution
 
 
 def resolve(device: str | Execution | None = "auto", *, threads: int | None = None, precision: str | None = None,

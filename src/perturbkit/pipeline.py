@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,7 +186,8 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
     task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
             else split.holdout_combination(adata, cfg.spec, cfg.combination))
-    perts = engine.task_perturbations(task, cfg.spec)
+    planned = engine.task_perturbations(task, cfg.spec)
+    perts = planned  # less what the chosen model cannot predict (below)
     skipped = dict(task.info.get("skipped", {}))
     what = (f"{perts[0]!r} cells" if len(perts) == 1 else f"cells of {len(perts)} perturbations "
             f"({', '.join(perts[:6])}{' ...' if len(perts) > 6 else ''})")
@@ -219,7 +220,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
             log(f"note: {name} is left out of this task: {'; '.join(left_out[name].values())}.")
             continue
         fitted[name] = f
-    if len(perts) < len(engine.task_perturbations(task, cfg.spec)):
+    if len(perts) < len(planned):
         keep = target.obs[cfg.spec.condition_key].astype(str).isin(perts).to_numpy()
         target = target[keep].copy()
     preds = {name: f.pred(perts) for name, f in fitted.items()}

@@ -132,8 +132,7 @@ def aggregate(config: BenchConfig | str | Path, out: str | Path, *, partial: boo
         raise InputError(f"the finished cells were computed from different input data (sha256 "
                          f"{sorted(shas)}); start a new run directory.")
     t0 = time.perf_counter()
-    several = len(ctx.spec.perturbations(ctx.data())) > 1  # a screen of one has no rows over perturbations
-    scores = tidy_scores(raw, control_label(cfg), screen=several,
+    scores = tidy_scores(raw, control_label(cfg), screen=len(ctx.perturbations()) > 1,  # none for a screen of one
                          responsive=responsive_sets(results), references=reference_labels(cfg))
     summary = summarise(scores)
     written = []

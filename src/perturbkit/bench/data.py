@@ -31,6 +31,10 @@ class Context:
         self._splits: dict[tuple[str, str], Any] = {}
         self._execution = None
 
+    def perturbations(self) -> list[str]:
+        """The run's perturbation labels (``data.perturbed`` resolved against the data; one for two conditions)."""
+        return self.spec.perturbations(self.data())
+
     @property
     def execution(self):
         """The execution context of ``[training]`` (device, threads), resolved once per process."""

@@ -55,7 +55,7 @@ def make_figures(cfg: BenchConfig, out: Path, ctx: Context, agg, tables: dict[st
                      pl.seed_variability(sub, metric=metric, title=f"{scen}: {metric}, one dot per seed"))
     for scenario, _conf in cfg.active():
         scenario.figures(agg, tables.get(scenario.name, {}), fmetrics, save)
-    if len(ctx.spec.perturbations(ctx.data())) == 1:
+    if len(ctx.perturbations()) == 1:
         example_figures(cfg, out, ctx, agg.cells, save)
     else:
         screen_examples(cfg, out, ctx, agg, save)

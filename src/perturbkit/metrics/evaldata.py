@@ -18,7 +18,7 @@ import scipy.sparse as sp
 
 from ..data import LOG_MAX, check_same_genes, examples
 from ..errors import InputError, InputWarning, check_seed
-from ..execution import CPU, Execution
+from ..execution import CPU, Execution, check
 
 #: most principal components of the embedding used by ``edistance`` and ``mmd``
 MAX_PCS = 50
@@ -181,20 +181,11 @@ class EvalData:
         computed so far (a PCA already made stays the one used)."""
         if execution is None or execution == getattr(self, "execution", CPU):
             return self
-        _check_execution(execution)
+        check(execution)
         other = object.__new__(EvalData)
         other.__dict__.update(self.__dict__)
         other.execution = execution
         return other
-
-
-def _check_execution(execution) -> Execution:
-    if execution is None:
-        return CPU
-    if not isinstance(execution, Execution):
-        raise InputError(f"execution must be a perturbkit.execution.Execution (from execution.resolve), got "
-                         f"{type(execution).__name__}.", params=("execution",))
-    return execution
 
 
 def _pca_torch(fit_on: np.ndarray, parts, n_comps: int, device, seed: int) -> tuple[Embedding, dict[str, Any]]:
@@ -369,7 +360,7 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0,
     check_same_genes("pred", pred, "truth", truth.var_names)
     check_same_genes("source", source, "truth", truth.var_names)
     check_seed(seed, "seed")
-    execution = _check_execution(execution)
+    execution = check(execution)
     var_names = pd.Index(truth.var_names).astype(str)
     notes = _check_scale(arrays)
     n_genes = len(var_names)

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .. import _keys as K
 from ..data import PerturbSpec
 from ..errors import InputError, check_seed, suggest
-from ..execution import CPU, Execution
+from ..execution import CPU, Execution, check
 
 FORMAT_VERSION = 1
 #: the parameters that the messages of Model.save / Model.load name
@@ -114,10 +114,7 @@ class Model:
 
     def use(self, execution: Execution) -> Model:
         """Train and predict in ``execution`` from now on (a fitted or loaded model moves its state there)."""
-        if not isinstance(execution, Execution):
-            raise InputError(f"execution must be a perturbkit.execution.Execution (from execution.resolve), got "
-                             f"{type(execution).__name__}.", params=("execution",))
-        self.execution = execution
+        self.execution = check(execution, default=None)
         self._moved()
         return self
 

@@ -28,6 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..execution import check as _execution  # the context given, or the CPU's for None
 from ._vae import VAE
 
 #: a dense training matrix moves to a CUDA device when it takes at most this share of the free device memory
@@ -158,18 +159,14 @@ class Rows:
             yield from blocks
 
 
-def _execution(execution):
-    """``execution``, or the CPU context where it is None."""
-    if execution is None:
-        from ..execution import CPU
-
-        return CPU
-    return execution
+def wide_float(device) -> torch.dtype:
+    """float64 on every torch device that has it; float32 on mps (Metal has no float64)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def accumulator_dtype(execution) -> torch.dtype:
-    """The dtype losses are summed in on the device: float64, or float32 on mps (which has no float64)."""
-    return torch.float32 if _execution(execution).kind == "mps" else torch.float64
+    """The dtype losses are summed in on the device of ``execution`` (:func:`wide_float`)."""
+    return wide_float(_execution(execution).torch_device)
 
 
 class _Failed:

@@ -364,7 +364,9 @@ def _mmd_terms(a, b, gammas=MMD_GAMMAS):
     """Mean RBF kernel values ``E k(a, b)`` for each gamma (one pairwise distance matrix)."""
     import torch
 
-    wide = torch.float32 if a.device.type == "mps" else torch.float64  # mps has no float64
+    from ._train import wide_float
+
+    wide = wide_float(a.device)
     d2 = torch.cdist(a.to(wide), b.to(wide)).pow(2)
     return [float(v) for v in torch.stack([torch.exp(-g * d2).mean() for g in gammas]).cpu()]
 
@@ -392,7 +394,7 @@ def train_pairs(z: np.ndarray, sources: list[np.ndarray], targets: list[np.ndarr
     """
     import torch
 
-    from ._train import _execution
+    from ..execution import check as _execution
 
     ex = _execution(execution)
     dev = ex.torch_device

@@ -433,8 +433,10 @@ def _attention_torch(query: np.ndarray, keys: np.ndarray, k: int, chunk: int, de
     """The kept keys (sorted) and weights of :func:`attention_weights`, computed in torch on ``device``."""
     import torch
 
+    from ._train import wide_float
+
     dev = torch.device(device)
-    dtype = _torch_float(dev)
+    dtype = wide_float(dev)
     n_k = len(keys)
     kn = _unit_t(torch.as_tensor(np.ascontiguousarray(keys)).to(dev, dtype))
     q_all = torch.as_tensor(np.ascontiguousarray(query))
@@ -460,13 +462,6 @@ def _unit_t(x):
 
     norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     return x / torch.where(norm > 0, norm, torch.ones_like(norm))
-
-
-def _torch_float(dev):
-    """float64 on every device that has it (mps has not: float32)."""
-    import torch
-
-    return torch.float32 if dev.type == "mps" else torch.float64
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -561,8 +556,10 @@ def ot_pairing_torch(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_i
     if cost not in OT_COSTS:
         raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
     t0 = time.perf_counter()
+    from ._train import wide_float
+
     dev = torch.device(device)
-    dtype = _torch_float(dev)
+    dtype = wide_float(dev)
     n, m = len(zc), len(zp)
     a = torch.full((n,), 1.0 / n, dtype=dtype, device=dev)
     b = torch.full((m,), 1.0 / m, dtype=dtype, device=dev)
@@ -621,8 +618,10 @@ def cost_matrix_torch(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean",
     """:func:`cost_matrix` as a torch tensor on ``device`` (float64; float32 on mps)."""
     import torch
 
+    from ._train import wide_float
+
     dev = torch.device(device)
-    dtype = _torch_float(dev)
+    dtype = wide_float(dev)
     zc = torch.as_tensor(np.ascontiguousarray(zc)).to(dev, dtype)
     zp = torch.as_tensor(np.ascontiguousarray(zp)).to(dev, dtype)
     M = (zc * zc).sum(1)[:, None] + (zp * zp).sum(1)[None, :] - 2.0 * (zc @ zp.T)
