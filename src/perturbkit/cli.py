@@ -40,6 +40,24 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                        help="unseen combination: every cell of A+B is held out and predicted from its "
                        "contexts' control cells; A, B and the other perturbations train (needs --perturbed "
                        "all or a list)")
+        q = p.add_argument_group("reference -> query transfer (instead of a task above; docs/cross_study.md)")
+        q.add_argument("--query", default=None, metavar="QUERY.h5ad",
+                       help="train on all of --data (the reference) and predict this study's control cells; its "
+                       "perturbed cells, where it has any, are the truth, scored per context")
+        q.add_argument("--query-condition-key", default=None, metavar="KEY",
+                       help="the query's condition column (default: --condition-key)")
+        q.add_argument("--query-control", default=None, metavar="LABEL",
+                       help="the query's control label (default: --control)")
+        q.add_argument("--query-perturbed", default=None, metavar="LABEL",
+                       help="the query's perturbed label (default: --perturbed)")
+        q.add_argument("--query-context-key", default=None, metavar="KEY",
+                       help="the query's context column (default: --context-key)")
+        q.add_argument("--integrate", default="none", metavar="none|combat",
+                       help="integrate reference and query before transfer: none (default) or combat (scanpy's "
+                       "ComBat on the control cells; models train, predict and are scored in its corrected "
+                       "expression)")
+        q.add_argument("--min-shared-genes", type=float, default=0.5, metavar="SHARE",
+                       help="stop unless the query holds this share of the reference's genes (default 0.5)")
         p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                        help="keep only the cells whose obs column KEY holds VALUE (comma-separated: any of "
                        "them), before validation and preprocessing, e.g. --filter dataset=mcfaline23 "
@@ -110,9 +128,18 @@ def _config(args, *, data: str, model: str, holdout: str | None, spec, combinati
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip()) if args.metrics else None
     if args.n_boot < 0:
         raise InputError(f"--n-boot must be >= 0, got {args.n_boot}.")
+    query = {}
+    if getattr(args, "query", None) is not None:
+        keys = {k: getattr(args, f"query_{k}") for k in ("condition_key", "control", "perturbed", "context_key")}
+        query = {"query": args.query, "query_keys": {k: v for k, v in keys.items() if v is not None} or None,
+                 "integrate": args.integrate, "min_shared_genes": args.min_shared_genes}
+    elif getattr(args, "integrate", "none") != "none":
+        raise InputError(f"--integrate {args.integrate} needs --query QUERY.h5ad: integration aligns a query with "
+                         "the reference (--data).")
     return PredictConfig(data=data, model=model, holdout=holdout, spec=spec, preprocessing=pp, epochs=args.epochs,
                          seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot,
-                         threads=args.threads, filter=where or {}, combination=combination, device=args.device)
+                         threads=args.threads, filter=where or {}, combination=combination, device=args.device,
+                         **query)
 
 
 def _perturbed(text: str, delimiter: str):
@@ -162,6 +189,13 @@ def _print_table(out: Path) -> None:
     from .pipeline import summary
 
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
+    if scores.empty:  # a query without perturbed cells: predictions only
+        print("nothing scored: the query has no context with perturbed cells (predictions in pred.h5ad)")
+        return
+    if "context" in scores.columns:
+        print("per query context (scores.csv; the batch mixing of the integration in record.json transfer)")
+        print(summary(scores).to_string(float_format=lambda v: f"{v:.3f}", na_rep=""))
+        return
     table = summary(scores)
     if "n_perturbations" in table.attrs:  # a screen: the means over its perturbations
         effects = pd.read_csv(out / "effects.csv")
@@ -190,7 +224,10 @@ def cmd_predict(args) -> int:
 
     from .errors import InputError
 
-    if (args.holdout is None) == (args.holdout_combination is None):
+    if args.query is not None and (args.holdout is not None or args.holdout_combination is not None):
+        raise InputError("--query predicts another study from a model trained on all of --data; drop "
+                         + ("--holdout." if args.holdout is not None else "--holdout-combination."))
+    if args.query is None and (args.holdout is None) == (args.holdout_combination is None):
         raise InputError("give exactly one task: --holdout CONTEXT (context transfer) or "
                          "--holdout-combination A+B (an unseen combination)"
                          + (", not both." if args.holdout is not None else "."))
@@ -202,6 +239,12 @@ def cmd_predict(args) -> int:
     record = run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
                          load_model=args.load_model, command=_command())
     _print_table(Path(args.out))
+    if record.get("transfer"):
+        mix = record["transfer"]["integration"]
+        print(f"integration {mix['method']}: batch mixing (kNN batch entropy, 0-1) "
+              f"{mix['mixing_before']['score']:.3f}" + (f" -> {mix['mixing_after']['score']:.3f}"
+                                                         if mix["method"] != "none" else "")
+              + f"; {len(record['transfer']['genes']['dropped'])} reference genes missing from the query")
     print(f"wrote {args.out}/{', '.join(record['outputs'])}, record.json")
     return 0
 
@@ -247,11 +290,37 @@ def cmd_list(args) -> int:
         for name, cls in MODELS.items():
             print(f"{name:12s} {cls.summary()}")
     else:
-        from .data import DATASETS
+        from .data import DATASETS, dataset_status
 
+        width = max(map(len, DATASETS))
         for name, ds in DATASETS.items():
-            print(f"{name:12s} {ds.reference} doi:{ds.doi}")
+            where = "" if ds.bundled else f" from {ds.url}"
+            print(f"{name:{width}s} {dataset_status(name):11s} {ds.reference} doi:{ds.doi}{where}")
     return 0
+
+
+def cmd_data(args) -> int:
+    from .data import fetch
+
+    for name in args.names:
+        fetch(name, force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+    return 0
+
+
+DATA_HELP = ("Fetch a published data set into the cache ($PERTURBKIT_CACHE, or the platform's user cache): its "
+             "sha256 is recorded at the first fetch and checked at every later use (--data NAME, "
+             "pk.data.load(NAME)). perturbkit list datasets shows the registry. See docs/data.md.")
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", description=DATA_HELP, help="fetch published data sets (cached, sha256-checked)")
+    verbs = p.add_subparsers(dest="verb", required=True)
+    f = verbs.add_parser("fetch", description=DATA_HELP, help="download registered data sets into the cache")
+    f.add_argument("names", nargs="+", metavar="NAME", help="a registered data set (perturbkit list datasets)")
+    f.add_argument("--force", action="store_true",
+                   help="download again and record the new sha256 (after a changed or corrupt file)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.set_defaults(func=cmd_data)
 
 
 def cmd_tune(args) -> int:
@@ -434,9 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="scores CSV to write")
     p.set_defaults(func=cmd_evaluate)
-    p = sub.add_parser("list", help="list metrics, models or datasets")
+    p = sub.add_parser("list", help="list metrics, models or datasets (bundled, fetched or not fetched)")
     p.add_argument("what", choices=("metrics", "models", "datasets"))
     p.set_defaults(func=cmd_list)
+    _add_data(sub)
     _add_tune(sub)
     _add_bench(sub)
     _add_report(sub)

@@ -77,18 +77,56 @@ class PredictConfig:
     combination: str | None = None
     #: where the models train and predict: "auto" (cuda, mps or cpu), "cpu", "cuda", "cuda:N", "mps"
     device: str = "auto"
+    #: reference -> query transfer: a bundled name or .h5ad path whose control cells are predicted by models
+    #: trained on all of ``data`` (then holdout and combination are None); see perturbkit.transfer
+    query: str | None = None
+    #: the query's obs keys and labels where they differ from ``spec``'s (a QueryKeys or a dict of its fields)
+    query_keys: Any = None
+    #: integration of reference and query before transfer: "none" or "combat" (perturbkit.transfer)
+    integrate: str = "none"
+    #: the smallest share of the reference's genes the query must hold
+    min_shared_genes: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["metrics"] = list(self.metrics) if self.metrics is not None else None
         d["spec"] = self.spec.to_dict()
         d["filter"] = {k: list(v) if isinstance(v, tuple | list) else v for k, v in self.filter.items()}
+        if self.query is None:  # a run without a query records what it always did
+            for key in ("query", "query_keys", "integrate", "min_shared_genes"):
+                d.pop(key)
+        else:
+            d["query_keys"] = self.keys().to_dict()
         return d
+
+    def keys(self):
+        """The query's keys as a :class:`perturbkit.transfer.QueryKeys`."""
+        from .transfer import QueryKeys
+
+        if self.query_keys is None or isinstance(self.query_keys, QueryKeys):
+            return self.query_keys or QueryKeys()
+        if not isinstance(self.query_keys, dict) or set(self.query_keys) - set(QueryKeys().to_dict()):
+            raise InputError(f"query_keys must be a dict with keys among {sorted(QueryKeys().to_dict())}, got "
+                             f"{self.query_keys!r}.", params=("query_keys",))
+        return QueryKeys(**self.query_keys)
 
     def check_task(self) -> None:
         """Raise :class:`InputError` unless exactly one task (holdout or combination) is set and fits the
         spec."""
-        if (self.holdout is None) == (self.combination is None):
+        if self.query is not None:
+            from .transfer import check_integration, check_min_shared
+
+            if self.holdout is not None or self.combination is not None:
+                raise InputError(f"query is set and so is {'holdout' if self.holdout is not None else 'combination'}"
+                                 "; with a query the models train on all of data and predict the query: pass "
+                                 "holdout=None (and no combination).", params=("holdout", "combination"))
+            check_integration(self.integrate)
+            check_min_shared(self.min_shared_genes)
+            self.keys()
+        elif self.integrate != "none":
+            raise InputError(f"integrate {self.integrate!r} needs a query (query='QUERY.h5ad'): integration "
+                             "aligns the query with the reference.", params=("integrate", "query"))
+        if self.query is None and (self.holdout is None) == (self.combination is None):
             both = self.holdout is not None
             raise InputError(
                 "holdout and combination " + ("are both set" if both else "are both unset")
@@ -178,32 +216,53 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         kept = ", ".join(f"{k}={v}" for k, v in cfg.filter.items())
         log(f"filter {kept}: {adata.n_obs} of {n_loaded} cells")
     timings["load_s"] = time.perf_counter() - t
-    data.validate(adata, cfg.spec, holdout=cfg.holdout)
-    t = time.perf_counter()
-    adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
-    timings["preprocess_s"] = time.perf_counter() - t
-    if load_model is not None:
-        chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
-    task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
-            else split.holdout_combination(adata, cfg.spec, cfg.combination))
+    transfer_record = None
+    if cfg.query is None:
+        data.validate(adata, cfg.spec, holdout=cfg.holdout)
+        t = time.perf_counter()
+        adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
+        timings["preprocess_s"] = time.perf_counter() - t
+        if load_model is not None:
+            chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
+        task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
+                else split.holdout_combination(adata, cfg.spec, cfg.combination))
+        tasks = {None: task}
+    else:
+        adata, pp_info, tasks, transfer_record = _query_tasks(cfg, adata, timings, log)
+        if load_model is not None:
+            chosen.check_genes(adata, f"load_model {str(load_model)!r}: the reference and query on their "
+                               "shared genes")
+        task = next(iter(tasks.values()))
     planned = engine.task_perturbations(task, cfg.spec)
     perts = planned  # less what the chosen model cannot predict (below)
     skipped = dict(task.info.get("skipped", {}))
     what = (f"{perts[0]!r} cells" if len(perts) == 1 else f"cells of {len(perts)} perturbations "
             f"({', '.join(perts[:6])}{' ...' if len(perts) > 6 else ''})")
-    log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} {what} from "
-        f"{len(task.source)} {cfg.spec.control!r} cells on {ex.device}")
+    if cfg.query is None:
+        log(f"task {task.name}: train on {len(task.train)} cells, predict {len(task.target)} {what} from "
+            f"{len(task.source)} {cfg.spec.control!r} cells on {ex.device}")
+    else:
+        log(f"query: train on the {len(task.train)} reference cells, predict {what} from the query's "
+            f"{sum(len(s.source) for s in tasks.values())} {cfg.spec.control!r} cells in {len(tasks)} contexts "
+            f"on {ex.device}")
 
     names = _model_names(cfg.model, perts, cfg.spec)
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
     if load_model is not None:
         log(f"loaded {cfg.model} from {load_model}")
-    train, source, target = task.subsets(adata)
-    fitted, left_out = {}, {}
+    train = adata[task.train].copy()  # the same training cells for every task (the query's contexts)
+    sources = {label: adata[s.source].copy() for label, s in tasks.items()}
+    targets_all = {label: adata[s.target].copy() for label, s in tasks.items()}
+    fitted, left_out, by_task = {}, {}, {}
     for name, model in todo.items():
-        f = engine.fit_predict(model, train, source, cfg.spec, perts, seed=cfg.seed, execution=ex,
-                               progress=progress, fitted=name == cfg.model and load_model is not None)
-        log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict {f.timings['predict_s']:.2f} s")
+        fits = {}
+        for i, (label, s) in enumerate(tasks.items()):  # one fit; each further query context reuses it
+            fits[label] = engine.fit_predict(model, train, sources[label], cfg.spec, perts, seed=cfg.seed,
+                                             execution=ex, progress=progress,
+                                             fitted=i > 0 or (name == cfg.model and load_model is not None))
+        f = fits[next(iter(tasks))]
+        log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict "
+            f"{sum(g.timings['predict_s'] for g in fits.values()):.2f} s")
         for warning in f.model.fit_info.get("warnings", []):
             log(f"warning: {warning}")
         if name == cfg.model and f.cannot:  # the chosen model decides what the task can predict
@@ -220,6 +279,12 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
             log(f"note: {name} is left out of this task: {'; '.join(left_out[name].values())}.")
             continue
         fitted[name] = f
+        by_task[name] = fits
+    if cfg.query is not None:
+        return _finish_query(cfg, out, config, adata, tasks, sources, targets_all, by_task, perts, chosen,
+                             metric_names, ex, timings, t_start, source_desc, digest, n_loaded, pp_info,
+                             transfer_record, left_out, save_model, load_model, command, log)
+    source, target = sources[None], targets_all[None]
     if len(perts) < len(planned):
         keep = target.obs[cfg.spec.condition_key].astype(str).isin(perts).to_numpy()
         target = target[keep].copy()
@@ -301,6 +366,135 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     return record
 
 
+def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
+    """(the reference and query in one AnnData, the reference's preprocessing, context -> Split of the query,
+    the transfer's record) for a run with ``cfg.query`` (:mod:`perturbkit.transfer`)."""
+    from . import data, transfer
+
+    t = time.perf_counter()
+    if cfg.query in data.DATASETS:
+        query, q_digest, q_desc = data.load_any(cfg.query)
+    else:
+        query = data.read_h5ad(cfg.query, "query")
+        q_digest, q_desc = data.sha256(cfg.query), {"dataset": None, "file": str(cfg.query)}
+    timings["load_query_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    tr = transfer.prepare(reference, query, cfg.spec, cfg.preprocessing, keys=cfg.keys(),
+                          integrate=cfg.integrate, min_shared=cfg.min_shared_genes, seed=cfg.seed, log=log)
+    timings["preprocess_s"] = time.perf_counter() - t
+    tasks, skipped = transfer.query_splits(tr)
+    for c, why in skipped.items():
+        log(f"note: query context {c!r} is not predicted: {why}.")
+    unscored = [c for c, s in tasks.items() if not s.info["scored"]]
+    if len(unscored) == len(tasks):
+        log(f"note: the query has no context with >= 3 {cfg.spec.perturbed!r} cells (after "
+            "query_perturbed); its control cells are predicted, nothing is scored.")
+    elif unscored:
+        log(f"note: {len(unscored)} query context(s) have < 3 perturbed cells: predicted, not scored "
+            f"({', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}).")
+    record = {"query": {**q_desc, "sha256": q_digest}, **tr.info,
+              "contexts": {c: s.to_dict(tr.adata.obs_names) for c, s in tasks.items()},
+              "contexts_not_predicted": skipped}
+    return tr.adata, tr.info["reference"]["preprocessing"], tasks, record
+
+
+def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, perts, chosen, metric_names, ex,
+                  timings, t_start, source_desc, digest, n_loaded, pp_info, transfer_record, left_out,
+                  save_model, load_model, command, log) -> dict[str, Any]:
+    """Score every query context with perturbed cells (each context its own rows, ``context`` column), write
+    the outputs and record.json of a reference -> query run."""
+    import anndata as ad
+    import pandas as pd
+
+    from . import _io, data, metrics, pl
+    from . import record as rec
+
+    t = time.perf_counter()
+    tables, effect_tables, top, eval_infos = [], [], {}, {}
+    for label, s in tasks.items():
+        if not s.info["scored"]:
+            continue
+        preds = {name: fits[label].pred(perts) for name, fits in by_task.items()}
+        eff = metrics.effect_table(targets[label], sources[label], condition_key=cfg.spec.condition_key,
+                                   seed=cfg.seed)
+        sc, info = metrics.evaluate_screen(
+            targets[label], preds, sources[label], condition_key=cfg.spec.condition_key,
+            metric_names=metric_names, n_boot=cfg.n_boot, seed=cfg.seed, baseline="control",
+            reference="mean_shift", responsive=eff.perturbation[eff.responsive].tolist(), execution=ex)
+        tables.append(sc.assign(context=label))
+        effect_tables.append(eff.assign(context=label))
+        top[label] = metrics.top_degs(targets[label], sources[label], 100)
+        eval_infos[label] = info
+    scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=["model", "perturbation", *metrics.COLUMNS, "context"])
+    effects = pd.concat(effect_tables, ignore_index=True) if effect_tables else pd.DataFrame(
+        columns=["perturbation", "statistic", "p_value", "q_value", "responsive", "context"])
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["fit_s"] = {n: fits[next(iter(tasks))].timings["fit_s"] for n, fits in by_task.items()}
+    timings["predict_s"] = {n: sum(f.timings["predict_s"] for f in fits.values()) for n, fits in by_task.items()}
+
+    t = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    previous = _io.read_json(out / "record.json", {}).get("outputs", {})
+    _io.remove_stale_temps(out)
+    _io.atomic_write_text(out / PENDING, json.dumps({"kind": RECORD_KIND, "config": config}))
+    if save_model is not None:
+        chosen.save(save_model)
+    pred = ad.concat([by_task[cfg.model][label].pred(perts) for label in tasks])
+    pred.uns["perturbkit"] = {"model": cfg.model, "query": str(cfg.query), "seed": cfg.seed,
+                              "integrate": cfg.integrate, "perturbations": perts}
+    _io.atomic_write_with(out / "pred.h5ad", lambda p: pred.write_h5ad(p))
+    _io.write_csv(out / "scores.csv", scores)
+    _io.write_csv(out / "effects.csv", effects)
+    written = ["pred.h5ad", "scores.csv", "effects.csv"]
+    figures, taken = {}, set()
+    scored = sorted(top, key=lambda c: -len(targets[c]))[:TOP_K]  # the contexts with the most truth cells
+    for label in scored:
+        figures[f"reg_mean_{file_label(label, taken)}"] = pl.reg_mean(
+            targets[label], by_task[cfg.model][label].preds[perts[0]], top_genes=top[label],
+            title=f"{cfg.model}: query {label}, {perts[0]} (seed {cfg.seed}, integrate {cfg.integrate})")
+    for name, fig in figures.items():
+        _io.write_png(out / f"{name}.png", fig, dpi=120)
+    written += [f"{name}.png" for name in figures]
+    for name in previous:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    timings["write_s"] = time.perf_counter() - t
+    timings["total_s"] = time.time() - t_start
+    first = next(iter(tasks))
+    fitted = {name: fits[first] for name, fits in by_task.items()}
+    record = {
+        "kind": RECORD_KIND,
+        "config": config,
+        "command": command,
+        "started": rec.stamp(t_start),
+        "versions": rec.versions(),
+        "platform": rec.platform_info(),
+        "execution": ex.describe(),
+        "determinism": {"seed": cfg.seed, "torch_threads": fitted[cfg.model].threads, "device": ex.device,
+                        "guarantee": ex.guarantee,
+                        "note": "all randomness is drawn from generators seeded with `seed`."},
+        "data": {**source_desc, "sha256": digest, "filter": config["filter"], "n_cells_loaded": n_loaded,
+                 "n_cells": int(transfer_record["reference"]["n_cells"]), "n_genes": int(adata.n_vars)},
+        "spec": cfg.spec.to_dict(),
+        "preprocessing": pp_info,
+        "transfer": transfer_record,
+        "split": {"name": "query", "n_train": int(len(tasks[first].train)),
+                  "contexts": list(tasks), "scored": list(top)},
+        "perturbations": {"predicted": perts, "skipped": {}, "models_left_out": left_out},
+        "models": {name: {"params": f.model.params, "fit": f.model.fit_info} for name, f in fitted.items()},
+        "warnings": [w for f in fitted.values() for w in f.model.fit_info.get("warnings", [])],
+        "loaded_model": str(load_model) if load_model is not None else None,
+        "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95, "per": "query context",
+                       "top_degs": top, "notes": {c: i.get("notes", []) for c, i in eval_infos.items()}},
+        "timings": timings,
+        "outputs": {name: data.sha256(out / name) for name in written},
+    }
+    _io.atomic_write_text(out / "record.json", _io.to_json(record))
+    (out / PENDING).unlink(missing_ok=True)
+    return record
+
+
 def _figures(cfg: PredictConfig, perts, targets, fitted, scores, effects, top, reference) -> dict[str, Any]:
     """name -> Figure: reg_mean for one perturbation; for a screen the heatmap, the comparison with the
     reference baseline and the reg_mean plots of the TOP_K perturbations with the largest effect."""
@@ -358,6 +552,11 @@ def summary(record_or_scores, metrics=SUMMARY_METRICS):
     scores = record_or_scores
     if isinstance(scores, (str, Path)):
         scores = pd.read_csv(Path(scores) / "scores.csv", keep_default_na=False, na_values=[""])
+    if "context" in scores.columns:  # a query: one row per (model, query context)
+        rows = scores[scores.metric.isin(metrics)]
+        wide = rows.pivot_table(index=["model", "context"], columns="metric", values="value", aggfunc="first",
+                                sort=False)
+        return wide[[m for m in metrics if m in wide.columns]]
     if "perturbation" not in scores.columns or not scores.perturbation.isin(SUMMARY_ROWS).any():
         rows = scores[scores.metric.isin(metrics)]
         wide = rows.pivot(index="model", columns="metric", values="value")

@@ -583,3 +583,38 @@ def direction_agreement_top100(d: EvalData) -> float:
     return float(
         np.mean(np.sign(d.pred_mean[i] - d.source_mean[i]) == np.sign(d.truth_mean[i] - d.source_mean[i]))
     )
+
+
+def knn_batch_entropy(embedding: np.ndarray, batch, k: int = 30) -> float:
+    """Batch mixing of an integration: the mean over cells of the Shannon entropy of the batch labels of each
+    cell's ``k`` nearest neighbours (Euclidean, the cell itself excluded), divided by ``log(n_batches)``.
+
+    0: no neighbourhood holds another batch; 1: every neighbourhood holds the batches in equal parts (the
+    kNN batch entropy of Haghverdi et al. 2018, normalised). With one batch it is 0. Neighbours from
+    :class:`sklearn.neighbors.NearestNeighbors` (ties broken by its order).
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    X = np.asarray(embedding, dtype=np.float64)
+    labels = np.asarray(batch).astype(str)
+    if X.ndim != 2 or X.shape[0] != labels.shape[0]:
+        raise ValueError(f"embedding must be cells x dims with one batch label per cell, got {X.shape} and "
+                         f"{labels.shape[0]} labels")
+    names, codes = np.unique(labels, return_inverse=True)
+    if len(names) < 2:
+        return 0.0
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k < X.shape[0]:
+        raise ValueError(f"k must be from 1 to the number of cells - 1 ({X.shape[0] - 1}), got {k!r}")
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
+    # drop each cell itself (the first neighbour, or wherever a duplicate point put it)
+    rows = np.arange(X.shape[0])[:, None]
+    self_pos = np.where((idx == rows).any(axis=1), np.argmax(idx == rows, axis=1), k)
+    keep = np.ones_like(idx, dtype=bool)
+    keep[np.arange(X.shape[0]), self_pos] = False
+    neigh = idx[keep].reshape(X.shape[0], k)
+    counts = np.zeros((X.shape[0], len(names)))
+    np.add.at(counts, (np.repeat(np.arange(X.shape[0]), k), codes[neigh].ravel()), 1.0)
+    p = counts / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ent = -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+    return float(ent.mean() / np.log(len(names)))
