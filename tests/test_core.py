@@ -137,7 +137,7 @@ def test_early_stopping_and_history(syn):
     assert h.stopped_early and h.epochs_run < 50 and h.best_epoch <= h.epochs_run
 
 
-@pytest.mark.parametrize("name", ["scgen", "mean_shift", "control"])
+@pytest.mark.parametrize("name", ["scgen", "mean_shift", "control", "perturbed_mean", "linear"])
 def test_save_load_roundtrip(syn, tmp_path, name):
     spec, train, source, _ = _task(syn)
     params = dict(epochs=2, **SMALL) if name == "scgen" else {}

@@ -207,13 +207,11 @@ def _print_table(out: Path) -> None:
 
 
 def _print_verdicts(scores, *, screen: bool) -> None:
-    """Per metric: the best model and whether any model's interval lies beyond mean_shift's (report.py); for a
-    screen, from the means over its perturbations."""
+    """Per metric: the best model and whether any model's interval lies beyond the best baseline's (report.py);
+    for a screen, from the means over its perturbations."""
     from .pipeline import SUMMARY_METRICS
-    from .report import BASELINE, verdict_lines
+    from .report import verdict_lines
 
-    if BASELINE not in set(scores.model):
-        return
     for line in verdict_lines(scores[scores.perturbation == "mean"] if screen else scores, SUMMARY_METRICS):
         print(line)
 

@@ -74,61 +74,116 @@ def _img(path: Path, caption: str) -> str:
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-#: the baseline every model's score is compared with (the one recent benchmarks find hard to beat)
-BASELINE = "mean_shift"
-#: models that are not contenders: the ceiling (real cells) and models that predict no change
+#: models that are not contenders: the ceiling (real cells)
 NOT_COMPARED = ("ceiling",)
+CEILING = "ceiling"
 
 
-def versus_baseline(rows, baseline: str = BASELINE, value: str = "value"):
-    """Each model's score against ``baseline``'s, per metric, from their intervals.
+def baseline_names() -> set[str]:
+    """The registry names of the baselines (the models whose class says ``BASELINE``)."""
+    from .models import MODELS
+
+    return {name for name, cls in MODELS.items() if cls.BASELINE}
+
+
+def best_baselines(rows, value: str = "value") -> dict[str, str]:
+    """Per metric, the baseline with the best ``value`` in ``rows`` (the first listed on a tie)."""
+    names = baseline_names()
+    base = rows[rows.model.isin(names)]
+    best = {}
+    for metric, sub in base.groupby("metric", sort=False):
+        sub = sub[sub[value] == sub[value]]  # NaN: not a candidate
+        if not sub.empty:
+            hib = bool(sub.higher_is_better.iloc[0])
+            best[metric] = sub.sort_values(value, ascending=not hib, kind="stable").iloc[0]["model"]
+    return best
+
+
+def _compare(lo, hi, blo, bhi, higher_is_better) -> str:
+    if any(v != v for v in (lo, hi, blo, bhi)):  # NaN
+        return "no interval"
+    if lo > bhi or hi < blo:
+        return "better" if (lo > bhi) == bool(higher_is_better) else "worse"
+    return "overlaps"
+
+
+def versus_baseline(rows, baseline: str | None = None, value: str = "value"):
+    """Each model's score against a baseline's, per metric, from their intervals.
 
     ``rows``: one row per (model, metric) with columns ``model, metric, ci_low, ci_high, higher_is_better`` and
-    ``value`` (a ``scores.csv``, or a bench summary with ``value="mean"``). Returns ``model, metric, value,
-    verdict`` for every model but the baseline and the ceiling, ``verdict`` being ``"better"`` (the intervals do
-    not overlap and the model's lies on the better side, whatever the metric's direction), ``"worse"``,
-    ``"overlaps"``, or ``"no interval"`` (either interval missing, e.g. ``n_boot = 0`` or one seed). Metrics the
-    baseline lacks are left out.
+    ``value`` (a ``scores.csv``, or a bench summary with ``value="mean"``). ``baseline``: a model label, or None
+    (default) for the best baseline of each metric (:func:`best_baselines`; then the baselines themselves are
+    not compared). Returns ``model, metric, value, baseline, verdict`` for every compared model (never the
+    ceiling), ``verdict`` being ``"better"`` (the intervals do not overlap and the model's lies on the better
+    side, whatever the metric's direction), ``"worse"``, ``"overlaps"``, or ``"no interval"`` (either interval
+    missing, e.g. ``n_boot = 0`` or one seed). Metrics without the baseline are left out.
     """
     import pandas as pd
 
-    base = rows[rows.model == baseline].drop_duplicates("metric").set_index("metric")
+    columns = ["model", "metric", "value", "baseline", "verdict"]
+    if baseline is None:
+        chosen, skip = best_baselines(rows, value), baseline_names()
+    else:
+        chosen, skip = {m: baseline for m in set(rows.metric)}, {baseline}
     out = []
-    for r in rows[~rows.model.isin((baseline, *NOT_COMPARED))].itertuples(index=False):
-        if r.metric not in base.index:
+    for r in rows[~rows.model.isin((*skip, *NOT_COMPARED))].itertuples(index=False):
+        if r.metric not in chosen:
             continue
-        b = base.loc[r.metric]
-        lo, hi, blo, bhi = r.ci_low, r.ci_high, b.ci_low, b.ci_high
-        if any(v != v for v in (lo, hi, blo, bhi)):  # NaN
-            verdict = "no interval"
-        elif lo > bhi or hi < blo:
-            verdict = "better" if (lo > bhi) == bool(r.higher_is_better) else "worse"
-        else:
-            verdict = "overlaps"
-        out.append({"model": r.model, "metric": r.metric, "value": getattr(r, value), "verdict": verdict})
-    return pd.DataFrame(out, columns=["model", "metric", "value", "verdict"])
+        b = rows[(rows.model == chosen[r.metric]) & (rows.metric == r.metric)]
+        if b.empty:
+            continue
+        b = b.iloc[0]
+        out.append({"model": r.model, "metric": r.metric, "value": getattr(r, value),
+                    "baseline": chosen[r.metric],
+                    "verdict": _compare(r.ci_low, r.ci_high, b.ci_low, b.ci_high, r.higher_is_better)})
+    return pd.DataFrame(out, columns=columns)
 
 
-def verdict_lines(rows, metrics, baseline: str = BASELINE, value: str = "value") -> list[str]:
-    """One plain sentence per metric: the best model (by ``value``, the ceiling left out) and which models beat
-    ``baseline`` with non-overlapping intervals, or that none does."""
+def at_ceiling(rows, model: str, metric: str) -> bool:
+    """Whether ``model``'s interval of ``metric`` overlaps the ceiling's (both present): on such data no model
+    can be shown to do better than ``model``."""
+    mine = rows[(rows.model == model) & (rows.metric == metric)]
+    top = rows[(rows.model == CEILING) & (rows.metric == metric)]
+    if mine.empty or top.empty:
+        return False
+    a, c = mine.iloc[0], top.iloc[0]
+    return _compare(a.ci_low, a.ci_high, c.ci_low, c.ci_high, a.higher_is_better) == "overlaps"
+
+
+def verdict_lines(rows, metrics, baseline: str | None = None, value: str = "value") -> list[str]:
+    """One plain sentence per metric: the best model (by ``value``, the ceiling left out), the best baseline
+    (or ``baseline``), which models beat it with non-overlapping intervals (and by how much), or that none
+    does; and, where the baseline's interval overlaps the ceiling's, that no model can be shown to beat it on
+    this data."""
     vs = versus_baseline(rows, baseline, value)
+    bests = best_baselines(rows, value) if baseline is None else {m: baseline for m in metrics}
     lines = []
     for metric in metrics:
         mine = rows[(rows.metric == metric) & ~rows.model.isin(NOT_COMPARED)]
-        if mine.empty or baseline not in set(mine.model):
+        base = bests.get(metric)
+        if mine.empty or base is None or base not in set(mine.model):
             continue
         hib = bool(mine.higher_is_better.iloc[0])
         best = mine.sort_values(value, ascending=not hib, kind="stable").iloc[0]
-        winners = vs[(vs.metric == metric) & (vs.verdict == "better")].model.tolist()
-        if winners:
-            beat = f"{', '.join(winners)} {'beats' if len(winners) == 1 else 'beat'} {baseline}"
-        elif vs[(vs.metric == metric)].verdict.eq("no interval").all():
-            beat = f"no intervals to compare with {baseline}"
+        base_value = float(mine[mine.model == base][value].iloc[0])
+        which = f"best baseline {base} ({base_value:.3f})" if baseline is None else base
+        mv = vs[vs.metric == metric]
+        winners = mv[mv.verdict == "better"]
+        if mv.empty:
+            beat = "only baselines were scored"
+        elif len(winners):
+            by = ", ".join(f"{w.model} (by {abs(float(w.value) - base_value):.3f})"
+                           for w in winners.itertuples(index=False))
+            beat = f"{by} {'beats' if len(winners) == 1 else 'beat'} it"
+        elif mv.verdict.eq("no interval").all():
+            beat = "no intervals to compare with it"
         else:
-            beat = f"no model beats {baseline}"
-        lines.append(f"{metric} ({'higher' if hib else 'lower'} is better): best {best['model']} "
-                     f"({best[value]:.3f}); {beat}")
+            beat = "no model beats it"
+        line = (f"{metric} ({'higher' if hib else 'lower'} is better): best {best['model']} "
+                f"({best[value]:.3f}); {which}: {beat}")
+        if at_ceiling(rows, base, metric):
+            line += f"; {base} reaches the ceiling's interval: no model can be shown to beat it on this data"
+        lines.append(line)
     return lines
 
 

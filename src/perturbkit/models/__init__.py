@@ -1,7 +1,7 @@
 """Models: a literal registry of name -> class. Baselines need no torch; VAE models import it on use."""
 
 from ._base import Model
-from .baselines import Additive, Control, MeanShift
+from .baselines import Additive, Control, Linear, MeanShift, PerturbedMean
 from .cellot import CellOT
 from .scgen import ScGen
 from .scpram import ScPRAM
@@ -13,11 +13,13 @@ MODELS: dict[str, type[Model]] = {
     "control": Control,
     "mean_shift": MeanShift,
     "additive": Additive,
+    "perturbed_mean": PerturbedMean,
+    "linear": Linear,
 }
 
 Model.registry = MODELS  # what Model.load looks saved models up in (the same dict: registering here is enough)
 
-BASELINES = ("control", "mean_shift")
+BASELINES = ("control", "mean_shift", "perturbed_mean", "linear")
 #: the baselines added where combinations are predicted
 COMBINATION_BASELINES = ("additive",)
 
@@ -33,4 +35,4 @@ def get(name: str, **params) -> Model:
 
 
 __all__ = ["MODELS", "BASELINES", "COMBINATION_BASELINES", "Model", "ScGen", "ScPRAM", "CellOT", "Additive",
-           "Control", "MeanShift", "get"]
+           "Control", "Linear", "MeanShift", "PerturbedMean", "get"]

@@ -48,6 +48,8 @@ class Model:
     COST: ClassVar[float] = 0.0
     #: True for a model whose prediction is its input unchanged (it has no response, nor DEGs, of its own)
     NO_CHANGE: ClassVar[bool] = False
+    #: True for a baseline: a model every benchmark sets beside the others (verdicts compare with the best one)
+    BASELINE: ClassVar[bool] = False
     #: True for a model that predicts a combination ``A+B`` it never saw from its singles ``A`` and ``B``
     COMBINES: ClassVar[bool] = False
 
