@@ -1,0 +1,226 @@
+"""Data that stays on disk (perturbkit.ondisk): chunked reads and checks with the in-memory verdicts, out-of-core
+preprocessing that selects the in-memory genes and values, and files that are truncated or change while read."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import perturbkit as pk
+from perturbkit import ondisk
+from perturbkit.errors import InputError
+from perturbkit.spec import Preprocessing
+
+
+def counts(n_cells: int = 300, n_genes: int = 120, seed: int = 0, density: float = 0.3) -> ad.AnnData:
+    """Seeded raw counts (CSR int) with gene-specific means and dispersions, a perturbed condition that raises
+    the first 10 genes, and two contexts."""
+    rng = np.random.default_rng(seed)
+    mean = rng.gamma(0.6, 3.0, size=n_genes)
+    cond = np.repeat(["control", "stimulated"], n_cells // 2)
+    lam = mean[None, :] * rng.gamma(2.0, 0.5, size=(n_cells, n_genes))
+    lam[cond == "stimulated", :10] *= 4
+    X = rng.poisson(lam) * (rng.random((n_cells, n_genes)) < density + 0.5 * (lam > 3))
+    obs = pd.DataFrame({"condition": pd.Categorical(cond),
+                        "cell_type": pd.Categorical(np.tile(["a", "b"], n_cells // 2))},
+                       index=[f"c{i}" for i in range(n_cells)])
+    return ad.AnnData(sp.csr_matrix(X.astype(np.float32)), obs=obs,
+                      var=pd.DataFrame(index=[f"g{j}" for j in range(n_genes)]))
+
+
+def write(adata, path, dense: bool = False):
+    adata = adata.copy()
+    if dense and sp.issparse(adata.X):
+        adata.X = adata.X.toarray()
+    adata.write_h5ad(path)
+    return path
+
+
+def same(ref: ad.AnnData, od: ondisk.OnDisk) -> None:
+    """The on-disk result has the in-memory genes, byte-identical values and scanpy's var columns (1e-6)."""
+    assert list(od.var_names) == list(ref.var_names)
+    got = od.to_memory()
+    want = sp.csr_matrix(ref.X)
+    assert got.X.dtype == want.dtype == np.float32
+    assert (got.X != want).nnz == 0
+    for col in ("means", "dispersions", "dispersions_norm"):
+        if col in ref.var:
+            np.testing.assert_allclose(got.var[col].to_numpy(float), ref.var[col].to_numpy(float),
+                                       rtol=0, atol=1e-6, equal_nan=True)
+    assert list(got.obs_names) == list(ref.obs_names)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+@pytest.mark.parametrize("flavor", ["seurat", "cell_ranger"])
+def test_preprocess_to_disk_is_the_in_memory_result(tmp_path, dense, flavor):
+    adata = counts()
+    pp = Preprocessing(n_top_genes=40, hvg_flavor=flavor)
+    ref, info = pk.data.preprocess(adata, pp, log=lambda m: None)
+    src = write(adata, tmp_path / "in.h5ad", dense)
+    with ondisk.OnDisk(src, chunk_size=37) as od_in:  # 300 rows: 9 chunks, the last one short
+        od, info2 = ondisk.preprocess_to_disk(od_in, pp, tmp_path / "pp.h5ad", log=lambda m: None)
+    with od:
+        same(ref, od)
+        assert od.X.format == "csr"
+        assert list(od.uns[pk._keys.UNS_PREPROCESS]["steps"]) == info["steps"]
+    assert info2 == info
+
+
+def test_kang_selects_the_in_memory_genes(tmp_path):
+    """The bundled Kang data: the 2,000 genes and the values of pk.data.preprocess, in 5 chunks."""
+    ref, info = pk.data.preprocess(pk.data.load("kang2018"), log=lambda m: None)
+    with ondisk.OnDisk(pk.data.dataset_path("kang2018"), chunk_size=3000) as src:
+        od, info2 = ondisk.preprocess_to_disk(src, Preprocessing(), tmp_path / "kang.h5ad", log=lambda m: None)
+    with od:
+        assert od.n_vars == 2000
+        same(ref, od)
+    assert info2 == info
+
+
+def test_log_data_and_all_genes(tmp_path):
+    """Log-normalised input is used as is; n_top_genes=0 and n_top_genes > genes keep every gene."""
+    adata = pk.data.synthetic(n_cells=40, n_genes=30)
+    src = write(adata, tmp_path / "log.h5ad")
+    for n_top in (0, 50):
+        pp = Preprocessing(n_top_genes=n_top)
+        ref, info = pk.data.preprocess(adata, pp, log=lambda m: None)
+        od, info2 = ondisk.preprocess_to_disk(src, pp, tmp_path / f"pp{n_top}.h5ad", log=lambda m: None)
+        with od:
+            same(ref, od)
+        assert info2 == info
+
+
+def test_reads_rows_in_any_order(tmp_path):
+    adata = counts(n_cells=100, n_genes=20)
+    for dense in (False, True):
+        with ondisk.OnDisk(write(adata, tmp_path / f"x{dense}.h5ad", dense), chunk_size=16) as od:
+            full = sp.csr_matrix(adata.X).toarray()
+            dense_of = (lambda b: b.toarray() if sp.issparse(b) else b)
+            idx = np.array([7, 3, 3, 99, 0])
+            np.testing.assert_array_equal(dense_of(od.X.take(idx)), full[idx])
+            np.testing.assert_array_equal(dense_of(od.X[10:20]), full[10:20])
+            order = np.random.default_rng(0).permutation(100)
+            got = [(i, dense_of(b)) for i, b in od.X.chunks(rows=order)]
+            assert [len(i) for i, _b in got] == [16] * 6 + [4]
+            for i, b in got:
+                np.testing.assert_array_equal(b, full[i])
+            assert [(s, e) for s, e, _b in od.X.chunks()] == [(s, min(s + 16, 100)) for s in range(0, 100, 16)]
+
+
+def bad_matrices():
+    base = counts(n_cells=60, n_genes=12).X.toarray()
+    nan, neg, big = base.copy(), base.copy(), base.astype(np.float64)
+    nan[5, 3] = nan[50, 1] = np.nan
+    nan[40, 2] = np.inf
+    neg[45, 4] = -2.5
+    big[55, 0] = 1e300
+    return {"nan": nan, "negative": neg, "too large": big, "zeros": np.zeros_like(base)}
+
+
+@pytest.mark.parametrize("case", ["nan", "negative", "too large", "zeros", "dup genes", "dup cells"])
+@pytest.mark.parametrize("dense", [False, True])
+def test_chunked_checks_give_the_in_memory_verdicts(tmp_path, case, dense):
+    adata = counts(n_cells=60, n_genes=12)
+    if case in bad_matrices():
+        adata.X = bad_matrices()[case]
+        if not dense:  # keep the bad values as stored entries
+            adata.X = sp.csr_matrix(np.where(adata.X == 0, 0, adata.X))
+    elif case == "dup genes":
+        adata.var_names = ["g0"] * 2 + list(adata.var_names[2:])
+    else:
+        adata.obs_names = list(adata.obs_names[:-1]) + ["c0"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        src = write(adata, tmp_path / "bad.h5ad", dense)
+    with pytest.raises(InputError) as want:
+        pk.data.preprocess(adata, log=lambda m: None)
+    with pytest.raises(InputError) as got:
+        with ondisk.OnDisk(src, chunk_size=7) as od:
+            ondisk.preprocess_to_disk(od, Preprocessing(), tmp_path / "pp.h5ad", log=lambda m: None)
+    assert str(got.value) == str(want.value)
+    assert not list(tmp_path.glob("*pp.h5ad*"))  # nothing written, not even a temporary file
+    if case != "zeros":  # check_matrix alone, in chunks, on a freshly opened file
+        with ondisk.OnDisk(src, chunk_size=7) as od, pytest.raises(InputError) as alone:
+            pk.data.check_matrix(od)
+        assert str(alone.value) == str(want.value)
+
+
+def test_validate_takes_an_on_disk_file(syn_path, syn):
+    spec = pk.PerturbSpec()
+    with ondisk.OnDisk(syn_path, chunk_size=50) as od:
+        pk.data.validate(od, spec, holdout="ctx1")
+        with pytest.raises(InputError, match="holdout 'ctx9' is not a value"):
+            pk.data.validate(od, spec, holdout="ctx9")
+    assert ondisk.value_stats(syn.X) == ondisk.value_stats(ondisk.OnDisk(syn_path, chunk_size=50).X)
+
+
+def test_csc_and_unknown_flavour_are_refused(tmp_path):
+    adata = counts(n_cells=40, n_genes=20)
+    adata.X = sp.csc_matrix(adata.X)
+    src = write(adata, tmp_path / "csc.h5ad")
+    with pytest.raises(InputError, match=r"stored as CSC .* adata.X = adata.X.tocsr\(\)"):
+        ondisk.OnDisk(src)
+    with pytest.raises(InputError, match="hvg_flavor 'seurat_v3' cannot be computed in chunks"):
+        ondisk.preprocess_to_disk(write(counts(40, 20), tmp_path / "csr.h5ad"),
+                                  Preprocessing(n_top_genes=5, hvg_flavor="seurat_v3"), tmp_path / "pp.h5ad")
+
+
+def test_truncated_file_stops_with_one_line(tmp_path):
+    src = write(counts(n_cells=400, n_genes=60), tmp_path / "in.h5ad")
+    size = src.stat().st_size
+    cache = tmp_path / "cache"
+    for keep in (size // 2, size - 100):
+        with open(src, "r+b") as fh:
+            fh.truncate(keep)
+        with pytest.raises(InputError, match="truncated or corrupt") as err:
+            ondisk.preprocessed(src, Preprocessing(n_top_genes=20), cache, log=lambda m: None)
+        assert "\n" not in str(err.value)
+        assert not cache.exists() or not list(cache.iterdir())
+
+
+# read 1: the rows that tell counts; 2-9: the first pass; 10-17: the second (writing) pass
+@pytest.mark.parametrize("when", [3, 12])
+def test_file_changing_while_read_leaves_no_cache(tmp_path, monkeypatch, when):
+    src = write(counts(n_cells=400, n_genes=60), tmp_path / "in.h5ad")
+    cache = tmp_path / "cache"
+    reads = {"n": 0}
+    rows = ondisk.DiskMatrix.rows
+
+    def rows_then_touch(self, start, stop):
+        out = rows(self, start, stop)
+        reads["n"] += 1
+        if reads["n"] == when:  # another process rewrites the file in place
+            st = os.stat(src)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        return out
+
+    monkeypatch.setattr(ondisk.DiskMatrix, "rows", rows_then_touch)
+    monkeypatch.setattr(ondisk, "chunk_rows", lambda n_vars, budget=0: 50)  # 8 chunks per pass
+    with pytest.raises(InputError, match="changed .*while it was read .* nothing was written") as err:
+        ondisk.preprocessed(src, Preprocessing(n_top_genes=20), cache, log=lambda m: None)
+    assert "\n" not in str(err.value)
+    assert reads["n"] == when  # the next read stopped before reading
+    assert not cache.exists() or not list(cache.iterdir())  # no cache, no temporary file
+
+
+def test_preprocessed_caches_one_file_per_input_and_settings(tmp_path):
+    src = write(counts(n_cells=80, n_genes=30), tmp_path / "in.h5ad")
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+    od, info = ondisk.preprocessed(src, Preprocessing(n_top_genes=10), cache, log=lines.append)
+    od.close()
+    od2, info2 = ondisk.preprocessed(src, Preprocessing(n_top_genes=10), cache, log=lines.append)
+    od3, _ = ondisk.preprocessed(src, Preprocessing(n_top_genes=12), cache, log=lines.append)
+    assert od2.path == od.path != od3.path
+    assert od.path.name == f"data-{ondisk.cache_key(pk.data.sha256(src), Preprocessing(n_top_genes=10))}.h5ad"
+    assert "read from the cache" in lines[1] and "out of core" in lines[0]
+    assert info2["steps"] == info["steps"] and od2.n_vars == 10 and od3.n_vars == 12
+    assert sorted(p.name for p in cache.iterdir()) == sorted([od.path.name, od3.path.name])
+    od2.close()
+    od3.close()
