@@ -28,7 +28,8 @@ def _add_spec(p: argparse.ArgumentParser) -> None:
 
 def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
-        p.add_argument("--data", default="kang2018", help="bundled dataset name or path of an .h5ad file")
+        p.add_argument("--data", default="kang2018",
+                       help="registered dataset (perturbkit list datasets) or path of an .h5ad file")
         from .models import MODELS
 
         p.add_argument("--model", default="scgen", help=", ".join(MODELS) + " (perturbkit list models)")

@@ -177,6 +177,10 @@ def prepare(reference, query, spec: PerturbSpec, pp: Preprocessing = Preprocessi
     ref_pp, q_pp = ref_pp[:, shared].copy(), q_pp[:, shared].copy()
     ref_pp.obs[STUDY_KEY], q_pp.obs[STUDY_KEY] = REFERENCE, QUERY
     cols = [spec.condition_key, spec.context_key, STUDY_KEY]
+    if spec.donor_key is not None:  # kept (a query without the column: its donor is "query")
+        if spec.donor_key not in q_pp.obs.columns:
+            q_pp.obs[spec.donor_key] = QUERY
+        cols.append(spec.donor_key)
     both = ad.AnnData(X=_vstack(ref_pp.X, q_pp.X),
                       obs=_concat_obs(ref_pp.obs[cols], q_pp.obs[cols]),
                       var=ref_pp.var[[]].copy())
@@ -304,33 +308,44 @@ def mixing(adata, *, k: int = 30, n_pcs: int = 30, max_cells: int = 3000, seed: 
     return {"score": knn_batch_entropy(emb, batch, k=kk), "k": kk, "n_pcs": n_comp, "n_cells": int(len(rows))}
 
 
-def query_splits(t: Transfer, *, min_cells: int = 3) -> tuple[dict[str, Any], dict[str, str]]:
-    """(context -> :class:`~perturbkit.split.Split` into ``t.adata``, context -> why it is not predicted):
-    every query context with at least ``min_cells`` control cells is a task; its target is empty when the
-    query has fewer than ``min_cells`` perturbed cells there (predicted, not scored)."""
+def query_split(adata, spec: PerturbSpec, context: str, *, min_cells: int = 3):
+    """The :class:`~perturbkit.split.Split` of one query context in a prepared AnnData (:func:`prepare`):
+    train = every reference cell; source = the query's control cells of ``context``; target = its perturbed
+    cells (empty, and ``info["scored"]`` False, when fewer than ``min_cells``). None when the context has
+    fewer than ``min_cells`` control cells in the query."""
     from .split import Split
 
-    spec, obs = t.spec, t.adata.obs
+    obs = adata.obs
     study = obs[STUDY_KEY].astype(str).to_numpy()
     cond = obs[spec.condition_key].astype(str).to_numpy()
-    ctx = obs[spec.context_key].astype(str).to_numpy()
-    train = np.flatnonzero(study == REFERENCE)
-    in_q = study == QUERY
+    here = (study == QUERY) & (obs[spec.context_key].astype(str).to_numpy() == context)
+    source = np.flatnonzero(here & (cond == spec.control))
+    target = np.flatnonzero(here & (cond == spec.perturbed))
+    if len(source) < min_cells:
+        return None
+    scored = len(target) >= min_cells
+    return Split(train=np.flatnonzero(study == REFERENCE), source=source, target=target if scored else target[:0],
+                 name=f"query:{context}", info={"scenario": "query", "context": context, "scored": scored,
+                                                "perturbations": [spec.perturbed]})
+
+
+def query_splits(t: Transfer, *, min_cells: int = 3) -> tuple[dict[str, Any], dict[str, str]]:
+    """(context -> :func:`query_split`, context -> why it is not predicted) for every query context: a
+    context with at least ``min_cells`` control cells is a task (scored where it has ``min_cells`` perturbed
+    cells too)."""
+    spec, obs = t.spec, t.adata.obs
+    in_q = obs[STUDY_KEY].astype(str).to_numpy() == QUERY
     splits, skipped = {}, {}
-    for c in sorted(set(ctx[in_q])):
-        source = np.flatnonzero(in_q & (ctx == c) & (cond == spec.control))
-        target = np.flatnonzero(in_q & (ctx == c) & (cond == spec.perturbed))
-        if len(source) < min_cells:
-            skipped[c] = f"{len(source)} control cells in the query (fewer than {min_cells} to predict from)"
-            continue
-        scored = len(target) >= min_cells
-        splits[c] = Split(train=train, source=source, target=target if scored else target[:0],
-                          name=f"query:{c}", info={"scenario": "query", "context": c, "scored": scored,
-                                                   "perturbations": [spec.perturbed]})
+    for c in sorted(set(obs[spec.context_key].astype(str).to_numpy()[in_q])):
+        s = query_split(t.adata, spec, c, min_cells=min_cells)
+        if s is None:
+            skipped[c] = f"fewer than {min_cells} control cells in the query to predict from"
+        else:
+            splits[c] = s
     if not splits:
         raise InputError(f"query: no context of obs[{spec.context_key!r}] has >= {min_cells} control cells to "
-                         "predict from; " + "; ".join(f"{c}: {w}" for c, w in skipped.items())
-                         + ". Check query_context_key and query_control.", params=("query_context_key",))
+                         "predict from (" + "; ".join(f"{c}: {w}" for c, w in skipped.items())
+                         + "). Check query_context_key and query_control.", params=("query_context_key",))
     return splits, skipped
 
 

@@ -134,7 +134,8 @@ class Context:
 
         key = (sd.scenario, sd.key)
         if key not in self._splits:
-            scenario, adata = SCENARIOS[sd.scenario], self.data()
+            scenario = SCENARIOS[sd.scenario]
+            adata = scenario.task_data(sd, self)
             where = scenario.cells_filter(self.cfg.scenarios[sd.scenario])
             if not where:
                 self._splits[key] = scenario.split(sd, adata, self.spec)

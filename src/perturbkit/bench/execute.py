@@ -41,7 +41,9 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     if done is not None:
         return done
     started, t_start = rec.stamp(), time.perf_counter()
-    adata, spec = ctx.data(), ctx.spec
+    from ..scenarios import SCENARIOS
+
+    adata, spec = SCENARIOS[cell.scenario].task_data(cell.split, ctx), ctx.spec
     s = ctx.split(cell.split)
     train, source, target = s.subsets(adata)
     mc = cfg.model(cell.model)

@@ -13,6 +13,7 @@ from ._base import (Aggregation, Contexts, Scenario, SplitDef, Table, choose_con
 from ._screen import ScreenScenario
 from .context_transfer import ContextTransfer, ContextTransferConfig
 from .cross_donor import CrossDonor, CrossDonorConfig
+from .cross_study import CrossStudy, CrossStudyConfig
 from .loco import Loco, LocoConfig
 from .unbalanced import Unbalanced, UnbalancedConfig
 from .unseen_combination import UnseenCombination, UnseenCombinationConfig
@@ -20,9 +21,9 @@ from .unseen_combination import UnseenCombination, UnseenCombinationConfig
 #: ``[scenarios.NAME]`` -> its scenario, in planning order (a scenario may use the tasks of those before it)
 SCENARIOS: dict[str, type[Scenario]] = {"loco": Loco, "unbalanced": Unbalanced, "cross_donor": CrossDonor,
                                         "context_transfer": ContextTransfer,
-                                        "unseen_combination": UnseenCombination}
+                                        "unseen_combination": UnseenCombination, "cross_study": CrossStudy}
 
 __all__ = ["SCENARIOS", "Aggregation", "ContextTransfer", "ContextTransferConfig", "Contexts", "CrossDonor",
-           "CrossDonorConfig", "Loco", "LocoConfig", "Scenario", "ScreenScenario", "SplitDef", "Table",
+           "CrossDonorConfig", "CrossStudy", "CrossStudyConfig", "Loco", "LocoConfig", "Scenario", "ScreenScenario", "SplitDef", "Table",
            "Unbalanced", "UnbalancedConfig", "UnseenCombination", "UnseenCombinationConfig",
            "choose_contexts", "context_counts", "filtered_rows", "slug", "unique_slugs"]

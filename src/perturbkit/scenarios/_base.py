@@ -110,6 +110,13 @@ class Scenario:
         raise NotImplementedError
 
     @classmethod
+    def task_data(cls, sd: SplitDef, ctx):
+        """The AnnData the task ``sd`` is split from and run on: the run's one preprocessed input
+        (``ctx.data()``), unless the scenario makes its own (cross_study: a reference and a shifted query,
+        each preprocessed its own way)."""
+        return ctx.data()
+
+    @classmethod
     def baselines(cls) -> tuple[str, ...]:
         """Registry names of the baselines the scenario adds to the config's models (with
         ``evaluation.baselines``), beside ``control`` and ``mean_shift``."""
