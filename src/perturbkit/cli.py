@@ -287,7 +287,7 @@ def cmd_list(args) -> int:
         from .models import MODELS
 
         for name, cls in MODELS.items():
-            print(f"{name:12s} {cls.summary()}")
+            print(f"{name:15s} {cls.summary()}")
     else:
         from .data import DATASETS, dataset_status
 

@@ -126,8 +126,7 @@ class PerturbedMean(Model):
 
 
 class Linear(MeanShift):
-    """The linear baseline: the mean shift plus a ridge-regressed linear function of the context's control
-    profile in a PCA space of the training data.
+    """The linear baseline: the mean shift plus a ridge map of the context's control profile in PCA space.
 
     In the spirit of Ahlmann-Eltze, Huber & Anders (Nat Methods 2025), whose linear model ``Y ~ G W P^T`` (``G``:
     a PCA gene embedding of the training data, ``P``: a condition embedding, ``W`` by ridge regression) matched or
