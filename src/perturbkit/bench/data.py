@@ -64,19 +64,14 @@ class Context:
         return self._digest
 
     def cache_file(self) -> Path | None:
-        """Where the preprocessed data is cached (None without a run directory)."""
-        import hashlib
-
-        from ..config import plain
+        """Where the preprocessed data is cached (None without a run directory); the key is
+        :func:`perturbkit.ondisk.cache_key`, which names the out-of-core cache too."""
+        from ..ondisk import cache_key
 
         if self.out is None:
             return None
-        key = {"sha256": self.digest, "preprocessing": plain(self.cfg.preprocessing),
-               "spec": self.spec.to_dict()}
-        if self.cfg.data.filter:
-            key["filter"] = plain(self.cfg.data.filter)
-        key = json.dumps(key, sort_keys=True)
-        return self.out / CACHE_DIR / f"data-{hashlib.sha256(key.encode()).hexdigest()[:16]}.h5ad"
+        key = cache_key(self.digest, self.cfg.preprocessing, self.spec, self.cfg.data.filter)
+        return self.out / CACHE_DIR / f"data-{key}.h5ad"
 
     def _preprocessed(self):
         from .. import data
