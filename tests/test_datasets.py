@@ -127,7 +127,7 @@ def test_first_fetch_records_the_sha256_and_later_uses_reuse_the_cache(server, t
 
 def test_a_file_changed_on_disk_is_refused_until_fetched_again(server, tmp_path, capsys):
     assert main(["data", "fetch", NAME, "--no-progress"]) == 0
-    path, _ = cached(tmp_path)
+    path, record = cached(tmp_path)
     good = hashlib.sha256(server.body).hexdigest()
     with open(path, "r+b") as fh:
         fh.seek(-8, 2)
@@ -148,6 +148,11 @@ def test_a_file_changed_on_disk_is_refused_until_fetched_again(server, tmp_path,
     # --force downloads again and records the sha256: the data set is usable again
     assert main(["data", "fetch", NAME, "--force", "--no-progress"]) == 0 and server.requests == 2
     assert path.read_bytes() == server.body and pk.data.load(NAME).n_obs == 20
+    # a file without its record cannot be checked: refused, with the same fix
+    record.unlink()
+    with pytest.raises(InputError, match=rf"no recorded sha256 .*perturbkit data fetch {NAME} --force"):
+        pk.data.load(NAME)
+    assert pk.data.dataset_status(NAME) == "not fetched"
 
 
 def test_a_file_changed_on_the_server_is_refused_and_not_kept(server, tmp_path, capsys):
@@ -202,6 +207,12 @@ def test_unknown_and_unfetched_names_say_what_to_do(server, tmp_path, capsys):
     assert server.requests == 0
 
 
+def test_bundled_data_missing_from_an_install_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("PERTURBKIT_DATA", str(tmp_path))  # a folder without the bundled files
+    with pytest.raises(InputError, match="Bundled dataset 'kang2018' not found at .*lacks its data files"):
+        pk.data.load("kang2018")
+
+
 def test_registry_entries_name_an_address_and_a_paper():
     fetched = {n: ds for n, ds in pk.data.DATASETS.items() if not ds.bundled}
     assert {"dong2023", "hagai2018", "srivatsan2020_sciplex3", "haber2017", "norman2019",
@@ -212,6 +223,14 @@ def test_registry_entries_name_an_address_and_a_paper():
             assert len(ds.sha256) == 64 and (Path(pk.data.__file__).parent / "datasets" / ds.file).exists()
         else:
             assert ds.sha256 is None and ds.url.startswith("https://") and ds.url.endswith(".h5ad")
+
+
+def test_docs_list_every_registered_dataset():
+    page = (ROOT / "docs" / "data.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in page.splitlines() if line.startswith("| `")}
+    assert set(rows) == set(pk.data.DATASETS)
+    for name, ds in pk.data.DATASETS.items():
+        assert ds.doi in rows[name] and ("bundled" if ds.bundled else ds.url) in rows[name]
 
 
 def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):

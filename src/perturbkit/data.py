@@ -129,7 +129,7 @@ DATASETS: dict[str, Dataset] = {
         file="srivatsan_2020_sciplex3.h5ad",
         sha256=None,
         reference="Srivatsan SR et al. Massively multiplex chemical transcriptomics at single-cell resolution. "
-        "Science 367, 45-51 (2020) (sci-Plex 3: A549, K562, MCF7 with 188 compounds at 4 doses)",
+        "Science 367, 45-51 (2020) (sci-Plex 3: A549, K562, MCF7 with 188 compounds in dose series)",
         doi="10.1126/science.aax6234",
         accession="GEO GSE139944",
         spec=PerturbSpec(),
