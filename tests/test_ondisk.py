@@ -224,3 +224,16 @@ def test_preprocessed_caches_one_file_per_input_and_settings(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == sorted([od.path.name, od3.path.name])
     od2.close()
     od3.close()
+
+
+def test_preprocessed_validates_the_spec_and_holdout(tmp_path):
+    src = write(counts(n_cells=80, n_genes=30), tmp_path / "in.h5ad")
+    cache, spec, pp = tmp_path / "cache", pk.PerturbSpec(), Preprocessing(n_top_genes=10)
+    with pytest.raises(InputError, match="holdout 'z' is not a value"):
+        ondisk.preprocessed(src, pp, cache, spec=spec, holdout="z", log=lambda m: None)
+    assert not cache.exists() or not list(cache.iterdir())
+    od, info = ondisk.preprocessed(src, pp, cache, spec=spec, holdout="a", log=lambda m: None)
+    od.close()
+    assert info["sha256"] == pk.data.sha256(src) and od.path.name == f"data-{ondisk.cache_key(info['sha256'], pp, spec)}.h5ad"
+    with pytest.raises(InputError, match="holdout 'z' is not a value"):  # the cached file is checked too
+        ondisk.preprocessed(src, pp, cache, spec=spec, holdout="z", log=lambda m: None)

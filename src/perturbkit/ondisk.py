@@ -523,7 +523,7 @@ def _plan(src: OnDisk, pp) -> tuple[bool, bool]:
 
 
 def preprocess_to_disk(src: OnDisk | str | os.PathLike, pp=None, path: str | os.PathLike | None = None, *,
-                       spec=None, log=print) -> tuple[OnDisk, dict]:
+                       spec=None, holdout: str | None = None, log=print) -> tuple[OnDisk, dict]:
     """:func:`perturbkit.data.preprocess` out of core: the preprocessed data written to ``path`` (an .h5ad with a
     CSR X of the selected genes, float32) and opened from there; returns ``(OnDisk, info)``.
 
@@ -533,7 +533,8 @@ def preprocess_to_disk(src: OnDisk | str | os.PathLike, pp=None, path: str | os.
     selected genes to a temporary file, renamed onto ``path`` when complete. The same warnings and ``info`` as
     :func:`~perturbkit.data.preprocess`; ``obs``, ``var`` (with scanpy's HVG columns) and ``uns`` are kept,
     ``layers``, ``obsm`` and the like are not. The input's X may be dense or CSR; the output's is CSR. With
-    ``spec``, the input is checked by :func:`perturbkit.data.validate` (from the first pass's values).
+    ``spec``, the input is checked by :func:`perturbkit.data.validate` (with ``holdout``; from the first pass's
+    values, so after one read of the file).
     """
     from .data import _top_variable, check_matrix, validate
     from .spec import Preprocessing
@@ -568,7 +569,7 @@ def preprocess_to_disk(src: OnDisk | str | os.PathLike, pp=None, path: str | os.
         src.X.stats = scan.result()
         # the in-memory verdicts, from the values just scanned (no second scan)
         if spec is not None:
-            validate(src, spec)
+            validate(src, spec, holdout=holdout)
         else:
             check_matrix(src)
         vmax = src.X.stats.max or 0.0
@@ -677,12 +678,13 @@ def cache_key(digest: str, preprocessing, spec=None, filter: dict | None = None)
 
 
 def preprocessed(path: str | os.PathLike, pp=None, cache_dir: str | os.PathLike | None = None, *, spec=None,
-                 log=print) -> tuple[OnDisk, dict]:
+                 holdout: str | None = None, log=print) -> tuple[OnDisk, dict]:
     """The preprocessed data of the .h5ad ``path``, from ``cache_dir/data-<key>.h5ad`` (:func:`cache_key`: the
     file's sha256, ``pp`` and ``spec``), made by :func:`preprocess_to_disk` when missing; returns ``(OnDisk of
-    the cache, info)``. With ``spec``, the input is checked by :func:`perturbkit.data.validate` (obs in
-    memory, X in chunks)."""
-    from .data import sha256
+    the cache, info)``; ``info`` also names the ``cache`` file and the input's ``sha256``. With ``spec`` (and
+    ``holdout``), the input is checked by :func:`perturbkit.data.validate` (obs in memory, X in chunks), or the
+    cached file when there is one."""
+    from .data import sha256, validate
     from .spec import Preprocessing
 
     pp = Preprocessing() if pp is None else pp
@@ -698,9 +700,16 @@ def preprocessed(path: str | os.PathLike, pp=None, cache_dir: str | os.PathLike 
             except InputError as exc:
                 raise InputError(f"{exc} It is a cached file: delete it and rerun (it is rebuilt from the "
                                  "input).") from None
-            info = out.uns.get(K.UNS_PREPROCESS, {})
+            try:
+                if spec is not None:
+                    validate(out, spec, holdout=holdout)
+                done = out.uns.get(K.UNS_PREPROCESS, {})
+            except BaseException:
+                out.close()
+                raise
             log(f"preprocessing: read from the cache {target}")
-            return out, {"input": info.get("input"), "steps": [str(s) for s in info.get("steps", [])],
-                         "n_cells": out.n_obs, "n_genes": out.n_vars, "warnings": [], "cache": str(target)}
-        od, info = preprocess_to_disk(src, pp, target, spec=spec, log=log)
-    return od, {**info, "cache": str(target)}
+            return out, {"input": done.get("input"), "steps": [str(s) for s in done.get("steps", [])],
+                         "n_cells": out.n_obs, "n_genes": out.n_vars, "warnings": [], "cache": str(target),
+                         "sha256": digest}
+        od, info = preprocess_to_disk(src, pp, target, spec=spec, holdout=holdout, log=log)
+    return od, {**info, "cache": str(target), "sha256": digest}
