@@ -294,7 +294,8 @@ def cmd_list(args) -> int:
         width = max(map(len, DATASETS))
         for name, ds in DATASETS.items():
             where = "" if ds.bundled else f" from {ds.url}"
-            print(f"{name:{width}s} {dataset_status(name):11s} {ds.reference} doi:{ds.doi}{where}")
+            licence = f" licence: {ds.licence}" if ds.licence else ""
+            print(f"{name:{width}s} {dataset_status(name):11s} {ds.reference} doi:{ds.doi}{where}{licence}")
     return 0
 
 
@@ -525,6 +526,9 @@ FLAGS = {
     "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going",
     "list_cells": "--list-cells", "worker": "--worker", "worker_only": "--worker-only", "aggregate": "--aggregate",
     "trials": "--trials", "study": "--study", "storage": "--storage", "json": "--json",
+    "query": "--query", "query_condition_key": "--query-condition-key", "query_control": "--query-control",
+    "query_perturbed": "--query-perturbed", "query_context_key": "--query-context-key",
+    "integrate": "--integrate", "min_shared_genes": "--min-shared-genes",
 }
 
 

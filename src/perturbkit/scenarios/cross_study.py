@@ -185,6 +185,7 @@ def cross_study_table(scores, results: dict[str, dict], scenario: str = "cross_s
     if mine.empty:
         return None
     per_seed = mine.groupby(["variant", "model", "metric", "seed"], sort=False).value.mean()
+    lookup = per_seed.sort_index()
     mixing = {}
     for res in results.values():
         info = res.get("split_info", {})
@@ -195,8 +196,8 @@ def cross_study_table(scores, results: dict[str, dict], scenario: str = "cross_s
         s = s.droplevel(["variant", "model", "metric"])
         mean, sd, lo, hi = t_interval(s.to_numpy())
         change = math.nan
-        if variant != "none" and ("none", model, metric) in per_seed.droplevel("seed").index:
-            base = per_seed.loc[("none", model, metric)]
+        if variant != "none" and ("none", model, metric) in lookup.droplevel("seed").index:
+            base = lookup.loc[("none", model, metric)]
             both = s.index.intersection(base.index)
             if len(both):
                 change = float((s.loc[both] - base.loc[both]).mean())
