@@ -237,3 +237,30 @@ def test_preprocessed_validates_the_spec_and_holdout(tmp_path):
     assert info["sha256"] == pk.data.sha256(src) and od.path.name == f"data-{ondisk.cache_key(info['sha256'], pp, spec)}.h5ad"
     with pytest.raises(InputError, match="holdout 'z' is not a value"):  # the cached file is checked too
         ondisk.preprocessed(src, pp, cache, spec=spec, holdout="z", log=lambda m: None)
+
+
+def test_predict_backed_gives_the_in_memory_scores(tmp_path, capsys):
+    """perturbkit predict --backed: the same scores as the in-memory run; the cache in OUT/.cache; one line and
+    exit status 2 where it does not apply."""
+    from perturbkit.cli import main
+
+    src = write(counts(n_cells=240, n_genes=80), tmp_path / "in.h5ad")
+    args = ["predict", "--data", str(src), "--model", "mean_shift", "--holdout", "a", "--n-top-genes", "30",
+            "--n-boot", "5", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*args, "--out", str(tmp_path / "disk"), "--backed"]) == 0
+    mem, disk = ((tmp_path / d / "scores.csv").read_bytes() for d in ("mem", "disk"))
+    assert disk == mem
+    record = pk._io.read_json(tmp_path / "disk" / "record.json")
+    assert record["config"]["backed"] is True and "backed" not in pk._io.read_json(tmp_path / "mem" /
+                                                                                  "record.json")["config"]
+    assert record["preprocessing"]["out_of_core"] is True
+    assert (tmp_path / "disk" / record["preprocessing"]["cache"]).is_file()
+    assert record["data"]["sha256"] == pk.data.sha256(src)
+    capsys.readouterr()
+    assert main(["predict", "--data", "kang2018", "--holdout", "CD4 T cells", "--backed", "--out",
+                 str(tmp_path / "k")]) == 2
+    assert main([*args, "--out", str(tmp_path / "f"), "--backed", "--filter", "cell_type=a,b"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--backed" in err[0] and "registered dataset 'kang2018'" in err[0], err
+    assert "--backed does not take --filter yet" in err[1], err

@@ -68,6 +68,11 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     g.add_argument("--n-top-genes", type=int, default=2000, help="highly variable genes to keep; 0 keeps all")
     g.add_argument("--normalize", choices=("auto", "yes", "no"), default="auto",
                    help="normalize_total + log1p: auto = only for raw counts (default)")
+    if not demo:
+        g.add_argument("--backed", action="store_true",
+                       help="read --data (an .h5ad file) in row chunks: validate and preprocess it out of core "
+                       "into OUT/.cache (one file per input and settings, reused), then train on the preprocessed "
+                       "genes in memory (docs/ondisk.md)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=10 if demo else None, help="training epochs (model default: 100)")
     t.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
@@ -140,7 +145,7 @@ def _config(args, *, data: str, model: str, holdout: str | None, spec, combinati
     return PredictConfig(data=data, model=model, holdout=holdout, spec=spec, preprocessing=pp, epochs=args.epochs,
                          seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot,
                          threads=args.threads, filter=where or {}, combination=combination, device=args.device,
-                         **query)
+                         backed=getattr(args, "backed", False), **query)
 
 
 def _perturbed(text: str, delimiter: str):
@@ -528,7 +533,7 @@ FLAGS = {
     "trials": "--trials", "study": "--study", "storage": "--storage", "json": "--json",
     "query": "--query", "query_condition_key": "--query-condition-key", "query_control": "--query-control",
     "query_perturbed": "--query-perturbed", "query_context_key": "--query-context-key",
-    "integrate": "--integrate", "min_shared_genes": "--min-shared-genes",
+    "integrate": "--integrate", "min_shared_genes": "--min-shared-genes", "backed": "--backed",
 }
 
 

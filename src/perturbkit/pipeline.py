@@ -86,6 +86,9 @@ class PredictConfig:
     integrate: str = "none"
     #: the smallest share of the reference's genes the query must hold
     min_shared_genes: float = 0.5
+    #: read ``data`` (an .h5ad path) in row chunks and preprocess it out of core into ``OUT/.cache``
+    #: (:func:`perturbkit.ondisk.preprocessed`); the models then take the preprocessed genes in memory
+    backed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,6 +100,8 @@ class PredictConfig:
                 d.pop(key)
         else:
             d["query_keys"] = self.keys().to_dict()
+        if not self.backed:  # a run that does not read out of core records what it always did
+            d.pop("backed")
         return d
 
     def keys(self):
@@ -209,19 +214,25 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         _apply_predict_params(chosen, params, load_model)
 
     t = time.perf_counter()
-    adata, digest, source_desc = data.load_any(cfg.data)
-    n_loaded = int(adata.n_obs)
-    adata = data.apply_filter(adata, cfg.filter)
-    if cfg.filter:
-        kept = ", ".join(f"{k}={v}" for k, v in cfg.filter.items())
-        log(f"filter {kept}: {adata.n_obs} of {n_loaded} cells")
-    timings["load_s"] = time.perf_counter() - t
+    if cfg.backed:  # validated and preprocessed in row chunks, then the preprocessed genes in memory
+        adata, digest, source_desc, pp_info = _backed_input(cfg, out, log)
+        n_loaded = int(adata.n_obs)
+        timings["preprocess_s"] = time.perf_counter() - t
+    else:
+        adata, digest, source_desc = data.load_any(cfg.data)
+        n_loaded = int(adata.n_obs)
+        adata = data.apply_filter(adata, cfg.filter)
+        if cfg.filter:
+            kept = ", ".join(f"{k}={v}" for k, v in cfg.filter.items())
+            log(f"filter {kept}: {adata.n_obs} of {n_loaded} cells")
+        timings["load_s"] = time.perf_counter() - t
     transfer_record = None
     if cfg.query is None:
-        data.validate(adata, cfg.spec, holdout=cfg.holdout)
-        t = time.perf_counter()
-        adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
-        timings["preprocess_s"] = time.perf_counter() - t
+        if not cfg.backed:
+            data.validate(adata, cfg.spec, holdout=cfg.holdout)
+            t = time.perf_counter()
+            adata, pp_info = data.preprocess(adata, cfg.preprocessing, log=log)
+            timings["preprocess_s"] = time.perf_counter() - t
         if load_model is not None:
             chosen.check_genes(adata, f"load_model {str(load_model)!r}: the preprocessed data")
         task = (split.holdout_context(adata, cfg.spec, cfg.holdout) if cfg.combination is None
@@ -364,6 +375,28 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     _io.atomic_write_text(out / "record.json", _io.to_json(record))
     (out / PENDING).unlink(missing_ok=True)
     return record
+
+
+def _backed_input(cfg: PredictConfig, out: Path, log):
+    """``backed``: (the preprocessed AnnData in memory, the input's sha256, its description, the preprocessing
+    record) from :func:`perturbkit.ondisk.preprocessed`, cached in ``out/.cache``."""
+    from . import ondisk
+    from .data import DATASETS
+
+    for key, value, why in (("query", cfg.query, "a query"), ("filter", cfg.filter, "filter")):
+        if value:
+            raise InputError(f"backed does not take {why} yet; drop backed (the input is then read into memory) "
+                             f"or {key}.", params=("backed", key))
+    if cfg.data in DATASETS:
+        raise InputError(f"backed reads an .h5ad file in chunks, not the registered dataset {cfg.data!r} (its "
+                         "obs are harmonised in memory); drop backed.", params=("backed", "data"))
+    od, info = ondisk.preprocessed(cfg.data, cfg.preprocessing, out / ".cache", spec=cfg.spec, holdout=cfg.holdout,
+                                   log=log)
+    with od:
+        adata = od.to_memory()
+    digest = info.pop("sha256")
+    info["cache"] = str(Path(info["cache"]).relative_to(out))
+    return adata, digest, {"dataset": None, "file": str(cfg.data)}, {**info, "out_of_core": True}
 
 
 def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
