@@ -135,6 +135,10 @@ def test_query_and_holdout_together_are_refused(study, tmp_path, capsys):
     assert main(["predict", "--data", str(ref_path), "--holdout", "ctx0", "--integrate", "combat", "--out",
                  str(tmp_path / "o"), *FAST]) == 2
     assert "--query" in capsys.readouterr().err
+    assert main(["predict", "--data", str(ref_path), "--query", str(q_path), *QUERY_KEYS, "--integrate", "harmony",
+                 "--out", str(tmp_path / "o"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --integrate 'harmony' is not an integration method.") and "'combat'" in err
 
 
 def _prepared(study, integrate):

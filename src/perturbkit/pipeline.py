@@ -411,8 +411,13 @@ def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
         query = data.read_h5ad(cfg.query, "query")
         q_digest, q_desc = data.sha256(cfg.query), {"dataset": None, "file": str(cfg.query)}
     timings["load_query_s"] = time.perf_counter() - t
+    keys = cfg.keys()
+    if cfg.query in data.DATASETS:  # a registered query: its own keys where none are given
+        own = data.DATASETS[cfg.query].spec
+        keys = transfer.QueryKeys(**{k: v if v is not None else getattr(own, k)
+                                     for k, v in keys.to_dict().items()})
     t = time.perf_counter()
-    tr = transfer.prepare(reference, query, cfg.spec, cfg.preprocessing, keys=cfg.keys(),
+    tr = transfer.prepare(reference, query, cfg.spec, cfg.preprocessing, keys=keys,
                           integrate=cfg.integrate, min_shared=cfg.min_shared_genes, seed=cfg.seed, log=log)
     timings["preprocess_s"] = time.perf_counter() - t
     tasks, skipped = transfer.query_splits(tr)
@@ -425,7 +430,7 @@ def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
     elif unscored:
         log(f"note: {len(unscored)} query context(s) have < 3 perturbed cells: predicted, not scored "
             f"({', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}).")
-    record = {"query": {**q_desc, "sha256": q_digest}, **tr.info,
+    record = {"query": {**q_desc, "sha256": q_digest}, **tr.info, "query_keys": keys.to_dict(),
               "contexts": {c: s.to_dict(tr.adata.obs_names) for c, s in tasks.items()},
               "contexts_not_predicted": skipped}
     return tr.adata, tr.info["reference"]["preprocessing"], tasks, record
