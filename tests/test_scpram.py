@@ -206,13 +206,61 @@ def test_attention_heatmap_returns_a_figure(fitted):
     assert isinstance(fig, Figure)
 
 
+# ------------------------------------------------------------------------------------ within-context OT
+
+
+def _two_contexts(seed=0):
+    """Context a's controls near x=0, b's near x=10; a's perturbed cells (5) near x=10, b's (15) near x=20. One
+    OT over both (uniform marginals) must send half of a's controls to b's perturbed cells."""
+    rng = np.random.default_rng(seed)
+    x = lambda centre, n: np.c_[centre + rng.normal(0, 0.1, n), rng.normal(0, 0.1, n)]  # noqa: E731
+    zc, zp = np.r_[x(0, 10), x(10, 10)], np.r_[x(10, 5), x(20, 15)]
+    return zc, zp, np.repeat(["a", "b"], 10), np.repeat(["a", "b"], [5, 15])
+
+
+def test_pairing_within_contexts_never_crosses_a_context():
+    from perturbkit.models.scpram import pair_within_contexts
+
+    zc, zp, ctx_c, ctx_p = _two_contexts()
+    solve = lambda a, b: ot_pairing(a, b, method="exact")  # noqa: E731
+    crossed = solve(zc, zp)[0]
+    assert (ctx_p[crossed] != ctx_c).sum() == 5  # the global plan pairs 5 of a's controls with b's cells
+    partner, info = pair_within_contexts(solve, zc, zp, ctx_c, ctx_p)
+    assert (ctx_p[partner] == ctx_c).all()
+    # inside each context the partner is that context's own OT solve
+    for c in ("a", "b"):
+        i, j = ctx_c == c, np.flatnonzero(ctx_p == c)
+        assert np.array_equal(partner[i], j[solve(zc[i], zp[j])[0]])
+    assert info["within_context"] and info["converged"] and set(info["by_context"]) == {"a", "b"}
+    assert (info["n_control"], info["n_perturbed"]) == (20, 20)
+
+
+def test_scpram_pairs_within_contexts_when_asked(syn):
+    spec, train, _, _ = _task(syn)
+    model = get("scpram", **dict(FAST, epochs=2), ot_within_context=True).fit(train, spec, seed=0)
+    ot = model.fit_info["ot"]
+    assert ot["within_context"] and ot["converged"] and set(ot["by_context"]) == {"ctx0", "ctx2", "ctx3"}
+    assert model.fit_info["transfer"]["ot_within_context"] is True
+    latent, delta, context = model.pairing()
+    cond, ctx = train.obs["condition"].to_numpy(), train.obs["cell_type"].to_numpy()
+    zp = model.latent(train)
+    for c in ("ctx0", "ctx2", "ctx3"):  # every control cell lands on a perturbed cell of its own context
+        mine, theirs = zp[(cond == spec.perturbed) & (ctx == c)], zp[(cond == spec.perturbed) & (ctx != c)]
+        moved = latent[context == c] + delta[context == c]
+        assert np.abs(moved[:, None, :] - mine[None]).sum(-1).min(1).max() < 1e-4
+        assert np.abs(moved[:, None, :] - theirs[None]).sum(-1).min(1).min() > 1e-4
+    default = get("scpram", **dict(FAST, epochs=2)).fit(train, spec, seed=0)
+    assert default.fit_info["ot"]["within_context"] is False
+
+
 # ------------------------------------------------------------------------------------------ bad input
 
 
 @pytest.mark.parametrize("key, value", [("ratio", 0), ("ratio", 1.5), ("ratio", "a"), ("ratio", True),
                                         ("ot", "emd"), ("attention", "first"), ("ot_reg", -1.0),
                                         ("ot_tol", 0), ("ot_max_iter", 0), ("ot_cost", "cosine"),
-                                        ("latent_sampling", "yes"), ("precision", "float16")])
+                                        ("latent_sampling", "yes"), ("precision", "float16"),
+                                        ("ot_within_context", "yes")])
 def test_bad_values_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         ScPRAM(**{key: value})

@@ -134,7 +134,7 @@ class ScPRAM(VAEModel):
         early_stopping=True, val_fraction=0.1, patience=25, min_delta=0.0, restore_best=True, grad_clip=10.0,
         precision="auto",
         ratio=0.05, ot="sinkhorn", ot_reg=0.05, ot_max_iter=None, ot_tol=1e-3, ot_cost="sqeuclidean",
-        attention="cell", latent_sampling=False,
+        attention="cell", latent_sampling=False, ot_within_context=False,
     )
 
     def __init__(self, **params: Any):
@@ -198,10 +198,19 @@ class ScPRAM(VAEModel):
             rows = np.flatnonzero(use[keep])
             zc = self._controls if len(rows) == len(self._controls) else self._controls[rows]
             zp = np.ascontiguousarray(z[use & (cond == label)], dtype=np.float32)
+
+            def solve(zc, zp):
+                return ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
+                                  tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device())
+
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                partner, info = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
-                                           tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device())
+                if p["ot_within_context"]:
+                    partner, info = pair_within_contexts(solve, zc, zp, self._controls_context[rows],
+                                                         ctx[use & (cond == label)])
+                else:
+                    partner, info = solve(zc, zp)
+                    info["within_context"] = False
             for w in caught:  # with several perturbations, a warning names its own
                 text = w.message if len(self.trained) == 1 else f"perturbation {label!r}: {w.message}"
                 warnings.warn(text, w.category, stacklevel=2)
@@ -213,7 +222,8 @@ class ScPRAM(VAEModel):
                              "contexts": paired[label].tolist(),
                              "contexts_left_out": sorted(set(np.unique(ctx)) - set(paired[label])),
                              "attention": p["attention"], "ratio": p["ratio"],
-                             "n_attended": n_attended(p["ratio"], len(zc))},
+                             "n_attended": n_attended(p["ratio"], len(zc)),
+                             "ot_within_context": p["ot_within_context"]},
             }
         if len(self.trained) == 1:  # one perturbation: its report at the top level
             self._fit_extra = report[self.trained[0]]
@@ -377,6 +387,34 @@ class ScPRAM(VAEModel):
 
 
 # --------------------------------------------------------------------------------------------- pieces
+
+
+def pair_within_contexts(solve, zc: np.ndarray, zp: np.ndarray, ctx_c: np.ndarray,
+                         ctx_p: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """Pair the control cells of each context with the perturbed cells of the same context only.
+
+    ``solve(zc_c, zp_c) -> (partner, info)`` is one OT solve (:func:`ot_pairing` with the model's settings);
+    it runs once per context of ``ctx_c`` (every one must have perturbed cells in ``ctx_p``). Returns the
+    partner of every row of ``zc`` as an index into ``zp`` and a record of the solves: ``within_context``,
+    ``converged`` (all of them), ``seconds`` (their sum), their ``warnings`` and ``by_context`` (each solve's
+    own record).
+    """
+    partner = np.empty(len(zc), dtype=np.int64)
+    by_context: dict[str, Any] = {}
+    for c in np.unique(ctx_c):
+        i, j = np.flatnonzero(ctx_c == c), np.flatnonzero(ctx_p == c)
+        if len(j) == 0:
+            raise ValueError(f"context {c!r} has control cells but no perturbed cells to pair them with")
+        part, by_context[str(c)] = solve(zc[i], zp[j])
+        partner[i] = j[np.asarray(part)]
+    solves = list(by_context.values())
+    info = {"method": solves[0].get("method"), "cost": solves[0].get("cost"), "within_context": True,
+            "n_control": int(len(zc)), "n_perturbed": int(len(zp)),
+            "converged": all(bool(x.get("converged")) for x in solves),
+            "seconds": float(sum(x.get("seconds", 0.0) for x in solves)),
+            "warnings": [f"{c}: {w}" for c, x in by_context.items() for w in x.get("warnings", [])],
+            "by_context": by_context}
+    return partner, info
 
 
 def n_attended(ratio: float, n_control: int) -> int:
@@ -669,3 +707,6 @@ def _validate(p: dict) -> None:
         bad("ot_max_iter", "give a positive integer, or None for the method's default.")
     if not isinstance(p["latent_sampling"], bool):
         bad("latent_sampling", "use true or false.")
+    if not isinstance(p["ot_within_context"], bool):
+        bad("ot_within_context", "use true (pair control and perturbed cells inside each context) or false "
+                                 "(one OT over all paired contexts, as the scpram package).")
