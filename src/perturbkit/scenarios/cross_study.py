@@ -117,8 +117,9 @@ class CrossStudy(Scenario):
                              f"in the query donors {query_donors}; lower scenarios.cross_study.min_cells.")
         keys = unique_slugs(contexts)
         params = {"reference_donors": ref_donors, "query_donors": query_donors, "min_cells": conf.min_cells}
+        # a context's integrations next to each other: a partial run compares them for the first contexts
         return [SplitDef(cls.name, f"{m}_{keys[c]}", f"{c} | {m}", c, m, {**params, "integration": m})
-                for m in conf.integrations for c in contexts]
+                for c in contexts for m in conf.integrations]
 
     @classmethod
     def task_data(cls, sd: SplitDef, ctx):
