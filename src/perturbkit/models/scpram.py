@@ -48,7 +48,6 @@ query cell: the latent-arithmetic extension (as scGen's), not part of the publis
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any, NamedTuple
 
@@ -57,13 +56,21 @@ import scipy.sparse as sp
 
 from ..data import PerturbSpec
 from ..errors import InputError
+from ._ot import (  # noqa: F401  (the OT helpers live in _ot; their names stay importable from here)
+    DENSE_MAX_GB,
+    EMD_MAX_ITER,
+    OT_COSTS,
+    OT_METHODS,
+    SINKHORN_MAX_ITER,
+    cost_matrix,
+    cost_matrix_torch,
+    ot_pairing,
+    ot_pairing_tiled,
+    ot_pairing_torch,
+)
 from ._vaemodel import VAEModel
 
-OT_METHODS = ("sinkhorn", "exact")
-OT_COSTS = ("sqeuclidean", "euclidean")
 ATTENTION = ("cell", "first_cell")
-SINKHORN_MAX_ITER = 1000
-EMD_MAX_ITER = 10_000_000
 
 
 class Pairing(NamedTuple):
@@ -99,6 +106,16 @@ class ScPRAM(VAEModel):
         the solve counts as converged when both marginals are within ``ot_tol`` (L1) of uniform.
     ot_cost
         ``"sqeuclidean"`` (default) or ``"euclidean"`` (the package's ``ot.dist(metric="euclidean")``).
+    ot_dense_max_gb
+        the largest float64 cost matrix (GiB, ``8 * n_control * n_perturbed`` bytes) whose Sinkhorn plan is
+        solved densely (default 0.25: ~5,790 x 5,790 cells; Kang's training cells take ~0.13). Above it the
+        pairing runs in bounded memory: Sinkhorn potentials on a seeded subsample whose cost matrix fits this
+        size, each control cell's partner by a tiled c-transform over the perturbed cells (docs/scpram.md, "OT
+        at scale"). ``ot="exact"`` is always dense; a dense plan that cannot fit the available memory stops
+        with an InputError before allocating.
+    ot_max_candidates
+        above ``ot_dense_max_gb``: search each control cell's partner among a seeded subsample of at most this
+        many perturbed cells (None, default: all of them); the pairing's time is then linear in the cells.
     attention
         ``"cell"`` (published: each query cell its own neighbours and weights) or ``"first_cell"`` (the package's
         ``predict``: the first query cell's neighbours and weights used for every cell).
@@ -135,6 +152,7 @@ class ScPRAM(VAEModel):
         precision="auto",
         ratio=0.05, ot="sinkhorn", ot_reg=0.05, ot_max_iter=None, ot_tol=1e-3, ot_cost="sqeuclidean",
         attention="cell", latent_sampling=False, ot_within_context=False,
+        ot_dense_max_gb=DENSE_MAX_GB, ot_max_candidates=None,
     )
 
     def __init__(self, **params: Any):
@@ -201,7 +219,9 @@ class ScPRAM(VAEModel):
 
             def solve(zc, zp):
                 return ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
-                                  tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device())
+                                  tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device(),
+                                  dense_max_gb=p["ot_dense_max_gb"], max_candidates=p["ot_max_candidates"],
+                                  seed=seed)
 
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -507,182 +527,6 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.where(norm > 0, norm, 1.0)
 
 
-def ot_pairing(zc: np.ndarray, zp: np.ndarray, *, method: str = "sinkhorn", reg: float = 0.05,
-               max_iter: int | None = None, tol: float = 1e-3, cost: str = "sqeuclidean",
-               return_plan: bool = False, device=None) -> tuple:
-    """Pair each row of ``zc`` with a row of ``zp`` by optimal transport with uniform marginals.
-
-    Returns the partner index of every control row (the argmax of its row of the plan) and a dict describing
-    the solve: method, cost, scale, regularisation, iterations, marginal errors (L1 distance of the plan's row
-    and column sums to the uniform marginals), whether it converged, POT's warnings and, for ``"exact"``, POT's
-    result code. With ``return_plan=True`` the transport plan (n_control x n_perturbed, numpy) comes third.
-
-    ``device``: None solves with numpy and POT on the CPU (float32 matrix scaling, float64 log-domain fallback).
-    A torch device (``"cpu"``, ``"cuda:0"``, ...) builds the cost matrix, runs POT's Sinkhorn on torch tensors
-    (POT computes on their device) and takes the argmax partners there, in float64 (float32 on mps); see
-    :func:`ot_pairing_torch`. ``"exact"`` (POT's network simplex) runs on the CPU either way.
-    """
-    if device is not None and method == "sinkhorn":
-        return ot_pairing_torch(zc, zp, reg=reg, max_iter=max_iter, tol=tol, cost=cost, return_plan=return_plan,
-                                device=device)
-    import ot
-
-    t0 = time.perf_counter()
-    n, m = len(zc), len(zp)
-    a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-    M = cost_matrix(zc, zp, cost)
-    scale = float(np.median(M))
-    if not scale > 0:
-        scale = float(M.max()) or 1.0
-    M /= scale
-    info: dict[str, Any] = {"method": method, "cost": cost, "cost_scale": "median", "cost_median": scale,
-                            "n_control": n, "n_perturbed": m}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if method == "sinkhorn":
-            limit = SINKHORN_MAX_ITER if max_iter is None else int(max_iter)
-            # POT stops when the L2 norm of the column-marginal error is below stopThr; L1 <= sqrt(m) * L2
-            # the plain (matrix-scaling) solver is ~20x faster than the log-domain one; the log-domain solver
-            # takes over when exp(-M / reg) underflows (a row or column of the kernel all zero, or a NaN plan)
-            # float32 halves the memory traffic of the matrix-vector products that dominate the solve
-            solver = "sinkhorn"
-            with np.errstate(all="ignore"):
-                P, log = ot.sinkhorn(a.astype(np.float32), b.astype(np.float32), M.astype(np.float32), reg,
-                                     method=solver, numItermax=limit, stopThr=tol / math.sqrt(m), log=True)
-            P = np.asarray(P, dtype=np.float64)
-            if not (np.isfinite(P).all() and (P.sum(axis=1) > 0).all() and (P.sum(axis=0) > 0).all()):
-                solver = "sinkhorn_log"
-                caught.clear()
-                P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m),
-                                     log=True)
-            info.update(reg=float(reg), tol=float(tol), max_iter=limit, iterations=int(log.get("niter", -1)),
-                        solver=f"ot.sinkhorn(method={solver!r})")
-        elif method == "exact":
-            limit = EMD_MAX_ITER if max_iter is None else int(max_iter)
-            P, log = ot.emd(a, b, M, numItermax=limit, log=True)
-            info.update(max_iter=limit, result_code=int(log["result_code"]), pot_warning=log.get("warning"),
-                        cost_value=float(log["cost"]) * scale)
-        else:
-            raise InputError(f"ot={method!r} is not allowed; use one of {', '.join(map(repr, OT_METHODS))}.")
-    P = np.asarray(P)
-    err_rows = float(np.abs(P.sum(axis=1) - a).sum())
-    err_cols = float(np.abs(P.sum(axis=0) - b).sum())
-    info.update(marginal_error_control=err_rows, marginal_error_perturbed=err_cols,
-                warnings=[str(w.message) for w in caught])
-    if method == "sinkhorn":
-        info["converged"] = bool(max(err_rows, err_cols) <= tol and np.isfinite(P).all())
-    else:
-        info["converged"] = bool(info["result_code"] == 1)
-    partner = np.argmax(P, axis=1)
-    info["seconds"] = time.perf_counter() - t0
-    if not info["converged"]:
-        warnings.warn(f"scpram: optimal transport ({method}) did not converge: {info}", RuntimeWarning,
-                      stacklevel=2)
-    return (partner, info, P) if return_plan else (partner, info)
-
-
-def ot_pairing_torch(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_iter: int | None = None,
-                     tol: float = 1e-3, cost: str = "sqeuclidean", return_plan: bool = False, device="cpu") -> tuple:
-    """:func:`ot_pairing` with ``method="sinkhorn"`` in torch on ``device``: the cost matrix, its median,
-    POT's Sinkhorn (``ot.sinkhorn`` on torch tensors runs on their device; the log-domain solver takes over when
-    the kernel underflows, as on the CPU), the marginal errors and the argmax partners, all on the device in
-    float64 (float32 on mps); the partners come back to the CPU once. The result agrees with the numpy path up
-    to rounding (tests/test_devices.py)."""
-    import ot
-    import torch
-
-    if cost not in OT_COSTS:
-        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
-    t0 = time.perf_counter()
-    from ._train import wide_float
-
-    dev = torch.device(device)
-    dtype = wide_float(dev)
-    n, m = len(zc), len(zp)
-    a = torch.full((n,), 1.0 / n, dtype=dtype, device=dev)
-    b = torch.full((m,), 1.0 / m, dtype=dtype, device=dev)
-    M = cost_matrix_torch(zc, zp, cost, device=dev)
-    scale = _median_t(M)
-    if not scale > 0:
-        scale = float(M.max()) or 1.0
-    M /= scale
-    limit = SINKHORN_MAX_ITER if max_iter is None else int(max_iter)
-    info: dict[str, Any] = {"method": "sinkhorn", "cost": cost, "cost_scale": "median", "cost_median": scale,
-                            "n_control": n, "n_perturbed": m, "device": str(dev), "dtype": str(dtype)[6:]}
-
-    def degenerate(P) -> bool:
-        return not bool(torch.isfinite(P).all() & (P.sum(dim=1) > 0).all() & (P.sum(dim=0) > 0).all())
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        solver = "sinkhorn"
-        P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m), log=True)
-        if degenerate(P):
-            solver = "sinkhorn_log"
-            caught.clear()
-            P, log = ot.sinkhorn(a, b, M, reg, method=solver, numItermax=limit, stopThr=tol / math.sqrt(m),
-                                 log=True)
-        info.update(reg=float(reg), tol=float(tol), max_iter=limit, iterations=int(log.get("niter", -1)),
-                    solver=f"ot.sinkhorn(method={solver!r}) on torch tensors")
-    err_rows = float((P.sum(dim=1) - a).abs().sum())
-    err_cols = float((P.sum(dim=0) - b).abs().sum())
-    info.update(marginal_error_control=err_rows, marginal_error_perturbed=err_cols,
-                warnings=[str(w.message) for w in caught])
-    info["converged"] = bool(max(err_rows, err_cols) <= tol and bool(torch.isfinite(P).all()))
-    partner = P.argmax(dim=1).cpu().numpy()
-    info["seconds"] = time.perf_counter() - t0
-    if not info["converged"]:
-        warnings.warn(f"scpram: optimal transport (sinkhorn) did not converge: {info}", RuntimeWarning,
-                      stacklevel=3)
-    return (partner, info, P.cpu().numpy()) if return_plan else (partner, info)
-
-
-def _median_t(M) -> float:
-    """The median of all entries of the tensor ``M`` (as ``np.median``: the mean of the two middle values of
-    an even count), by selection on its device (numpy on the CPU where the device lacks ``kthvalue``)."""
-    flat = M.reshape(-1)
-    count = flat.numel()
-    try:
-        lo = flat.kthvalue((count + 1) // 2).values
-        if count % 2:
-            return float(lo)
-        hi = flat.kthvalue(count // 2 + 1).values
-        return float((lo + hi) / 2)
-    except (RuntimeError, NotImplementedError):
-        return float(np.median(flat.cpu().numpy()))
-
-
-def cost_matrix_torch(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean", *, device="cpu"):
-    """:func:`cost_matrix` as a torch tensor on ``device`` (float64; float32 on mps)."""
-    import torch
-
-    from ._train import wide_float
-
-    dev = torch.device(device)
-    dtype = wide_float(dev)
-    zc = torch.as_tensor(np.ascontiguousarray(zc)).to(dev, dtype)
-    zp = torch.as_tensor(np.ascontiguousarray(zp)).to(dev, dtype)
-    M = (zc * zc).sum(1)[:, None] + (zp * zp).sum(1)[None, :] - 2.0 * (zc @ zp.T)
-    M.clamp_(min=0.0)
-    if cost == "euclidean":
-        M.sqrt_()
-    elif cost != "sqeuclidean":
-        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
-    return M
-
-
-def cost_matrix(zc: np.ndarray, zp: np.ndarray, cost: str = "sqeuclidean") -> np.ndarray:
-    """Pairwise squared Euclidean (or Euclidean) distances in float64, as ``ot.dist`` but by one matrix product."""
-    zc, zp = np.asarray(zc, dtype=np.float64), np.asarray(zp, dtype=np.float64)
-    M = (zc * zc).sum(1)[:, None] + (zp * zp).sum(1)[None, :] - 2.0 * (zc @ zp.T)
-    np.maximum(M, 0.0, out=M)
-    if cost == "euclidean":
-        np.sqrt(M, out=M)
-    elif cost != "sqeuclidean":
-        raise InputError(f"ot_cost={cost!r} is not allowed; use one of {', '.join(map(repr, OT_COSTS))}.")
-    return M
-
-
 def _validate(p: dict) -> None:
     def bad(key, fix):
         raise InputError(f"scpram: {key}={p[key]!r} is not allowed; {fix}")
@@ -705,6 +549,13 @@ def _validate(p: dict) -> None:
     if p["ot_max_iter"] is not None and (isinstance(p["ot_max_iter"], bool) or not isinstance(p["ot_max_iter"], int)
                                          or p["ot_max_iter"] < 1):
         bad("ot_max_iter", "give a positive integer, or None for the method's default.")
+    if not number("ot_dense_max_gb") or p["ot_dense_max_gb"] <= 0:
+        bad("ot_dense_max_gb", f"give the largest dense cost matrix in GiB, a positive number (default "
+                               f"{DENSE_MAX_GB}).")
+    if p["ot_max_candidates"] is not None and (isinstance(p["ot_max_candidates"], bool)
+                                               or not isinstance(p["ot_max_candidates"], int)
+                                               or p["ot_max_candidates"] < 1):
+        bad("ot_max_candidates", "give a positive integer, or None to search all perturbed cells.")
     if not isinstance(p["latent_sampling"], bool):
         bad("latent_sampling", "use true or false.")
     if not isinstance(p["ot_within_context"], bool):
