@@ -1,11 +1,9 @@
 """Data that stays on disk: an ``.h5ad`` opened with ``obs`` and ``var`` in memory and ``X`` read in row chunks,
 validation in chunks, and out-of-core preprocessing into a cached ``.h5ad`` written chunk by chunk.
 
-How the file is read
---------------------
-With h5py and anndata's own element readers: ``anndata.io.read_elem`` for ``obs``, ``var`` (and ``uns`` when
-asked), ``anndata.io.sparse_dataset`` for a CSR ``X`` (a row slice reads only its part of ``indptr``, ``indices``
-and ``data``) and the h5py dataset itself for a dense ``X``. Nothing else is read. Not anndata's backed mode:
+How the file is read: with h5py and anndata's own element readers, ``anndata.io.read_elem`` for ``obs``,
+``var`` (and ``uns`` when asked), ``anndata.io.sparse_dataset`` for a CSR ``X`` (a row slice reads only its part
+of ``indptr``, ``indices`` and ``data``) and the h5py dataset itself for a dense ``X``. Nothing else is read. Not anndata's backed mode:
 ``read_h5ad(path, backed="r")`` reads every other element (``layers``, ``obsm``, ``obsp``, ``uns``) into memory,
 and a counts layer is as large as ``X``. Not ``anndata.experimental.read_lazy``: it needs xarray and dask (not
 dependencies of perturbkit), gives ``obs`` lazily where perturbkit wants it in memory (splits, validation), and
