@@ -264,3 +264,36 @@ def test_predict_backed_gives_the_in_memory_scores(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "--backed" in err[0] and "registered dataset 'kang2018'" in err[0], err
     assert "--backed does not take --filter yet" in err[1], err
+
+
+def test_edge_cases_as_in_memory(tmp_path):
+    """Integer counts, a warned-about setting, and data where no gene varies: the in-memory outcome."""
+    rng = np.random.default_rng(0)
+    cases = {
+        "int": (ad.AnnData(rng.poisson(2, (60, 30)).astype(np.int32) * 15), Preprocessing(n_top_genes=10)),
+        "log data, normalize on": (ad.AnnData(rng.random((80, 30)).astype(np.float32) * 3),
+                                   Preprocessing(n_top_genes=10, normalize=True)),
+        "no gene varies": (ad.AnnData(np.full((20, 30), 25, dtype=np.float32)), Preprocessing(n_top_genes=10)),
+    }
+    for name, (adata, pp) in cases.items():
+        src = write(adata, tmp_path / "in.h5ad")
+        outcome = []
+        for run in (lambda: pk.data.preprocess(adata, pp, log=lambda m: None),
+                    lambda: ondisk.preprocess_to_disk(src, pp, tmp_path / "pp.h5ad", log=lambda m: None)):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    res, info = run()
+                    got = (list(res.var_names), sp.csr_matrix(res.X) if not isinstance(res, ondisk.OnDisk)
+                           else res.to_memory().X)
+                except InputError as exc:  # scanpy's own exception text differs; the rest is the same
+                    got = str(exc).split(");", 1)[1]
+            notes = [str(w.message) for w in caught if issubclass(w.category, pk.errors.InputWarning)]
+            outcome.append((got, notes))
+        (want, want_notes), (got, got_notes) = outcome
+        assert got_notes == want_notes, name
+        if isinstance(want, str):
+            assert got == want and "only 0 of 30 genes vary" in got, name
+        else:
+            assert got[0] == want[0] and (got[1] != want[1]).nnz == 0, name
+        assert name != "log data, normalize on" or len(want_notes) == 1

@@ -587,6 +587,8 @@ def preprocess_to_disk(src: OnDisk | str | os.PathLike, pp=None, path: str | os.
             mean, variance = moments.mean_var()
             try:
                 table = hvg_table(mean, variance, pp.hvg_flavor, index=src.var_names)
+                if table["dispersions_norm"].isna().all():  # where scanpy's ranking fails (IndexError)
+                    raise ValueError("no gene has a normalised dispersion")
             except InputError:
                 raise
             except Exception as exc:
