@@ -7,7 +7,8 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "split", "models", "metrics", "pl", "errors", "pipeline", "tune", "record", "bench", "report")
+_SUBMODULES = ("data", "ondisk", "split", "models", "metrics", "pl", "errors", "pipeline", "tune", "record", "bench",
+               "report")
 
 
 def __getattr__(name):
