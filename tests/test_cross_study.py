@@ -269,3 +269,30 @@ min_cells = 5
     pd_ = scores[(scores.metric == "pearson_delta") & scores.model.isin(["mean_shift", "control"])]
     means = pd_.groupby(["variant", "model"]).value.mean()
     assert (means.xs("mean_shift", level="model") > means.xs("control", level="model")).all()
+
+
+def test_a_screen_query_is_matched_by_perturbation_name(tmp_path):
+    from perturbkit.pipeline import PredictConfig, run_predict
+    from perturbkit.synthetic import synthetic_screen
+
+    ref = synthetic_screen(n_cells=20, seed=0)
+    query = synthetic_screen(n_cells=20, seed=1)
+    query = query[query.obs.condition.astype(str) != "C"].copy()  # the query did not measure C
+    query.obs_names = [f"q{i}" for i in range(query.n_obs)]
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    spec = PerturbSpec(perturbed="all")
+    cfg = PredictConfig(data=str(tmp_path / "ref.h5ad"), query=str(tmp_path / "query.h5ad"), holdout=None,
+                        model="mean_shift", spec=spec, preprocessing=Preprocessing(n_top_genes=0), n_boot=0,
+                        metrics=("r2_mean_all", "pearson_delta"))
+    rec = run_predict(cfg, tmp_path / "out", log=lambda m: None)
+    scores = pd.read_csv(tmp_path / "out" / "scores.csv")
+    per = scores[~scores.perturbation.isin(["mean", "mean_responsive", "all"])]
+    assert set(per.perturbation) == {"A", "B", "D", "A+B", "C+D"}  # C has no truth in the query: not scored
+    assert set(per.context) == set(query.obs.cell_type)
+    pred = ad.read_h5ad(tmp_path / "out" / "pred.h5ad")
+    assert "C" in set(pred.obs.condition)  # ... but predicted, as every perturbation the reference learned
+    assert rec["transfer"]["genes"]["dropped"] == []
+    with pytest.raises(Exception, match="query_perturbed 'X' maps one label"):
+        run_predict(PredictConfig(**{**cfg.__dict__, "query_keys": {"perturbed": "X"}}), tmp_path / "o2",
+                    log=lambda m: None)

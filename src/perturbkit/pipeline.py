@@ -425,8 +425,8 @@ def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
         log(f"note: query context {c!r} is not predicted: {why}.")
     unscored = [c for c, s in tasks.items() if not s.info["scored"]]
     if len(unscored) == len(tasks):
-        log(f"note: the query has no context with >= 3 {cfg.spec.perturbed!r} cells (after "
-            "query_perturbed); its control cells are predicted, nothing is scored.")
+        log("note: the query has no context with >= 3 cells of a perturbation the reference learned; its "
+            "control cells are predicted, nothing is scored.")
     elif unscored:
         log(f"note: {len(unscored)} query context(s) have < 3 perturbed cells: predicted, not scored "
             f"({', '.join(unscored[:5])}{' ...' if len(unscored) > 5 else ''}).")
@@ -461,7 +461,8 @@ def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, per
             reference="mean_shift", responsive=eff.perturbation[eff.responsive].tolist(), execution=ex)
         tables.append(sc.assign(context=label))
         effect_tables.append(eff.assign(context=label))
-        top[label] = metrics.top_degs(targets[label], sources[label], 100)
+        cond = targets[label].obs[cfg.spec.condition_key].astype(str).to_numpy()
+        top[label] = {p: metrics.top_degs(targets[label][cond == p], sources[label], 100) for p in s.info["truth"]}
         eval_infos[label] = info
     scores = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=["model", "perturbation", *metrics.COLUMNS, "context"])
@@ -487,10 +488,12 @@ def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, per
     written = ["pred.h5ad", "scores.csv", "effects.csv"]
     figures, taken = {}, set()
     scored = sorted(top, key=lambda c: -len(targets[c]))[:TOP_K]  # the contexts with the most truth cells
-    for label in scored:
+    for label in scored:  # the context's first perturbation with truth cells
+        p = tasks[label].info["truth"][0]
+        truth = targets[label][targets[label].obs[cfg.spec.condition_key].astype(str).to_numpy() == p]
         figures[f"reg_mean_{file_label(label, taken)}"] = pl.reg_mean(
-            targets[label], by_task[cfg.model][label].preds[perts[0]], top_genes=top[label],
-            title=f"{cfg.model}: query {label}, {perts[0]} (seed {cfg.seed}, integrate {cfg.integrate})")
+            truth, by_task[cfg.model][label].preds[p], top_genes=top[label][p],
+            title=f"{cfg.model}: query {label}, {p} (seed {cfg.seed}, integrate {cfg.integrate})")
     for name, fig in figures.items():
         _io.write_png(out / f"{name}.png", fig, dpi=120)
     written += [f"{name}.png" for name in figures]

@@ -55,7 +55,7 @@ class QueryKeys:
     perturbed: str | None = None
     context_key: str | None = None
 
-    def resolve(self, spec: PerturbSpec) -> dict[str, str]:
+    def resolve(self, spec: PerturbSpec) -> dict[str, Any]:
         """The query's condition_key, control, perturbed and context_key (the reference's where unset)."""
         return {k: getattr(self, k) if getattr(self, k) is not None else getattr(spec, k)
                 for k in ("condition_key", "control", "perturbed", "context_key")}
@@ -92,18 +92,18 @@ def check_min_shared(value) -> float:
     return float(value)
 
 
-def harmonise_query(query, spec: PerturbSpec, keys: QueryKeys):
-    """A new AnnData of the query's control and perturbed cells with the reference's obs keys and labels
-    (``spec.condition_key`` / ``spec.context_key`` hold them; the query's other obs columns are kept).
+def harmonise_query(query, spec: PerturbSpec, keys: QueryKeys, perturbations: list[str]):
+    """A new AnnData of the query's control cells and its cells of the reference's ``perturbations``, with the
+    reference's obs keys and labels (``spec.condition_key`` / ``spec.context_key`` hold them; the query's
+    other obs columns are kept).
 
-    The query lacking its condition or context column, or its control label, raises :class:`InputError`
-    naming the key, the value and the flag to fix it. A query without perturbed cells is allowed (nothing
-    to score: predictions only)."""
+    The query's control label becomes ``spec.control``. With one perturbation, the query's perturbed label
+    (``keys.perturbed``, default the reference's) becomes the reference's; with several, the query's labels
+    are matched by name (``keys.perturbed`` cannot map several labels and must be unset). The query lacking
+    its condition or context column, or its control label, raises :class:`InputError` naming the key, the
+    value and the flag to fix it. A query without perturbed cells is allowed (nothing to score)."""
     from .data import check_matrix
 
-    if not spec.single:
-        raise InputError(f"a query is predicted for one perturbation; perturbed is {spec.perturbed!r}. Give "
-                         "one label (e.g. perturbed='stimulated').", params=("perturbed",))
     check_matrix(query, "query")
     q = keys.resolve(spec)
     obs = query.obs
@@ -119,13 +119,20 @@ def harmonise_query(query, spec: PerturbSpec, keys: QueryKeys):
                          f"obs[{q['condition_key']!r}].{suggest(q['control'], labels)} Values: "
                          f"{choices_text(labels)}. Name the query's control label with query_control.",
                          params=("query_control",))
-    keep = (cond == q["control"]) | (cond == q["perturbed"])
+    rename = {q["control"]: spec.control}
+    if len(perturbations) == 1:
+        rename[str(q["perturbed"])] = perturbations[0]
+    elif keys.perturbed is not None:
+        raise InputError(f"query_perturbed {keys.perturbed!r} maps one label, but the reference has "
+                         f"{len(perturbations)} perturbations; with several, the query's labels are matched by "
+                         "name: drop query_perturbed.", params=("query_perturbed",))
+    else:
+        rename.update({p: p for p in perturbations})
+    keep = np.isin(cond, list(rename))
     out = query[keep].copy()
     new = out.obs.copy()
-    kept = cond[keep]
-    context = out.obs[q["context_key"]].astype(str).to_numpy()
-    new[spec.condition_key] = np.where(kept == q["control"], spec.control, spec.perturbed)
-    new[spec.context_key] = context
+    new[spec.condition_key] = [rename[c] for c in cond[keep]]
+    new[spec.context_key] = out.obs[q["context_key"]].astype(str).to_numpy()
     for key in (spec.condition_key, spec.context_key):
         new[key] = new[key].astype(str).astype("category")
     out.obs = new
@@ -164,7 +171,8 @@ def prepare(reference, query, spec: PerturbSpec, pp: Preprocessing = Preprocessi
     check_integration(integrate)
     min_shared = check_min_shared(min_shared)
     data.validate(reference, spec)
-    q = harmonise_query(query, spec, keys)
+    perturbations = spec.perturbations(reference)
+    q = harmonise_query(query, spec, keys, perturbations)
     ref_pp, ref_info = data.preprocess(reference, pp, log=log)
     normalised = any(s.startswith("normalize_total") for s in ref_info["steps"])
     q_pp, q_info = data.preprocess(q, replace(pp, normalize=normalised, n_top_genes=0),
@@ -199,7 +207,7 @@ def prepare(reference, query, spec: PerturbSpec, pp: Preprocessing = Preprocessi
         "reference": {"n_cells": int(ref_pp.n_obs), "preprocessing": ref_info},
         "query": {"n_cells": int(q_pp.n_obs), "n_genes": n_query_genes, "preprocessing": q_info,
                   "n_control": int((q_pp.obs[spec.condition_key] == spec.control).sum()),
-                  "n_perturbed": int((q_pp.obs[spec.condition_key] == spec.perturbed).sum())},
+                  "n_perturbed": int((q_pp.obs[spec.condition_key] != spec.control).sum())},
         "genes": {"reference": int(len(shared) + len(missing)), "shared": len(shared), "dropped": missing,
                   "min_shared_genes": min_shared},
         "integration": integ_info,
@@ -310,23 +318,26 @@ def mixing(adata, *, k: int = 30, n_pcs: int = 30, max_cells: int = 3000, seed: 
 
 def query_split(adata, spec: PerturbSpec, context: str, *, min_cells: int = 3):
     """The :class:`~perturbkit.split.Split` of one query context in a prepared AnnData (:func:`prepare`):
-    train = every reference cell; source = the query's control cells of ``context``; target = its perturbed
-    cells (empty, and ``info["scored"]`` False, when fewer than ``min_cells``). None when the context has
-    fewer than ``min_cells`` control cells in the query."""
+    train = every reference cell; source = the query's control cells of ``context``; target = its cells of
+    each of the reference's perturbations with at least ``min_cells`` cells there (``info["scored"]``: any).
+    ``info["perturbations"]`` = every perturbation of the reference (each is predicted). None when the context
+    has fewer than ``min_cells`` control cells in the query."""
     from .split import Split
 
     obs = adata.obs
     study = obs[STUDY_KEY].astype(str).to_numpy()
     cond = obs[spec.condition_key].astype(str).to_numpy()
+    train = np.flatnonzero(study == REFERENCE)
+    perts = spec.perturbations(adata[train])
     here = (study == QUERY) & (obs[spec.context_key].astype(str).to_numpy() == context)
     source = np.flatnonzero(here & (cond == spec.control))
-    target = np.flatnonzero(here & (cond == spec.perturbed))
     if len(source) < min_cells:
         return None
-    scored = len(target) >= min_cells
-    return Split(train=np.flatnonzero(study == REFERENCE), source=source, target=target if scored else target[:0],
-                 name=f"query:{context}", info={"scenario": "query", "context": context, "scored": scored,
-                                                "perturbations": [spec.perturbed]})
+    truth = [p for p in perts if int((here & (cond == p)).sum()) >= min_cells]
+    target = np.flatnonzero(here & np.isin(cond, truth))
+    return Split(train=train, source=source, target=target, name=f"query:{context}",
+                 info={"scenario": "query", "context": context, "scored": bool(truth), "perturbations": perts,
+                       "truth": truth})
 
 
 def query_splits(t: Transfer, *, min_cells: int = 3) -> tuple[dict[str, Any], dict[str, str]]:

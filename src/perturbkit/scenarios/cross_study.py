@@ -78,8 +78,6 @@ class CrossStudy(Scenario):
         if cfg.data.spec.donor_key is None:
             raise InputError("scenarios.cross_study needs data.donor_key: the obs column of the donor, whose "
                              "values are dealt into the reference and the query.")
-        if not cfg.data.spec.single:
-            raise InputError("scenarios.cross_study predicts one perturbation; set data.perturbed to one label.")
 
     @classmethod
     def donors(cls, conf: CrossStudyConfig, adata, spec) -> tuple[list[str], list[str]]:
