@@ -54,16 +54,16 @@ RATIOS = (0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def _pairing_within(zc, zp, ctx_c, ctx_p, params):
-    """Deltas of OT pairing done inside each context (the model's Sinkhorn settings), in the order of ``zc``."""
-    from perturbkit.models.scpram import ot_pairing
+    """Deltas of OT pairing inside each context (``ot_within_context=True``: the model's own
+    ``pair_within_contexts`` with its Sinkhorn settings), in the order of ``zc``."""
+    from perturbkit.models.scpram import ot_pairing, pair_within_contexts
 
-    delta = np.zeros_like(zc)
-    for c in np.unique(ctx_c):
-        i, j = np.flatnonzero(ctx_c == c), np.flatnonzero(ctx_p == c)
-        partner, _ = ot_pairing(zc[i], zp[j], method=params["ot"], reg=params["ot_reg"],
-                                max_iter=params["ot_max_iter"], tol=params["ot_tol"], cost=params["ot_cost"])
-        delta[i] = zp[j][partner] - zc[i]
-    return delta
+    def solve(a, b):
+        return ot_pairing(a, b, method=params["ot"], reg=params["ot_reg"], max_iter=params["ot_max_iter"],
+                          tol=params["ot_tol"], cost=params["ot_cost"])
+
+    partner, _ = pair_within_contexts(solve, zc, zp, ctx_c, ctx_p)
+    return zp[partner] - zc
 
 
 def _draws(model, adata, seed: int):
