@@ -104,11 +104,14 @@ def with_transfer(model, train, spec, *, seed: int, base: dict, change: dict):
 
 
 def parse_params(text: str) -> dict:
-    """``KEY=VALUE[,KEY=VALUE...]`` with JSON values."""
+    """``KEY=VALUE[,KEY=VALUE...]``: JSON values, or else the text itself (``attention=first_cell``)."""
     out = {}
     for item in filter(None, text.split(",")):
         key, _, value = item.partition("=")
-        out[key.strip()] = json.loads(value)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
     return out
 
 
