@@ -13,7 +13,9 @@ Every measurement runs in a fresh child process so that its peak RSS (``resource
 * ``tracemalloc``: the peak of Python and numpy allocations during the same call (tracemalloc on; slower, so its
   time is not reported);
 * ``in-memory`` (only at ``--in-memory-cells``): ``anndata.read_h5ad`` + :func:`perturbkit.data.preprocess`, for
-  comparison.
+  comparison;
+* ``reads``: what a mini-batch costs to read from the file (``DiskMatrix``): the median over ``READS`` reads of
+  ``BATCH`` random rows (``take``: read in sorted order) and of ``BATCH`` consecutive rows (``rows``), seeded.
 
 Usage::
 
@@ -37,6 +39,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 10_000
+BATCH, READS = 512, 20
 
 
 def make(path: Path, n_cells: int, n_genes: int, seed: int) -> None:
@@ -79,7 +82,23 @@ def child(mode: str, path: str, out: str, n_top: str) -> dict:
     after_import = rss_mb()
     res: dict = {"mode": mode, "rss_after_import_mb": after_import}
     t = time.perf_counter()
-    if mode == "in-memory":
+    if mode == "reads":
+        import numpy as np
+
+        with ondisk.OnDisk(path) as src:
+            rng = np.random.default_rng(0)
+            random, ranges = [], []
+            for _ in range(READS):
+                idx = rng.choice(src.n_obs, BATCH, replace=False)
+                t0 = time.perf_counter()
+                src.X.take(idx)
+                random.append(time.perf_counter() - t0)
+                start = int(rng.integers(0, src.n_obs - BATCH))
+                t0 = time.perf_counter()
+                src.X.rows(start, start + BATCH)
+                ranges.append(time.perf_counter() - t0)
+        res["random_ms"], res["range_ms"] = 1000 * np.median(random), 1000 * np.median(ranges)
+    elif mode == "in-memory":
         import anndata as ad
 
         pk.data.preprocess(ad.read_h5ad(path), pk.spec.Preprocessing(n_top_genes=int(n_top)), log=lambda m: None)
@@ -128,7 +147,7 @@ def main() -> None:
             make(path, n, args.genes, args.seed)
             print(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MB) in {time.perf_counter() - t:.0f} s",
                   flush=True)
-        for mode in ("rss", "tracemalloc", *(("in-memory",) if n in in_memory else ())):
+        for mode in ("rss", "tracemalloc", *(("in-memory",) if n in in_memory else ()), "reads"):
             cmd = [sys.executable, __file__, "--child", mode, str(path), str(folder / f"pp_{n}.h5ad"),
                    str(args.n_top_genes)]
             res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
@@ -149,10 +168,17 @@ def main() -> None:
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        if r["mode"] == "reads":
+            continue
         lines.append(f"| {r['cells']} | {fmt(r['file_mb'])} | {r['mode']} | {fmt(r.get('chunk_rows'))} | "
                      f"{fmt(r['rss_after_import_mb'])} | {fmt(r.get('rss_after_open_mb'))} | {fmt(r['peak_rss_mb'])} | "
                      f"{fmt(r.get('tracemalloc_peak_mb'))} | {fmt(r.get('out_mb'))} | "
                      f"{'' if r['mode'] == 'tracemalloc' else format(r['seconds'], '.1f')} |")
+    lines += ["", f"Reading a mini-batch of {BATCH} cells from the file (median of {READS} reads, ms; peak RSS of "
+              "the reading process):", "", "| cells | random rows (`take`, read sorted) | consecutive rows (`rows`) "
+              "| peak RSS |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['cells']} | {r['random_ms']:.0f} | {r['range_ms']:.0f} | {fmt(r['peak_rss_mb'])} |"
+              for r in rows if r["mode"] == "reads"]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).write_text(text)
