@@ -30,8 +30,10 @@ install-test: $(VENV)/.installed-test
 
 install-docs: $(VENV)/.installed-docs
 
+# 2 torch threads: the README's demo block was made with them (tests/test_readme.py); the scores are
+# byte-identical only at the same thread count
 demo: install
-	$(BIN)/perturbkit demo --force
+	$(BIN)/perturbkit demo --threads 2 --force
 
 test: install-test
 	$(BIN)/python -m pytest -q

@@ -259,11 +259,26 @@ def cmd_demo(args) -> int:
 
     print("perturbkit demo: scGen on Kang 2018 PBMC (control vs IFN-beta), CD4 T cells held out")
     cfg = _config(args, data="kang2018", model="scgen", holdout="CD4 T cells", spec=DATASETS["kang2018"].spec)
-    run_predict(cfg, args.out, progress=not args.no_progress, force=args.force, save_model=args.save_model,
-                command=_command())
+    record = run_predict(cfg, args.out, progress=not args.no_progress, force=args.force,
+                         save_model=args.save_model, command=_command())
+    # the scores are byte-identical only at the same thread count: say which one made them (record.json too)
+    threads = record["determinism"]["torch_threads"]
+    print(f"torch threads: {threads} ({'--threads' if args.threads is not None else 'torch default'}; "
+          "record.json determinism.torch_threads)")
     _print_table(Path(args.out))
-    print(f"outputs in {args.out}/ (scores.csv has every metric with 95% bootstrap intervals)")
+    print(f"outputs in {args.out}/ ({_interval_note(record['evaluation']['metrics'])})")
     return 0
+
+
+def _interval_note(names) -> str:
+    """What scores.csv holds: every metric, and which ones have bootstrap intervals (the registry says)."""
+    from .metrics import METRICS
+
+    without = [n for n in names if not METRICS[n].bootstrap]
+    if not without:
+        return "scores.csv has every metric with 95% bootstrap intervals"
+    return (f"scores.csv has all {len(names)} metrics, {len(names) - len(without)} with 95% bootstrap intervals; "
+            f"none for {', '.join(without)}")
 
 
 def cmd_evaluate(args) -> int:
