@@ -97,10 +97,10 @@ def test_timing_mask_hides_only_the_seconds():
 
 def update() -> None:
     """Rewrite the README's demo block from a real run at the thread count it states."""
-    text = README.read_text()
-    threads, _ = readme_block(text)
+    threads, _ = readme_block()
     with tempfile.TemporaryDirectory() as tmp:
         lines, _ = run_demo(threads, Path(tmp))
+    text = README.read_text()  # read again: the README may have been edited while the demo ran
     match = BLOCK.search(text)
     new = text[: match.start()] + "```\n" + match.group(1) + "\n".join(lines) + "\n```\n" + text[match.end():]
     README.write_text(new)
