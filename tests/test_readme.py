@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def readme_block(text: str | None = None) -> tuple[int, list[str]]:
 def run_demo(threads: int, cwd: Path) -> tuple[list[str], dict]:
     """Run ``perturbkit demo --threads N`` in ``cwd``: (its stdout lines, its record.json)."""
     cmd = [sys.executable, "-m", "perturbkit", "demo", "--threads", str(threads), "--no-progress"]
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800)
+    # the block was made on the CPU ("on cpu" in its task line): hide a GPU, which --device auto would take
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     record = json.loads((cwd / "runs" / "demo" / "record.json").read_text())
     return done.stdout.splitlines(), record
