@@ -129,7 +129,7 @@ def test_cli_forced_exact_plan_out_of_memory_exits_2_with_one_line(syn_path, tmp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
-    assert "(--ot exact)" in err and "use --ot sinkhorn" in err and "GiB are available" in err
+    assert "(--ot exact)" in err and "use --ot sinkhorn" in err and "1.0 MiB are available" in err
     assert not (tmp_path / "o" / "scores.csv").exists()
 
 

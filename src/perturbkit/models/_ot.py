@@ -81,7 +81,7 @@ def available_memory(device=None) -> int | None:
 
 
 def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:,.1f} GiB"
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
 
 
 def check_dense_fits(n: int, m: int, method: str, device=None, dense_max_gb: float = DENSE_MAX_GB) -> None:
