@@ -163,8 +163,9 @@ def markdown(results, rows, *, command: str, started: str, seconds: dict, info: 
     for i, seed in enumerate(seeds):
         cells = [" / ".join(f"{results[s][i][m]:.3f}" for m in METRICS) for s in sides]
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds per seed (training and prediction, scoring excluded): "
-              + "; ".join(f"{s} {', '.join(f'{t:.0f}' for t in seconds[s])}" for s in sides) + "."]
+    if seconds:
+        lines += ["", "Seconds per seed (training and prediction, scoring excluded): "
+                  + "; ".join(f"{s} {', '.join(f'{t:.0f}' for t in seconds[s])}" for s in sides) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -181,7 +182,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="benchmarks/results/scpram_vs_package.md")
     parser.add_argument("--csv", default=None, help="every seed's scores, written as they come")
     parser.add_argument("--save-models", default=None, metavar="DIR")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="CSV",
+                        help="write the table from the --csv files of earlier runs (e.g. seeds split over two "
+                             "processes) instead of running; give their --param and --epochs again")
+    parser.add_argument("--runs", nargs="+", default=[], metavar="COMMAND",
+                        help="with --merge: the commands that wrote the files, quoted in the table")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args, argv)
 
     import importlib.util
 
@@ -256,6 +264,52 @@ def main(argv=None) -> int:
     command = "nice -n 5 .venv/bin/python benchmarks/compare_scpram.py " + shlex.join(argv if argv is not None
                                                                                       else sys.argv[1:])
     text = markdown(results, rows, command=command.strip(), started=started, seconds=seconds, info=info)
+    if args.out:
+        from perturbkit._io import atomic_write_text
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def merge(args, argv) -> int:
+    """The table of the ``--csv`` files of earlier runs (each row a side and a seed), as one run would write it."""
+    import subprocess
+
+    import pandas as pd
+
+    pk = _import_perturbkit()
+    from perturbkit.record import platform_info, stamp, versions
+
+    frames = [pd.read_csv(f) for f in args.merge]
+    df = pd.concat(frames).drop_duplicates(["side", "seed"], keep="last").sort_values("seed", kind="stable")
+    sides = list(dict.fromkeys(frames[0]["side"]))
+    results = {side: df[df.side == side].drop(columns="side").to_dict("records") for side in sides}
+    seeds = [sorted(r["seed"] for r in v) for v in results.values()]
+    if any(s != seeds[0] for s in seeds):
+        raise SystemExit(f"the files do not hold the same seeds for every side: {dict(zip(sides, seeds))}")
+    params = {k: v for item in args.param for k, v in parse_params(item).items()}
+    base = pk.models.ScPRAM(epochs=args.epochs, **params).params
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    v = versions(("scpram", "pot", "torch"))
+    info = {"machine": f"{platform_info()['system']}, {os.cpu_count()} CPUs",
+            "versions": {k: v[k] for k in ("python", "perturbkit", "scpram", "torch", "pot", "numpy", "scanpy")
+                         if k in v},
+            "data": "kang2018 through perturbkit.data.preprocess (defaults), CD4 T cells held out",
+            "params": (", ".join(f"{k}={v!r}" for k, v in params.items()) or "defaults")
+                      + f", epochs={args.epochs}; its transfer step (the defaults at commit {rev}, when the "
+                      "files were merged): " + ", ".join(f"{k}={base[k]!r}" for k in TRANSFER_KEYS)
+                      + f", precision={base['precision']!r}"
+                      + ". Rows `perturbkit KEY=VALUE`: the same fitted VAE per seed, the transfer step redone "
+                        "with those parameters"}
+    command = ("nice -n 5 .venv/bin/python benchmarks/compare_scpram.py "
+               + shlex.join(argv if argv is not None else sys.argv[1:]))
+    if args.runs:
+        command += "` from the runs `" + "` and `".join(args.runs)
+    text = markdown(results, summary_rows(results), command=command, started=f"merged {stamp()} from "
+                    + ", ".join(args.merge), seconds=None, info=info)
+    print(text)
     if args.out:
         from perturbkit._io import atomic_write_text
 

@@ -167,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--contexts", type=int, default=4, help="validation contexts (most perturbed cells)")
     parser.add_argument("--models", default=None, help="test task: DIR/seed<N> saved by compare_scpram.py")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="a ScPRAM parameter of the models trained here (JSON value); repeatable")
     parser.add_argument("--out", default=None)
     parser.add_argument("--csv", default=None, help="every score, written after each (task, seed); the "
                         "diagnostics go next to it as .json")
@@ -195,6 +197,9 @@ def main(argv=None) -> int:
     import perturbkit.execution  # noqa: F401  (pk.execution)
     from perturbkit.record import stamp
 
+    from compare_scpram import parse_params
+
+    params = {k: v for item in args.param for k, v in parse_params(item).items()}
     started = stamp()
     train0, source0, target0, spec = kang_task(pk)
     ex = pk.execution.resolve("cpu", threads=1)
@@ -217,7 +222,7 @@ def main(argv=None) -> int:
             model = pk.models.Model.load(saved)
             model.use(ex)
         else:
-            model = pk.models.ScPRAM(epochs=args.epochs).fit(train, spec, seed=seed, execution=ex)
+            model = pk.models.ScPRAM(epochs=args.epochs, **params).fit(train, spec, seed=seed, execution=ex)
         rows, diag = analyse(pk, model, train, source, target, spec, seed=seed)
         for r in rows:
             r.update(task=name, seed=seed)
@@ -250,6 +255,8 @@ def report(df, diags, args, started) -> str:
         [a for a in sys.argv[1:]])
     order = list(dict.fromkeys(df["variant"]))
     lines = [f"Command: `{command.strip()}` ({started}; {args.epochs} epochs, 1 torch thread).", ""]
+    if "task" in df and df["task"].nunique() == 1 and "seed" in df:
+        lines[-1:] = ["", f"Task {df['task'].iloc[0]}, seeds {sorted(df['seed'].unique().tolist())}.", ""]
     base = df[df.variant == "cell r=0.05"].set_index(["task", "seed"])
     lines += ["Mean over tasks and seeds; `d pearson_delta` is the mean paired difference to `cell r=0.05` "
               "(the default) on the same VAE, with the number of (task, seed) pairs where the variant is higher.",
