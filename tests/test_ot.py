@@ -67,30 +67,35 @@ def test_subsample_sizes_fit_the_budget():
 
 
 _PEAK = """
-import resource, sys, numpy as np, torch
+import sys, numpy as np, torch
 torch.set_num_threads(1)
 from perturbkit.models._ot import ot_pairing
+
+def rss(field):  # bytes; VmHWM is this process's own peak (ru_maxrss would carry pytest's across fork and exec)
+    return next(int(ln.split()[1]) * 1024 for ln in open("/proc/self/status") if ln.startswith(field + ":"))
+
 n, d = int(sys.argv[1]), 10
 rng = np.random.default_rng(0)
 zc = rng.normal(size=(n, d)).astype(np.float32)
 zp = (rng.normal(size=(n, d)) + 0.5).astype(np.float32)
 kw = dict(dense_max_gb=500 * 500 * 8 / 2**30, tile=2**20)
 ot_pairing(zc[:2000], zp[:2000], **kw)  # warm up torch and POT: their first call allocates for good
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from the current RSS
+before = rss("VmRSS")
 partner, info = ot_pairing(zc, zp, **kw)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024, len(np.unique(partner)), info["subsample_control"])
+print(rss("VmHWM") - before, len(np.unique(partner)), info["subsample_control"])
 """
 
 
 def test_bounded_memory_at_30k_x_30k():
     """30,000 x 30,000 latent points: the dense float64 cost matrix alone would take 7.2 GB; the tiled pairing
     (a 500 x 500 subsample, tiles of 2**20 pairs: 8 MiB) grows the peak RSS of a fresh process by less than
-    64 MiB (measured: 29 MiB, about three tiles)."""
+    128 MiB: a few tile-sized arrays and the allocator's slack (measured 41, 72 and 48 MiB at 10k, 30k and 60k
+    cells a side: no growth with the cells)."""
     out = subprocess.run([sys.executable, "-c", _PEAK, "30000"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     grew, distinct, sub = map(int, out.stdout.split())
-    assert grew < 64 * 2**20 and sub == 500 and distinct > 1000
+    assert grew < 128 * 2**20 and sub == 500 and distinct > 1000
 
 
 def test_exact_plan_that_cannot_fit_stops_before_allocating():
