@@ -40,7 +40,8 @@ OT_COSTS = ("sqeuclidean", "euclidean")
 SINKHORN_MAX_ITER = 1000
 EMD_MAX_ITER = 10_000_000
 #: the largest float64 cost matrix (GiB) solved densely: ~5,790 x 5,790 cells; the dense Sinkhorn then peaks at
-#: ~1.3 GiB (28 bytes per pair measured, 40 with the log-domain fallback), under 4 GiB with room for the model
+#: ~0.9 GiB (28 bytes per pair measured; 1.3 GiB at 40 with the log-domain fallback), under 4 GiB with room
+#: for the model
 DENSE_MAX_GB = 0.25
 #: peak bytes per (control, perturbed) pair of the dense solves, measured on 1,500 x 1,650 points (tracemalloc
 #: and ru_maxrss; docs/scpram.md "OT at scale") and rounded up: numpy Sinkhorn 28 (40 when the log-domain solver
@@ -342,6 +343,11 @@ def ot_pairing_tiled(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_i
 
     ys = zp if cand is None else zp[cand]
     n_cand = len(ys)
+    # off the CPU the candidates are copied to the device once (n_cand x d, not n x m) rather than per tile
+    ys_dev = to(ys) if dev.type != "cpu" else None
+
+    def cand_rows(j, step):
+        return ys_dev[j:j + step] if ys_dev is not None else to(ys[j:j + step])
     xs_sub = to(zc_s)
     log_u = torch.as_tensor(log_u).to(dev, dtype)
     keep = torch.isfinite(log_u)  # a row scaling of 0 (underflow of the plain solver) drops that control
@@ -351,7 +357,7 @@ def ot_pairing_tiled(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_i
     y_sq = torch.empty(n_cand, dtype=dtype, device=dev)
     with torch.no_grad():
         for j in range(0, n_cand, step_p):
-            y = to(ys[j:j + step_p])
+            y = cand_rows(j, step_p)
             y_sq[j:j + len(y)] = (y * y).sum(1)
             C = block(xs_sub, y, y_sq[j:j + len(y)])
             h[j:j + len(y)] = eps * torch.logsumexp(log_u[:, None] - C / eps, dim=0)
@@ -367,7 +373,7 @@ def ot_pairing_tiled(zc: np.ndarray, zp: np.ndarray, *, reg: float = 0.05, max_i
             best = torch.full((len(x),), math.inf, dtype=dtype, device=dev)
             arg = torch.zeros(len(x), dtype=torch.int64, device=dev)
             for j in range(0, n_cand, step_y):
-                y = to(ys[j:j + step_y])
+                y = cand_rows(j, step_y)
                 if offset is None:
                     C = block(x, y, y_sq[j:j + len(y)]).add_(h[j:j + len(y)][None, :])
                 else:
