@@ -296,3 +296,37 @@ def test_a_screen_query_is_matched_by_perturbation_name(tmp_path):
     with pytest.raises(Exception, match="query_perturbed 'X' maps one label"):
         run_predict(PredictConfig(**{**cfg.__dict__, "query_keys": {"perturbed": "X"}}), tmp_path / "o2",
                     log=lambda m: None)
+
+
+def test_scvi_integration_decodes_every_cell_in_the_reference_batch(study):
+    """Runs where scvi-tools is installed (pip install scvi-tools; docs/cross_study.md)."""
+    pytest.importorskip("scvi")
+    ref_path, _q_path, q = study
+    keys = transfer.QueryKeys(condition_key="stim", control="CTRL", perturbed="STIM", context_key="celltype")
+    t = transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
+                         integrate="scvi", scvi_epochs=5, log=lambda m: None)
+    X = np.asarray(t.adata.X)
+    assert np.isfinite(X).all() and X.min() >= 0
+    # decoded at library size 1e4, log1p: every cell's expm1 sums to about 1e4 over the genes scVI saw
+    np.testing.assert_allclose(np.expm1(X.astype(np.float64)).sum(axis=1), 1e4, rtol=1e-3)
+    info = t.info["integration"]
+    assert info["method"] == "scvi" and info["epochs"] == 5 and 0 <= info["mixing_after"]["score"] <= 1
+    t2 = transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
+                          integrate="scvi", scvi_epochs=5, log=lambda m: None)
+    np.testing.assert_allclose(np.asarray(t2.adata.X), X, atol=1e-5)  # seeded
+
+
+def test_scvi_without_scvi_tools_or_counts_says_what_to_do(study, monkeypatch):
+    import sys
+
+    ref_path, _q_path, q = study
+    keys = transfer.QueryKeys(condition_key="stim", control="CTRL", perturbed="STIM", context_key="celltype")
+    monkeypatch.setitem(sys.modules, "scvi", None)  # as if not installed
+    with pytest.raises(Exception, match="needs scvi-tools, which is not installed: pip install scvi-tools"):
+        transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
+                         integrate="scvi", log=lambda m: None)
+    logq = q.copy()
+    logq.X = logq.X.toarray().astype(np.float32) * 0.5 + 0.25  # not counts
+    with pytest.raises(Exception, match="integrate 'scvi' models raw counts"):
+        transfer.prepare(ad.read_h5ad(ref_path), logq, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
+                         integrate="scvi", log=lambda m: None)

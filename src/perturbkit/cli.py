@@ -53,10 +53,10 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
                        help="the query's perturbed label (default: --perturbed)")
         q.add_argument("--query-context-key", default=None, metavar="KEY",
                        help="the query's context column (default: --context-key)")
-        q.add_argument("--integrate", default="none", metavar="none|combat",
-                       help="integrate reference and query before transfer: none (default) or combat (scanpy's "
-                       "ComBat on the control cells; models train, predict and are scored in its corrected "
-                       "expression)")
+        q.add_argument("--integrate", default="none", metavar="none|combat|scvi",
+                       help="integrate reference and query before transfer: none (default), combat (scanpy's "
+                       "ComBat on the control cells) or scvi (scvi-tools, if installed: every cell decoded in the "
+                       "reference batch); models train, predict and are scored in the corrected expression")
         q.add_argument("--min-shared-genes", type=float, default=0.5, metavar="SHARE",
                        help="stop unless the query holds this share of the reference's genes (default 0.5)")
         p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",

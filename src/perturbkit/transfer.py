@@ -18,8 +18,10 @@ Steps of :func:`prepare`:
    reference's genes stops with an :class:`~perturbkit.errors.InputError`);
 4. optional integration (:data:`INTEGRATIONS`), in expression space: ``combat`` is scanpy's ComBat
    (:func:`scanpy.pp.combat`, batch = study) estimated on the control cells of both studies and applied, as
-   the per-gene affine map it is, to every cell of each study (negative values set to 0); the models then
-   train and predict in the corrected space, and the truth is scored in the same space;
+   the per-gene affine map it is, to every cell of each study (negative values set to 0); ``scvi`` is
+   scvi-tools' SCVI trained on the counts of both studies, every cell decoded in the reference batch
+   (:func:`scvi_expression`); the models then train and predict in the corrected space, and the truth is
+   scored in the same space;
 5. the batch mixing of the two studies (:func:`perturbkit.metrics.knn_batch_entropy` on a PCA of the
    matrix the models see) before and after integration.
 
@@ -38,7 +40,7 @@ from .errors import InputError, choices_text, suggest
 from .spec import PerturbSpec, Preprocessing
 
 #: the integration methods (``--integrate``); where the prediction is made: docs/cross_study.md
-INTEGRATIONS = ("none", "combat")
+INTEGRATIONS = ("none", "combat", "scvi")
 #: obs column of the combined AnnData naming each cell's study
 STUDY_KEY = "perturbkit_study"
 REFERENCE, QUERY = "reference", "query"
@@ -160,10 +162,11 @@ def shared_genes(ref_genes, query_genes, min_shared: float) -> tuple[list[str], 
 
 def prepare(reference, query, spec: PerturbSpec, pp: Preprocessing = Preprocessing(), *,
             keys: QueryKeys = QueryKeys(), integrate: str = "none", min_shared: float = MIN_SHARED,
-            seed: int = 0, log=print) -> Transfer:
+            seed: int = 0, scvi_epochs: int | None = None, log=print) -> Transfer:
     """Harmonise, preprocess (the reference's way, with its genes), match genes and integrate a reference and
     a query (raw or log-normalised, as :func:`perturbkit.data.preprocess` takes them); see the module
-    docstring. Neither input is modified."""
+    docstring. ``scvi_epochs``: scVI's training epochs (None: scvi-tools' own rule). Neither input is
+    modified."""
     import anndata as ad
 
     from . import data
@@ -198,6 +201,14 @@ def prepare(reference, query, spec: PerturbSpec, pp: Preprocessing = Preprocessi
     integ_info: dict[str, Any] = {"method": integrate}
     if integrate == "combat":
         both, integ_info = combat_on_controls(both, spec)
+    elif integrate == "scvi":
+        if not (data.looks_like_counts(reference.X) and data.looks_like_counts(q.X)):
+            raise InputError("integrate 'scvi' models raw counts, but the reference or the query does not hold "
+                             "counts (non-negative integers); give both as counts, or use integrate='combat'.",
+                             params=("integrate",))
+        counts = _vstack(reference[:, shared].X, q[:, shared].X)
+        both, integ_info = scvi_expression(counts, both, seed=seed, max_epochs=scvi_epochs,
+                                           target_sum=pp.target_sum, log=log)
     after = mixing(both, seed=seed) if integrate != "none" else before
     integ_info.update({"mixing_before": before, "mixing_after": after, "mixing": _MIXING_DEF})
     log(f"integration {integrate}: batch mixing (kNN batch entropy, 0-1) {before['score']:.3f}"
@@ -287,6 +298,51 @@ def combat_on_controls(adata, spec: PerturbSpec):
             "n_genes_corrected": int(varies.sum()), "per_study": slopes,
             "share_clipped_at_0": float(negative.mean()),
             "space": "ComBat-corrected log-normalised expression (models train, predict and are scored there)"}
+    return new, info
+
+
+def scvi_expression(counts, adata, *, seed: int = 0, max_epochs: int | None = None, target_sum: float = 1e4,
+                    log=print):
+    """(a copy of ``adata`` whose X is scVI's batch-corrected expression, info): an scvi-tools ``SCVI`` model
+    (its defaults; batch = obs[STUDY_KEY]) trained on the raw ``counts`` (cells x genes, the rows and genes of
+    ``adata``) of every cell of both studies, as the tutorial did, then every cell decoded as if measured in
+    the reference (``get_normalized_expression(transform_batch="reference", library_size=target_sum)``) and
+    log1p-transformed: log-normalised expression again, so the models and metrics run on genes as without
+    integration. Unlike ``combat_on_controls``, scVI sees the query's perturbed cells (their expression, not
+    their labels). ``scvi.settings.seed = seed`` seeds it."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    try:
+        import scvi
+    except ImportError:
+        raise InputError("integrate 'scvi' needs scvi-tools, which is not installed: pip install scvi-tools "
+                         "(docs/cross_study.md), or use integrate='combat'.", params=("integrate",)) from None
+    import logging
+    import warnings
+
+    scvi.settings.seed = int(seed)
+    tmp = ad.AnnData(X=sp.csr_matrix(counts, dtype=np.float32), obs=adata.obs[[STUDY_KEY]].astype(str).copy())
+    tmp.obs_names = adata.obs_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lightning's advice on workers and GPUs
+        for name in ("lightning", "lightning.pytorch", "scvi"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        scvi.model.SCVI.setup_anndata(tmp, batch_key=STUDY_KEY)
+        model = scvi.model.SCVI(tmp)
+        model.train(max_epochs=max_epochs, accelerator="cpu", enable_progress_bar=False)
+        expr = model.get_normalized_expression(tmp, transform_batch=REFERENCE, library_size=float(target_sum),
+                                               return_numpy=True)
+    epochs = len(model.history["elbo_train"]) if "elbo_train" in model.history else max_epochs
+    log(f"integration scvi: scvi-tools {scvi.__version__}, {epochs} epochs on {tmp.n_obs} cells")
+    new = adata.copy()
+    new.X = np.log1p(np.asarray(expr, dtype=np.float64)).astype(np.float32)
+    info = {"method": "scvi", "implementation": f"scvi-tools {scvi.__version__} SCVI (defaults; batch = study) "
+            "trained on the raw counts of every cell of both studies; every cell decoded in the reference batch "
+            f"(get_normalized_expression, library_size={target_sum:g}) and log1p-transformed",
+            "epochs": int(epochs), "seed": int(seed),
+            "space": "scVI's decoded expression in the reference batch, log1p (models train, predict and are "
+                     "scored there)"}
     return new, info
 
 
