@@ -31,6 +31,9 @@ Differences from the package, on purpose (see docs/scpram.md):
   (``ot_cost="euclidean"`` reproduces it).
 - Latents are posterior means for pairing and for the queries; the package encodes with one random draw from
   the posterior (``latent_sampling=True`` does that, with draws seeded by the fit seed).
+- ``ot_within_context=True`` (not the default) pairs each context's control cells with the same context's
+  perturbed cells only; by default, as in the package, one OT spans every paired context and pairs some
+  control cells with perturbed cells of another context (measured in docs/scpram.md).
 - ``precision="auto"`` (default) trains with bfloat16 autocast on CPUs with native bfloat16 instructions
   (AMX-BF16 / AVX512-BF16; weights, gradients and Adam state stay float32) and in float32 elsewhere; the
   precision used is recorded. ``precision="float32"`` is the reference arithmetic. See docs/scpram.md.
@@ -122,6 +125,11 @@ class ScPRAM(VAEModel):
     latent_sampling
         False: posterior means for pairing and queries (default). True: one posterior draw per cell, seeded by
         the fit seed (the package draws unseeded).
+    ot_within_context
+        False (default, as the package): one OT over the control and perturbed cells of every paired context.
+        True: one OT per context, so that a control cell's partner is always a perturbed cell of its own
+        context (:func:`pair_within_contexts`). The paper leaves this open; docs/scpram.md measures both on
+        validation tasks and says why the default stays.
 
     Several perturbations (a screen): one VAE, then one OT pairing and attention per perturbation (each over
     the control cells of the contexts seen with it; :meth:`pairing`). An unseen combination ``A+B`` adds the
