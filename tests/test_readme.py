@@ -49,9 +49,12 @@ def readme_block(text: str | None = None) -> tuple[int, list[str]]:
 def run_demo(threads: int, cwd: Path) -> tuple[list[str], dict]:
     """Run ``perturbkit demo --threads N`` in ``cwd``: (its stdout lines, its record.json)."""
     cmd = [sys.executable, "-m", "perturbkit", "demo", "--threads", str(threads), "--no-progress"]
-    # the block was made on the CPU ("on cpu" in its task line): hide a GPU, which --device auto would take
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=1800, env=env)
+    # the block was made on the CPU ("on cpu" in its task line): hide a GPU, which --device auto would take.
+    # Passive OpenMP threads sleep instead of spinning while they wait: on a machine busy with other work the
+    # spinning threads of a 2-thread run took the demo past 30 minutes; the work each thread does, and so the
+    # bytes, depend on the thread count, not on how the threads wait.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=3600, env=env)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
     record = json.loads((cwd / "runs" / "demo" / "record.json").read_text())
     return done.stdout.splitlines(), record
