@@ -172,6 +172,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--csv", default=None, help="every score, written after each (task, seed); the "
                         "diagnostics go next to it as .json")
+    parser.add_argument("--note", default="", help="a line for the top of the report")
     parser.add_argument("--from-csv", default=None, metavar="CSV",
                         help="write the report of an earlier (or stopped) run from its --csv file and exit")
     args = parser.parse_args(argv)
@@ -258,15 +259,18 @@ def report(df, diags, args, started) -> str:
     if "task" in df and df["task"].nunique() == 1 and "seed" in df:
         lines[-1:] = ["", f"Task {df['task'].iloc[0]}, seeds {sorted(df['seed'].unique().tolist())}.", ""]
     base = df[df.variant == "cell r=0.05"].set_index(["task", "seed"])
-    lines += ["Mean over tasks and seeds; `d pearson_delta` is the mean paired difference to `cell r=0.05` "
-              "(the default) on the same VAE, with the number of (task, seed) pairs where the variant is higher.",
-              "", "| variant | " + " | ".join(METRICS) + " | d pearson_delta | higher |",
-              "|---|" + "---|" * (len(METRICS) + 2)]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["Mean over tasks and seeds; `d METRIC` is the mean paired difference to `cell r=0.05` (the "
+              "default) on the same VAE; `higher`: the (task, seed) pairs where the variant's pearson_delta is "
+              "higher.", "", "| variant | " + " | ".join(METRICS) + " | d r2_mean_all | d r2_mean_top100 | "
+              "d pearson_delta | higher |", "|---|" + "---|" * (len(METRICS) + 4)]
     for v in order:
         sub = df[df.variant == v].set_index(["task", "seed"])
-        diff = (sub["pearson_delta"] - base["pearson_delta"]).dropna()
-        lines.append(f"| {v} | " + " | ".join(f"{sub[m].mean():.3f}" for m in METRICS)
-                     + f" | {diff.mean():+.3f} | {(diff > 1e-12).sum()}/{len(diff)} |")
+        d = {m: (sub[m] - base[m]).dropna() for m in METRICS}
+        lines.append(f"| {v} | " + " | ".join(f"{sub[m].mean():.3f}" for m in METRICS) + " | "
+                     + " | ".join(f"{d[m].mean():+.4f}" for m in METRICS)
+                     + f" | {(d['pearson_delta'] > 1e-12).sum()}/{len(d['pearson_delta'])} |")
     if df["task"].nunique() > 1:
         lines += ["", "pearson_delta per task (mean over seeds):", "",
                   "| variant | " + " | ".join(df["task"].unique()) + " |",
