@@ -331,7 +331,7 @@ def test_toy_scenario_touches_no_generic_module(tmp_path, monkeypatch):
     cfg = bench.config_from_dict(d)
     assert cfg.to_dict()["scenarios"] == {"loco": None, "unbalanced": None, "cross_donor": None,
                                           "context_transfer": None, "unseen_combination": None,
-                                          "toy": {"context": "ctx1"}}
+                                          "cross_study": None, "toy": {"context": "ctx1"}}
     out = tmp_path / "toy"
     done = bench.run(cfg, out, progress=False, log=lambda *a: None)
     assert done["ran"] == ["toy.ctx1.mean_shift.s0", "toy.ctx1.control.s0"] and not done["failed"]
