@@ -12,13 +12,14 @@ Differences from the reference, on purpose:
 - The delta is averaged over the training cell types seen in both conditions (``delta_contexts="paired"``).
   The reference also puts the held-out cell type's control cells into the control mean (they have no
   perturbed partner), so its delta carries 1 / n_cell_types of that cell type's offset from the average;
-  ``delta_contexts="all"`` reproduces it. On Kang CD4 T (10 epochs, seed 0) "paired" gave r2_mean_all
-  0.918 vs 0.906.
+  ``delta_contexts="all"`` reproduces it. On Kang CD4 T (10 epochs, seed 0, 1 torch thread) "paired" gave
+  r2_mean_all 0.922 vs 0.911 and r2_mean_top100 0.938 vs 0.916 (benchmarks/results/scgen_choices.md, written
+  by benchmarks/scgen_choices.py).
 - Latents are posterior means (as scGen's ``get_latent_representation`` default).
 - The decoder mirrors the encoder (n_layers hidden layers), then a linear output layer followed by a ReLU, as
   in the published TensorFlow model (log expression is non-negative). The scvi-tools port applies batch norm,
-  leaky ReLU and dropout to the output layer instead. On Kang CD4 T (10 epochs, seed 0) the output ReLU raised
-  r2_mean_all from 0.880 to 0.906 and r2_mean_top100 from 0.860 to 0.917 (``output_activation=None`` gives
+  leaky ReLU and dropout to the output layer instead. On Kang CD4 T (the same runs) the output ReLU raised
+  r2_mean_all from 0.894 to 0.922 and r2_mean_top100 from 0.868 to 0.938 (``output_activation=None`` gives
   the linear output).
 """
 
