@@ -28,7 +28,7 @@ date, machine and versions. ``--save-models DIR`` keeps perturbkit's fitted mode
 ``benchmarks/scpram_attention.py --models DIR``. ``--csv FILE`` writes every seed's scores as they come; on a
 busy machine the seeds can run as parallel processes (``--seeds N --csv sN.csv``) and ``--merge s0.csv s1.csv
 ... --runs "COMMAND" ...`` writes the one table from their files (benchmarks/results/scpram_vs_package.md was
-made so). A seed takes about 4 CPU-minutes for both sides with 1 thread.
+made so).
 """
 
 from __future__ import annotations
