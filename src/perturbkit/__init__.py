@@ -5,7 +5,7 @@
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 _SUBMODULES = ("data", "ondisk", "split", "models", "metrics", "pl", "errors", "pipeline", "tune", "record", "bench",
                "report")

@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
+from dataclasses import fields, is_dataclass
+from typing import Any
 from pathlib import Path
 
 
@@ -220,3 +222,28 @@ def write_csv(path: str | Path, table, *, float_format: str | None = "%.10g") ->
 def write_png(path: str | Path, fig, dpi: int = 110) -> None:
     """A figure as PNG, atomically, without the software tag (so reruns give identical bytes)."""
     atomic_write_with(path, lambda p: fig.savefig(p, dpi=dpi, format="png", metadata={"Software": None}))
+
+
+def plain(obj):
+    """A config dataclass as JSON-ready data (``config.plain``) (tuples as lists, flattened fields merged into their table)."""
+    if is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_plain"):
+            return obj.to_plain()
+        out: dict[str, Any] = {}
+        for f in fields(obj):
+            value = plain(getattr(obj, f.name))
+            if f.name in getattr(type(obj), "FLATTEN", ()):  # merged into their table
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
+    if isinstance(obj, tuple | list):
+        return [plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
+
+
+def stamp(t: float | None = None) -> str:
+    """A local ISO-8601 timestamp with offset (``time.time()`` when ``t`` is None)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))

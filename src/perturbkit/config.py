@@ -166,24 +166,7 @@ def build(cls, raw: dict[str, Any], where: str = ""):
     return cls(**kwargs)
 
 
-def plain(obj):
-    """A config dataclass as JSON-ready data (tuples as lists, flattened fields merged into their table)."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        if hasattr(obj, "to_plain"):
-            return obj.to_plain()
-        out: dict[str, Any] = {}
-        for f in fields(obj):
-            value = plain(getattr(obj, f.name))
-            if f.name in _flattened(type(obj)):
-                out.update(value)
-            else:
-                out[f.name] = value
-        return out
-    if isinstance(obj, tuple | list):
-        return [plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: plain(v) for k, v in obj.items()}
-    return obj
+from ._io import plain  # noqa: E402,F401  (config.plain: where config dataclasses become JSON-ready data)
 
 
 def replace(obj, **changes):

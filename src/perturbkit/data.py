@@ -344,8 +344,8 @@ def fetch(name: str, *, force: bool = False, progress: bool = False, log=print) 
                     f"Dataset {name!r}: the file downloaded from {ds.url} has sha256 {digest}, but {expected} "
                     f"{how}: the file on the server changed, and the download was not kept. Fix: {fix}."
                 )
-            from . import __version__
-            from .record import stamp
+            from ._io import stamp
+            from ._version import __version__
 
             _io.atomic_write_text(record_path, json.dumps({
                 "name": name, "file": ds.file, "url": ds.url, "sha256": digest, "size": tmp.stat().st_size,
@@ -500,6 +500,70 @@ def _n_varying(X) -> int:
     return int((hi > lo).sum())
 
 
+@dataclass(frozen=True)
+class ValueStats:
+    """What :func:`check_matrix` needs to know about the values of ``X`` (the stored entries of
+    a sparse matrix, every entry of a dense one): their dtype, how many, how many are NaN or infinite, the
+    smallest and the largest (``None`` when there are none, or the dtype is not numeric)."""
+
+    dtype: np.dtype
+    size: int
+    n_nonfinite: int
+    min: float | None
+    max: float | None
+
+
+class _ValueScan:
+    """:class:`ValueStats` accumulated over chunks (the same verdicts as one scan of the whole matrix)."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.size = self.n_nonfinite = 0
+        self.min = self.max = None
+
+    def update(self, block) -> None:
+        if self.dtype.kind not in "fiub":
+            return
+        vals = block.data if sp.issparse(block) else np.asarray(block).ravel()
+        if vals.size == 0:
+            return
+        self.size += int(vals.size)
+        if self.dtype.kind == "f":
+            bad = ~np.isfinite(vals)
+            n_bad = int(bad.sum())
+            if n_bad:
+                self.n_nonfinite += n_bad
+                vals = vals[~bad]
+                if vals.size == 0:
+                    return
+        lo, hi = vals.min(), vals.max()
+        self.min = lo if self.min is None else min(self.min, lo)
+        self.max = hi if self.max is None else max(self.max, hi)
+
+    @property
+    def bad(self) -> bool:
+        """True as soon as the matrix cannot pass the checks (no point in normalising it further)."""
+        return self.dtype.kind not in "fiub" or self.n_nonfinite > 0 or (self.min is not None and self.min < 0)
+
+    def result(self) -> ValueStats:
+        as_float = (lambda v: None if v is None else float(v))
+        return ValueStats(self.dtype, self.size, self.n_nonfinite, as_float(self.min), as_float(self.max))
+
+
+def value_stats(X) -> ValueStats:
+    """:class:`ValueStats` of ``X``: in one scan for an in-memory matrix; a matrix that stays on disk
+    (:class:`perturbkit.ondisk.DiskMatrix`) scans itself in row chunks (its ``value_stats()``)."""
+    if hasattr(X, "value_stats"):
+        return X.value_stats()
+    vals = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    if vals.dtype.kind not in "fiub" or vals.size == 0:
+        return ValueStats(vals.dtype, int(vals.size), 0, None, None)
+    n_bad = int((~np.isfinite(vals)).sum()) if vals.dtype.kind == "f" else 0
+    if n_bad:  # the checks stop at the non-finite values; min and max are not needed
+        return ValueStats(vals.dtype, int(vals.size), n_bad, None, None)
+    return ValueStats(vals.dtype, int(vals.size), 0, float(vals.min()), float(vals.max()))
+
+
 def check_matrix(adata, what: str = "data") -> None:
     """Raise if X is missing or empty, holds NaN, infinite, negative or too large values, or names repeat."""
     check_adata(adata, what)
@@ -508,8 +572,6 @@ def check_matrix(adata, what: str = "data") -> None:
             f"{what}: the AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes). If it was selected "
             "from a larger object, check the selection (labels, keys) that produced it."
         )
-    from .ondisk import value_stats
-
     st = value_stats(adata.X)  # in row chunks when X stays on disk (perturbkit.ondisk)
     if st.dtype.kind not in "fiub":
         raise InputError(f"{what}: X has dtype {st.dtype}; expected numbers. Convert with adata.X.astype(float).")

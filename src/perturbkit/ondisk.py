@@ -38,6 +38,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import _keys as K
+from .data import ValueStats, _ValueScan, value_stats  # noqa: F401  (the validation's scan lives in data.py,
+#   which reads a DiskMatrix's values through DiskMatrix.value_stats and never imports this module)
 from .errors import InputError, InputWarning
 
 #: bytes of one chunk of X as dense float32 (sets the rows per chunk; a sparse chunk holds less)
@@ -265,6 +267,16 @@ class DiskMatrix:
         """Rows ``start`` to ``stop`` (exclusive) in memory."""
         return self._owner._read(lambda: self._block(slice(start, stop)), f"rows {start}-{stop}")
 
+    def value_stats(self) -> ValueStats:
+        """:class:`~perturbkit.data.ValueStats` of the values, scanned in row chunks once (then cached)."""
+        if self.stats is None:
+            scan = _ValueScan(self.dtype)
+            if scan.dtype.kind in "fiub":
+                for _start, _stop, block in self.chunks():
+                    scan.update(block)
+            self.stats = scan.result()
+        return self.stats
+
     def take(self, idx) -> Any:
         """The rows ``idx`` (any order, repeats allowed), read once each in increasing order."""
         idx = np.asarray(idx, dtype=np.int64)
@@ -298,76 +310,6 @@ class DiskMatrix:
 
 
 # ------------------------------------------------------------------------------------------ validation
-
-
-@dataclass(frozen=True)
-class ValueStats:
-    """What :func:`perturbkit.data.check_matrix` needs to know about the values of ``X`` (the stored entries of
-    a sparse matrix, every entry of a dense one): their dtype, how many, how many are NaN or infinite, the
-    smallest and the largest (``None`` when there are none, or the dtype is not numeric)."""
-
-    dtype: np.dtype
-    size: int
-    n_nonfinite: int
-    min: float | None
-    max: float | None
-
-
-class _ValueScan:
-    """:class:`ValueStats` accumulated over chunks (the same verdicts as one scan of the whole matrix)."""
-
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-        self.size = self.n_nonfinite = 0
-        self.min = self.max = None
-
-    def update(self, block) -> None:
-        if self.dtype.kind not in "fiub":
-            return
-        vals = block.data if sp.issparse(block) else np.asarray(block).ravel()
-        if vals.size == 0:
-            return
-        self.size += int(vals.size)
-        if self.dtype.kind == "f":
-            bad = ~np.isfinite(vals)
-            n_bad = int(bad.sum())
-            if n_bad:
-                self.n_nonfinite += n_bad
-                vals = vals[~bad]
-                if vals.size == 0:
-                    return
-        lo, hi = vals.min(), vals.max()
-        self.min = lo if self.min is None else min(self.min, lo)
-        self.max = hi if self.max is None else max(self.max, hi)
-
-    @property
-    def bad(self) -> bool:
-        """True as soon as the matrix cannot pass the checks (no point in normalising it further)."""
-        return self.dtype.kind not in "fiub" or self.n_nonfinite > 0 or (self.min is not None and self.min < 0)
-
-    def result(self) -> ValueStats:
-        as_float = (lambda v: None if v is None else float(v))
-        return ValueStats(self.dtype, self.size, self.n_nonfinite, as_float(self.min), as_float(self.max))
-
-
-def value_stats(X) -> ValueStats:
-    """:class:`ValueStats` of ``X``: in one scan for an in-memory matrix, in row chunks (cached on the matrix)
-    for a :class:`DiskMatrix`."""
-    if isinstance(X, DiskMatrix):
-        if X.stats is None:
-            scan = _ValueScan(X.dtype)
-            if scan.dtype.kind in "fiub":
-                for _start, _stop, block in X.chunks():
-                    scan.update(block)
-            X.stats = scan.result()
-        return X.stats
-    vals = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    if vals.dtype.kind not in "fiub" or vals.size == 0:
-        return ValueStats(vals.dtype, int(vals.size), 0, None, None)
-    n_bad = int((~np.isfinite(vals)).sum()) if vals.dtype.kind == "f" else 0
-    if n_bad:  # the checks stop at the non-finite values; min and max are not needed
-        return ValueStats(vals.dtype, int(vals.size), n_bad, None, None)
-    return ValueStats(vals.dtype, int(vals.size), 0, float(vals.min()), float(vals.max()))
 
 
 # --------------------------------------------------------------------------------- chunked preprocessing
@@ -667,7 +609,7 @@ def cache_key(digest: str, preprocessing, spec=None, filter: dict | None = None)
     bench data cache (``DIR/.cache/data-<key>.h5ad``)."""
     import hashlib
 
-    from .config import plain
+    from ._io import plain
 
     key: dict[str, Any] = {"sha256": digest, "preprocessing": plain(preprocessing)}
     if spec is not None:

@@ -24,9 +24,10 @@ from __future__ import annotations
 import json
 import mimetypes
 import platform
-import time
 from pathlib import Path
 from typing import Any
+
+from ._io import stamp  # noqa: F401  (record.stamp: the one timestamp format)
 
 PROFILES = {
     "https://w3id.org/ro/wfrun/process/0.5": ("Process Run Crate", "0.5"),
@@ -573,6 +574,3 @@ def platform_info() -> dict[str, str]:
     return {"system": platform.platform(), "machine": platform.machine(), "processor": platform.processor()}
 
 
-def stamp(t: float | None = None) -> str:
-    """A local ISO-8601 timestamp with offset (``time.time()`` when ``t`` is None)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() if t is None else t))
