@@ -81,7 +81,7 @@ def scgen_transfer(screen_path, tmp_path_factory):
 def test_context_transfer_predicts_every_perturbation_with_one_fit(scgen_transfer):
     r = scgen_transfer
     assert r["rc"] == 0
-    assert sorted(r["fits"]) == ["additive", "control", "mean_shift", "scgen"]  # one fit per model
+    assert sorted(r["fits"]) == ["additive", "control", "linear", "mean_shift", "perturbed_mean", "scgen"]  # one fit each
     out = r["out"]
     files = {p.name for p in out.iterdir()}
     reg = {f for f in files if f.startswith("reg_mean_")}
@@ -93,7 +93,7 @@ def test_context_transfer_predicts_every_perturbation_with_one_fit(scgen_transfe
     assert list(scores.columns) == ["model", "perturbation", "metric", "value", "ci_low", "ci_high",
                                     "higher_is_better", "error"]
     per = scores[~scores.perturbation.isin(["mean", "mean_responsive", "all"])]
-    for model in ("scgen", "control", "mean_shift", "additive", "ceiling"):
+    for model in ("scgen", "control", "mean_shift", "perturbed_mean", "linear", "additive", "ceiling"):
         assert set(per[per.model == model].perturbation) == set(SCREEN), model
     assert {"mean", "mean_responsive", "all"} <= set(scores.perturbation)
     assert {"discrimination_score", "pearson_delta_systema", "share_beats_mean_shift"} <= \
@@ -134,7 +134,7 @@ def test_list_of_perturbations_recovers_planted_effects_and_reruns_identically(s
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
     scores = pd.read_csv(tmp_path / "o" / "scores.csv", keep_default_na=False, na_values=[""])
-    assert set(scores.model) == {"mean_shift", "control", "ceiling"}  # no combination: no additive
+    assert set(scores.model) == {"mean_shift", "control", "perturbed_mean", "linear", "ceiling"}  # no additive
     per = scores[scores.perturbation.isin(["A", "C", "D"])]
     assert set(per.perturbation) == {"A", "C", "D"}
     mean = scores[(scores.perturbation == "mean_responsive") & (scores.metric == "pearson_delta")]
@@ -156,7 +156,7 @@ def test_unseen_combination_with_additive_and_without_mean_shift(screen_path, tm
     assert rc == 0, err
     assert "note: mean_shift is left out of this task" in text and "'A+B'" in text
     scores = pd.read_csv(out / "scores.csv", keep_default_na=False, na_values=[""])
-    assert set(scores.model) == {"scgen", "control", "additive", "ceiling"}
+    assert set(scores.model) == {"scgen", "control", "perturbed_mean", "additive", "ceiling"}  # linear: as mean_shift
     assert set(scores.perturbation) == {"A+B"}
     add = scores[(scores.model == "additive") & (scores.metric == "pearson_delta")].value.iloc[0]
     assert add > 0.9  # the planted combination is additive
@@ -229,7 +229,7 @@ def test_baseline_that_cannot_predict_a_perturbation_is_left_out(screen, tmp_pat
     assert "C+D" in record["perturbations"]["predicted"] and "C+D" in \
         record["perturbations"]["models_left_out"]["additive"]
     scores = pd.read_csv(tmp_path / "o" / "scores.csv", keep_default_na=False, na_values=[""])
-    assert set(scores.model) == {"mean_shift", "control", "ceiling"}
+    assert set(scores.model) == {"mean_shift", "control", "perturbed_mean", "linear", "ceiling"}
 
 
 def test_single_perturbation_keeps_the_kang_contract(syn, syn_path, tmp_path, capsys):
@@ -249,7 +249,8 @@ def test_single_perturbation_keeps_the_kang_contract(syn, syn_path, tmp_path, ca
     adata, _ = pk.data.preprocess(syn, pk.data.Preprocessing(), log=lambda *a: None)
     task = pk.split.holdout_cell_type(adata, spec, "ctx2")
     train, source, target = task.subsets(adata)
-    preds = {name: pk.models.get(name).fit(train, spec).predict(source) for name in ("mean_shift", "control")}
+    preds = {name: pk.models.get(name).fit(train, spec).predict(source)
+             for name in ("mean_shift", "control", "perturbed_mean", "linear")}
     ref, _ = pk.metrics.score_models(target, source, preds, None, n_boot=5, seed=0)
     pk._io.write_csv(tmp_path / "ref.csv", ref)
     pk._io.write_csv(tmp_path / "new.csv", scores.drop(columns="perturbation"))
