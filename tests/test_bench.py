@@ -94,7 +94,7 @@ def test_config_errors_name_the_setting(patch, needle):
 
 def test_config_defaults_and_roundtrip(tmp_path):
     cfg = bench.load_config(SMOKE)
-    assert [m.label for m in cfg.models] == ["scgen", "control", "mean_shift"]
+    assert [m.label for m in cfg.models] == ["scgen", "control", "mean_shift", "perturbed_mean", "linear"]
     params = {label: cfg.model(label).build_params(cfg.training) for label in ("scgen", "control")}
     assert params["scgen"]["epochs"] == 2 and "epochs" not in params["control"]
     again = bench.config_from_dict(tomllib.loads(bench.to_toml(cfg)))
@@ -180,14 +180,14 @@ def test_smoke_run_outputs(smoke_run):
     scores = pd.read_csv(out / "scores.csv")
     assert list(scores.columns[:8]) == ["scenario", "split", "model", "seed", "metric", "value", "ci_low", "ci_high"]
     assert set(scores.scenario) == {"loco", "unbalanced", "cross_donor"}
-    assert set(scores.model) == {"scgen", "control", "mean_shift", "ceiling"}
+    assert set(scores.model) == {"scgen", "control", "mean_shift", "perturbed_mean", "linear", "ceiling"}
     # one ceiling per (scenario, split, seed, metric); normalised rows: control 0, the planted shift near 1
     ceil = scores[scores.model == "ceiling"]
     assert not ceil.duplicated(["scenario", "split", "seed", "metric"]).any()
     norm = scores[scores.metric == "pearson_delta_norm"].groupby("model").value.mean()
     assert norm["control"] == pytest.approx(0) and norm["mean_shift"] > 0.9
     n_cells = len(bench.list_cells(bench.load_config(SMOKE)))
-    assert n_cells == 36 and len(list((out / "cells").iterdir())) == n_cells
+    assert n_cells == 60 and len(list((out / "cells").iterdir())) == n_cells
     summary = pd.read_csv(out / "summary.csv")
     assert {"mean", "ci_low", "ci_high", "rank", "n_seeds"} <= set(summary.columns)
     pd_all = summary[(summary.scenario == "loco") & (summary.split == "all") & (summary.metric == "pearson_delta")]
@@ -334,13 +334,14 @@ def test_toy_scenario_touches_no_generic_module(tmp_path, monkeypatch):
                                           "cross_study": None, "toy": {"context": "ctx1"}}
     out = tmp_path / "toy"
     done = bench.run(cfg, out, progress=False, log=lambda *a: None)
-    assert done["ran"] == ["toy.ctx1.mean_shift.s0", "toy.ctx1.control.s0"] and not done["failed"]
+    assert done["ran"] == ["toy.ctx1.mean_shift.s0", "toy.ctx1.control.s0", "toy.ctx1.perturbed_mean.s0",
+                          "toy.ctx1.linear.s0"] and not done["failed"]
     res = json.loads((out / "cells" / "toy.ctx1.mean_shift.s0" / "result.json").read_text())
     assert res["split_info"]["n_target"] == 60 and res["context"] == "ctx1"
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores.scenario) == {"toy"} and set(scores.split) == {"ctx1"}
     toy = pd.read_csv(out / "toy.csv")
-    assert set(toy.model) == {"mean_shift", "control", "ceiling"}
+    assert set(toy.model) == {"mean_shift", "control", "perturbed_mean", "linear", "ceiling"}
     assert toy[toy.metric == "pearson_delta"].set_index("model")["mean"]["mean_shift"] > 0.9
     assert "toy.csv" in json.loads((out / "run.json").read_text())["tables"]
     assert (out / "figures" / "heatmap_toy_pearson_delta.png").is_file()
@@ -353,7 +354,7 @@ def test_toy_scenario_touches_no_generic_module(tmp_path, monkeypatch):
 
 
 def small_config(tmp_path: Path, **training) -> Path:
-    """smoke.toml cut down: one seed, loco on ctx0 and cross_donor on ctx2, no figures (9 cells)."""
+    """smoke.toml cut down: one seed, loco on ctx0 and cross_donor on ctx2, no figures (15 cells: 3 tasks x scGen and 4 baselines)."""
     d = smoke_dict()
     d["seeds"] = [0]
     d["scenarios"] = {"loco": {"contexts": ["ctx0"], "min_cells": 20},
@@ -367,7 +368,7 @@ def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
     config, plain, out = small_run / "config.toml", small_run, tmp_path / "fanout"
     assert main(["bench", str(config), "--list-cells"]) == 0
     ids = capsys.readouterr().out.split()
-    assert len(ids) == 9 and ids[0] == "loco.ctx0.scgen.s0"
+    assert len(ids) == 15 and ids[0] == "loco.ctx0.scgen.s0"
     assert main(["bench", str(config), "--out", str(out), "--aggregate"]) == 2  # nothing finished yet
     assert "have not finished" in capsys.readouterr().err
     for cell in reversed(ids):  # any order, as a workflow engine may run them
@@ -387,7 +388,7 @@ def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
 def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capsys):
     config, plain, out = small_run / "config.toml", small_run, tmp_path / "jobs"
     assert main(["bench", str(config), "--out", str(out), "--jobs", "2", "--no-progress"]) == 0
-    assert "9 cells in 2 worker processes" in capsys.readouterr().err
+    assert "15 cells in 2 worker processes" in capsys.readouterr().err
     for name in ("scores.csv", "summary.csv"):
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
     assert main(["bench", str(config), "--out", str(out), "--jobs", "0"]) == 2
@@ -397,7 +398,7 @@ def test_rerun_skips_and_other_config_is_refused(smoke_run, tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")}
     assert main(["bench", str(SMOKE), "--out", str(smoke_run), "--no-progress"]) == 0
     err = capsys.readouterr().err
-    assert "36 of 36 cells already finished" in err and "up to date" in err
+    assert "60 of 60 cells already finished" in err and "up to date" in err
     assert {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")} == before
     d = smoke_dict()
     d["training"]["epochs"] = 3
@@ -434,9 +435,9 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-800:]
-    assert f"{len(finished)} of 9 cells already finished" in rerun.stderr
+    assert f"{len(finished)} of 15 cells already finished" in rerun.stderr
     for res, (mtime, text) in finished.items():  # not recomputed, not rewritten
         assert res.stat().st_mtime_ns == mtime and res.read_text() == text
-    assert len(list(out.glob("cells/*/result.json"))) == 9
+    assert len(list(out.glob("cells/*/result.json"))) == 15
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores.scenario) == {"loco", "cross_donor"} and scores.value.notna().any()

@@ -136,7 +136,7 @@ def test_a_file_changed_on_disk_is_refused_until_fetched_again(server, tmp_path,
     with pytest.raises(InputError) as err:
         pk.data.load(NAME)
     msg = str(err.value)
-    assert str(path) in msg and bad in msg and good in msg and f"perturbkit data fetch {NAME} --force" in msg
+    assert str(path) in msg and bad in msg and good in msg and f"perturbkit data fetch {NAME} with force" in msg
     capsys.readouterr()
     # through the command line: one line, exit status 2; fetch without --force refuses too
     assert main(["predict", "--data", NAME, "--model", "mean_shift", "--holdout", "a",
@@ -150,7 +150,7 @@ def test_a_file_changed_on_disk_is_refused_until_fetched_again(server, tmp_path,
     assert path.read_bytes() == server.body and pk.data.load(NAME).n_obs == 20
     # a file without its record cannot be checked: refused, with the same fix
     record.unlink()
-    with pytest.raises(InputError, match=rf"no recorded sha256 .*perturbkit data fetch {NAME} --force"):
+    with pytest.raises(InputError, match=rf"no recorded sha256 .*perturbkit data fetch {NAME} with force"):
         pk.data.load(NAME)
     assert pk.data.dataset_status(NAME) == "not fetched"
 
@@ -165,7 +165,7 @@ def test_a_file_changed_on_the_server_is_refused_and_not_kept(server, tmp_path, 
     with pytest.raises(InputError) as err:
         pk.data.fetch(NAME, log=lambda *a: None)
     msg = str(err.value)
-    assert "the file on the server changed" in msg and first in msg and second in msg and "--force" in msg
+    assert "the file on the server changed" in msg and first in msg and second in msg and "with force" in msg
     assert server.requests == 2 and not path.exists()
     assert sorted(p.name for p in path.parent.iterdir()) == [record.name]
     assert json.loads(record.read_text())["sha256"] == first

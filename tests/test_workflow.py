@@ -69,7 +69,7 @@ def test_snakemake_bench_equals_plain_bench(tmp_path, capsys):
     capsys.readouterr()
 
     cells = sorted(p.name for p in (tmp_path / "plain" / "cells").iterdir())
-    assert len(cells) == 3  # 1 context x (scgen and the two baselines) x 1 seed
+    assert len(cells) == 5  # 1 context x (scgen and the four baselines) x 1 seed
     jobs = sorted(p.name[:-len(".done")] for p in (tmp_path / "wf" / ".jobs").iterdir())
     assert jobs == cells  # one job per cell
     key = ["scenario", "split", "model", "seed", "metric"]

@@ -237,7 +237,7 @@ def dataset_path(name: str) -> Path:
         if not path.exists():
             raise InputError(
                 f"Bundled dataset {name!r} not found at {path}: the installed perturbkit lacks its data files. "
-                f"Reinstall perturbkit (pip install --force-reinstall perturbkit), or set PERTURBKIT_DATA to the "
+                f"Reinstall perturbkit (pip install perturbkit with pip's force-reinstall option), or set PERTURBKIT_DATA to the "
                 f"folder holding {ds.file}."
             )
         return path
@@ -262,8 +262,8 @@ def dataset_sha256(name: str) -> str:
     if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
         raise InputError(
             f"Dataset {name!r} at {path} has no recorded sha256 ({_record_path(path).name} is missing or "
-            f"unreadable), so it cannot be checked. Fix: perturbkit data fetch {name} --force"
-        )
+            f"unreadable), so it cannot be checked. Fix: perturbkit data fetch {name} with force.",
+            params=("force",))
     return record["sha256"]
 
 
@@ -271,14 +271,13 @@ def _changed(name: str, path: Path, digest: str, expected: str) -> InputError:
     if DATASETS[name].bundled:
         return InputError(
             f"Bundled dataset {name!r} at {path} has sha256 {digest}, expected {expected}. The file was changed "
-            "or is incomplete; reinstall perturbkit (pip install --force-reinstall perturbkit) or, in a checkout, "
+            "or is incomplete; reinstall perturbkit (pip install perturbkit with pip's force-reinstall option) or, in a checkout, "
             "restore it (git checkout src/perturbkit/datasets/)."
         )
     return InputError(
         f"Dataset {name!r} at {path} has sha256 {digest}, but {expected} was recorded when it was fetched: the "
-        f"file was changed or is incomplete. Fix: perturbkit data fetch {name} --force (downloads it again and "
-        "records its sha256)."
-    )
+        f"file was changed or is incomplete. Fix: perturbkit data fetch {name} with force (downloads it again "
+        "and records its sha256).", params=("force",))
 
 
 def verified_path(name: str) -> tuple[Path, str]:
@@ -338,12 +337,12 @@ def fetch(name: str, *, force: bool = False, progress: bool = False, log=print) 
             if expected and digest != expected:
                 how = "is pinned in perturbkit's registry" if ds.sha256 else "was recorded at the first fetch"
                 fix = ("report it to perturbkit" if ds.sha256 else
-                       f"if the new file is the one you want, run perturbkit data fetch {name} --force to "
+                       f"if the new file is the one you want, run perturbkit data fetch {name} with force to "
                        "record its sha256")
                 raise InputError(
                     f"Dataset {name!r}: the file downloaded from {ds.url} has sha256 {digest}, but {expected} "
-                    f"{how}: the file on the server changed, and the download was not kept. Fix: {fix}."
-                )
+                    f"{how}: the file on the server changed, and the download was not kept. Fix: {fix}.",
+                    params=("force",))
             from ._io import stamp
             from ._version import __version__
 
