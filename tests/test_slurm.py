@@ -240,7 +240,7 @@ def test_workflow_crate_names_the_snakefile_and_validates(tmp_path, offline_rocv
     # the example config runs from the unpacked crate (a dry run: the jobs it would submit)
     res = subprocess.run([sys.executable, "-m", "snakemake", "-s", "Snakefile", "-n", "--cores", "1",
                           "--configfile", "example.yaml"], cwd=out, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and re.search(r"bench_cell\s+36\n", res.stdout), res.stdout[-3000:] + res.stderr
+    assert res.returncode == 0 and re.search(r"bench_cell\s+60\n", res.stdout), res.stdout[-3000:] + res.stderr
 
     # without authors: placeholders (the crate is still valid); a zip for WorkflowHub; bad input
     zipped = tmp_path / "wf.crate.zip"
