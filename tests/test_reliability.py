@@ -827,7 +827,10 @@ def test_interrupt_while_writing_outputs_then_rerun(base, tmp_path, capsys, monk
 
 
 def _env():
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    # every epoch drawn on the progress bar (tqdm's TQDM_* defaults): on an idle machine a small model's epochs
+    # take less than tqdm's 0.1 s redraw interval, and the bar could skip the epoch the kill tests wait for
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore", "TQDM_MININTERVAL": "0",
+            "TQDM_MINITERS": "1"}
 
 
 def _start_and_kill(argv, sig, started, timeout=120):
