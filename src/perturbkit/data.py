@@ -790,6 +790,24 @@ def looks_like_counts(X) -> bool:
     return integer and float(vals.max()) > 20
 
 
+def _notices(counts: bool, normalize: bool, pp, vmax: float) -> list[str]:
+    """The warnings of :func:`preprocess` (in memory and out of core) about the normalize setting."""
+    notices = []
+    if counts and not normalize:
+        notices.append("normalize is off, but the input looks like raw counts (non-negative integers up to "
+                       f"{vmax:.0f}); the models expect log-normalised data. Set normalize to auto (or on) "
+                       "to normalise it.")
+    if not counts and normalize and pp.normalize is True:
+        notices.append("normalize is on, but the input does not look like raw counts (it holds non-integer "
+                       "values); normalising log data again distorts it. Set normalize to auto (or off) if "
+                       "it is log-normalised.")
+    if not counts and not normalize and vmax > LOG_MAX:
+        notices.append(f"the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
+                       f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
+                       "Turn normalize on if it is not log data.")
+    return notices
+
+
 def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     """Return a new AnnData ready for the models, and a dict describing what was done.
 
@@ -813,19 +831,7 @@ def preprocess(adata, pp: Preprocessing = Preprocessing(), *, log=print):
     counts = looks_like_counts(out.X)
     normalize = counts if pp.normalize == "auto" else pp.normalize
     steps: list[str] = []
-    notices = []
-    if counts and not normalize:
-        notices.append("normalize is off, but the input looks like raw counts (non-negative integers up to "
-                       f"{vmax:.0f}); the models expect log-normalised data. Set normalize to auto (or on) "
-                       "to normalise it.")
-    if not counts and normalize and pp.normalize is True:
-        notices.append("normalize is on, but the input does not look like raw counts (it holds non-integer "
-                       "values); normalising log data again distorts it. Set normalize to auto (or off) if "
-                       "it is log-normalised.")
-    if not counts and not normalize and vmax > LOG_MAX:
-        notices.append(f"the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
-                       f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
-                       "Turn normalize on if it is not log data.")
+    notices = _notices(counts, normalize, pp, vmax)
     if notices:
         import warnings
 

@@ -38,7 +38,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from . import _keys as K
-from .data import ValueStats, _ValueScan, value_stats  # noqa: F401  (the validation's scan lives in data.py,
+from .data import ValueStats, _notices, _ValueScan, value_stats  # noqa: F401  (the validation's scan lives in data.py,
 #   which reads a DiskMatrix's values through DiskMatrix.value_stats and never imports this module)
 from .errors import InputError, InputWarning
 
@@ -582,26 +582,6 @@ def preprocess_to_disk(src: OnDisk | str | os.PathLike, pp=None, path: str | os.
     log(f"preprocessing: input detected as {info['input']}; {'; '.join(info['steps'])}; "
         f"{info['n_cells']} cells x {info['n_genes']} genes (out of core, written to {path})")
     return OnDisk(path), info
-
-
-def _notices(counts: bool, normalize: bool, pp, vmax: float) -> list[str]:
-    """The warnings of :func:`perturbkit.data.preprocess` about the normalize setting."""
-    from .data import LOG_MAX
-
-    notices = []
-    if counts and not normalize:
-        notices.append("normalize is off, but the input looks like raw counts (non-negative integers up to "
-                       f"{vmax:.0f}); the models expect log-normalised data. Set normalize to auto (or on) "
-                       "to normalise it.")
-    if not counts and normalize and pp.normalize is True:
-        notices.append("normalize is on, but the input does not look like raw counts (it holds non-integer "
-                       "values); normalising log data again distorts it. Set normalize to auto (or off) if "
-                       "it is log-normalised.")
-    if not counts and not normalize and vmax > LOG_MAX:
-        notices.append(f"the input holds non-integer values up to {vmax:.3g}, too large for log-normalised data "
-                       f"(log1p of normalised counts rarely exceeds {LOG_MAX:g}); it may be unlogged (CPM/TPM). "
-                       "Turn normalize on if it is not log data.")
-    return notices
 
 
 def cache_key(digest: str, preprocessing, spec=None, filter: dict | None = None) -> str:
