@@ -27,12 +27,11 @@ out: cell-eval orders them with numpy's unstable sort, so its answer there depen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
 from pathlib import Path
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # cell-eval's progress bar per metric and screen
 
 CONTROL = "control"
 KEY = "perturbation"
@@ -123,6 +122,22 @@ def celleval_values(real, pred) -> dict[str, dict[str, float]]:
     return {name: {str(k): float(getattr(v, "statistic", v)) for k, v in vals.items()} for name, vals in out.items()}
 
 
+@contextlib.contextmanager
+def _no_bars():
+    """cell-eval draws a progress bar per metric and screen. tqdm reads TQDM_DISABLE once, when it is first
+    imported, so this quiets them where tqdm is not loaded yet (the script); the caller's environment is restored
+    afterwards either way: a process started later (a test's child) must not inherit it."""
+    old = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = old
+
+
 def compare(cases: int = 300, seed: int = 0):
     """Rows ``metric, n_values, perturbkit_mean, cell_eval_mean, max_abs_diff``: over every perturbation of every
     case, each package's mean value and the largest absolute difference between the two."""
@@ -135,7 +150,9 @@ def compare(cases: int = 300, seed: int = 0):
     sums: dict[str, np.ndarray] = {}
     for _ in range(cases):
         real, pred, labels = random_case(rng)
-        ours, theirs = perturbkit_values(real, pred, labels, metrics), celleval_values(real, pred)
+        with _no_bars():
+            theirs = celleval_values(real, pred)
+        ours = perturbkit_values(real, pred, labels, metrics)
         for name, values in ours.items():
             if set(values) != set(theirs[name]):
                 raise AssertionError(f"{name}: perturbations differ: {sorted(values)} vs {sorted(theirs[name])}")

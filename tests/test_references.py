@@ -9,6 +9,7 @@ under CI, which installs them: PERTURBKIT_SYSTEM_TESTS=1).
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,11 @@ def need(package: str, pip_name: str) -> None:
 
 def test_metrics_agree_with_cell_eval(capsys):
     need("cell_eval", "cell-eval")
+    bars = lambda: {k: v for k, v in os.environ.items() if k.startswith("TQDM_")}  # noqa: E731
+    before = bars()
     check = script("check_celleval")
     table = check.compare(cases=40, seed=1)
+    assert bars() == before  # it once left TQDM_DISABLE=1 behind: every later child drew no progress bar
     assert set(table.metric) == {"discrimination_score_l1", "discrimination_score_l2", "discrimination_score_cosine",
                                  "pearson_delta", "mse_mean", "mae_mean"}
     assert (table.n_values > 100).all()
