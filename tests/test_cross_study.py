@@ -17,6 +17,8 @@ from perturbkit.metrics import knn_batch_entropy
 from perturbkit.spec import PerturbSpec, Preprocessing
 from perturbkit.synthetic import synthetic
 
+from conftest import skip_without
+
 FAST = ["--model", "mean_shift", "--n-top-genes", "50", "--n-boot", "5", "--metrics",
         "r2_mean_all,pearson_delta", "--no-progress", "--device", "cpu"]
 
@@ -299,8 +301,11 @@ def test_a_screen_query_is_matched_by_perturbation_name(tmp_path):
 
 
 def test_scvi_integration_decodes_every_cell_in_the_reference_batch(study):
-    """Runs where scvi-tools is installed (pip install scvi-tools; docs/cross_study.md)."""
-    pytest.importorskip("scvi")
+    """scvi-tools is in the test extra: CI runs this (skipped elsewhere without it; docs/cross_study.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("scvi") is None:
+        skip_without("scvi-tools is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
     ref_path, _q_path, q = study
     keys = transfer.QueryKeys(condition_key="stim", control="CTRL", perturbed="STIM", context_key="celltype")
     t = transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
@@ -311,6 +316,8 @@ def test_scvi_integration_decodes_every_cell_in_the_reference_batch(study):
     np.testing.assert_allclose(np.expm1(X.astype(np.float64)).sum(axis=1), 1e4, rtol=1e-3)
     info = t.info["integration"]
     assert info["method"] == "scvi" and info["epochs"] == 5 and 0 <= info["mixing_after"]["score"] <= 1
+    # the study is shifted (thinned, capture, missing genes): scVI mixes it better than none (0.895 -> 0.984)
+    assert info["mixing_after"]["score"] > info["mixing_before"]["score"] + 0.03
     t2 = transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,
                           integrate="scvi", scvi_epochs=5, log=lambda m: None)
     np.testing.assert_allclose(np.asarray(t2.adata.X), X, atol=1e-5)  # seeded
