@@ -619,6 +619,15 @@ def test_atomic_write_onto_directory(tmp_path):
         _io.atomic_write_text(tmp_path / "d", "x")
 
 
+def test_atomic_write_gives_the_mode_a_plain_write_gives(tmp_path):
+    """Result files are shared (a lab's group reads a run): not mkstemp's owner-only 0o600."""
+    (tmp_path / "plain.txt").write_text("x")
+    _io.atomic_write_text(tmp_path / "atomic.txt", "x")
+    _io.atomic_write_with(tmp_path / "with.csv", lambda p: Path(p).write_text("x"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes["atomic.txt"] == modes["with.csv"] == modes["plain.txt"] == 0o666 & ~_io._UMASK, modes
+
+
 # --------------------------------------------------------------- equivalent inputs give the same answer
 
 

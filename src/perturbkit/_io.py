@@ -22,9 +22,20 @@ from typing import Any
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read by setting; restored at once (the only way to read it)
+    os.umask(mask)
+    return mask
+
+
+#: the process's umask, read once at import (reading it means setting it, which is not thread-safe)
+_UMASK = _umask()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``, with the mode
+    a plain ``open(path, "w")`` would give it (``0o666`` less the umask: mkstemp's temporary file is ``0o600``)."""
     path = Path(path)
     if path.is_dir():
         from .errors import InputError
@@ -37,6 +48,7 @@ def atomic_path(path: str | os.PathLike):
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
