@@ -59,6 +59,15 @@ class Dataset:
 #: developed on): a spec left at PerturbSpec() means "pass --condition-key, --control, --perturbed, --context-key"
 _PERTPY = "https://exampledata.scverse.org/pertpy/"
 
+
+def _pertpy(*, name: str, file: str, reference: str, doi: str, accession: str,
+            spec: PerturbSpec = PerturbSpec(), licence: str | None = None) -> Dataset:
+    """A data set fetched on request from pertpy's public copy of ``file`` (``_PERTPY + file``); its sha256
+    is recorded at the first fetch."""
+    return Dataset(name=name, file=file, sha256=None, reference=reference, doi=doi, accession=accession,
+                   spec=spec, url=_PERTPY + file, licence=licence)
+
+
 DATASETS: dict[str, Dataset] = {
     "kang2018": Dataset(
         name="kang2018",
@@ -89,10 +98,9 @@ DATASETS: dict[str, Dataset] = {
         licence="BSD-3-Clause (perturbench)",
     ),
     # ---- fetched on request (perturbkit data fetch NAME); sha256 recorded at the first fetch
-    "dong2023": Dataset(
+    "dong2023": _pertpy(
         name="dong2023",
         file="dong_2023.h5ad",
-        sha256=None,
         reference="Dong M et al. Causal identification of single-cell experimental perturbation effects with "
         "CINEMA-OT. Nat Methods 20, 1769-1779 (2023) (PBMCs: no stimulation, IFN-beta, IFN-gamma, both)",
         doi="10.1038/s41592-023-02040-5",
@@ -101,75 +109,56 @@ DATASETS: dict[str, Dataset] = {
         # 'IFNb+ IFNg'); the cell type column is the one of pertpy's cinemaot_example subsample: not checked here
         spec=PerturbSpec(condition_key="perturbation", control="No stimulation", perturbed="IFNb",
                          context_key="cell_type0528"),
-        url=_PERTPY + "dong_2023.h5ad",
         licence="CC0 1.0 (Dryad)",
     ),
-    "hagai2018": Dataset(
+    "hagai2018": _pertpy(
         name="hagai2018",
         file="hagai_2018.h5ad",
-        sha256=None,
         reference="Hagai T et al. Gene expression variability across cells and species shapes innate immunity. "
         "Nature 563, 197-202 (2018) (mouse, rat, rabbit, pig phagocytes with LPS; human, macaque, rat, mouse "
         "fibroblasts with poly(I:C))",
         doi="10.1038/s41586-018-0657-2",
         accession="ArrayExpress (accessions in the paper)",
-        spec=PerturbSpec(),
-        url=_PERTPY + "hagai_2018.h5ad",
     ),
-    "srivatsan2020_sciplex3": Dataset(
+    "srivatsan2020_sciplex3": _pertpy(
         name="srivatsan2020_sciplex3",
         file="srivatsan_2020_sciplex3.h5ad",
-        sha256=None,
         reference="Srivatsan SR et al. Massively multiplex chemical transcriptomics at single-cell resolution. "
         "Science 367, 45-51 (2020) (sci-Plex 3: A549, K562, MCF7 with 188 compounds in dose series)",
         doi="10.1126/science.aax6234",
         accession="GEO GSE139944",
-        spec=PerturbSpec(),
-        url=_PERTPY + "srivatsan_2020_sciplex3.h5ad",
     ),
-    "haber2017": Dataset(
+    "haber2017": _pertpy(
         name="haber2017",
         file="haber_2017_regions.h5ad",
-        sha256=None,
         reference="Haber AL et al. A single-cell survey of the small intestinal epithelium. Nature 551, 333-339 "
         "(2017) (mouse epithelium; Salmonella and H. polygyrus infections)",
         doi="10.1038/nature24489",
         accession="GEO GSE92332",
-        spec=PerturbSpec(),
-        url=_PERTPY + "haber_2017_regions.h5ad",
     ),
-    "norman2019": Dataset(
+    "norman2019": _pertpy(
         name="norman2019",
         file="norman_2019.h5ad",
-        sha256=None,
         reference="Norman TM et al. Exploring genetic interaction manifolds constructed from rich single-cell "
         "phenotypes. Science 365, 786-793 (2019) (K562 CRISPRa, singles and pairs; the full screen)",
         doi="10.1126/science.aax4438",
         accession="GEO GSE133344",
-        spec=PerturbSpec(),
-        url=_PERTPY + "norman_2019.h5ad",
     ),
-    "replogle2022_k562_essential": Dataset(
+    "replogle2022_k562_essential": _pertpy(
         name="replogle2022_k562_essential",
         file="replogle_2022_k562_essential.h5ad",
-        sha256=None,
         reference="Replogle JM et al. Mapping information-rich genotype-phenotype landscapes with genome-scale "
         "Perturb-seq. Cell 185, 2559-2575 (2022) (K562 CRISPRi, essential genes, day 7)",
         doi="10.1016/j.cell.2022.05.013",
         accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
-        spec=PerturbSpec(),
-        url=_PERTPY + "replogle_2022_k562_essential.h5ad",
     ),
-    "replogle2022_rpe1": Dataset(
+    "replogle2022_rpe1": _pertpy(
         name="replogle2022_rpe1",
         file="replogle_2022_rpe1.h5ad",
-        sha256=None,
         reference="Replogle JM et al. Mapping information-rich genotype-phenotype landscapes with genome-scale "
         "Perturb-seq. Cell 185, 2559-2575 (2022) (RPE1 CRISPRi, essential genes, day 7)",
         doi="10.1016/j.cell.2022.05.013",
         accession="figshare plus, Replogle et al. 2022 processed Perturb-seq data sets",
-        spec=PerturbSpec(),
-        url=_PERTPY + "replogle_2022_rpe1.h5ad",
     ),
 }
 
