@@ -1,0 +1,548 @@
+"""Scale (issue #20 item 5): seconds and peak RSS of every stage of a held-out prediction on a Kang-shaped
+screen of ``--cells`` cells x 2,000 genes, for scGen and scPRAM, the data on disk.
+
+**Data.** Kang 2018 (the bundled ``kang2018``, 13,576 cells) restricted to its 2,000 highly variable genes (the
+genes :func:`perturbkit.data.preprocess` selects with ``n_top_genes=2000``, seurat; raw counts kept), resampled:
+copy ``c`` of the data is a permutation of Kang's cells drawn with ``numpy.random.default_rng([seed, c])``, the
+copies laid one after the other and cut at ``--cells``, so every Kang cell appears ``cells / 13,576`` times (or
+once less) in the proportions of its cell type, condition and donor; every cell's counts are then binomially
+thinned (each count kept with probability ``--keep``, 0.8; seeded per block of 10,000 rows), so no two copies
+are equal. obs: ``condition``, ``cell_type``, ``donor`` (Kang's harmonised labels). X is written chunk by chunk
+(10,000 rows of CSR float32 at a time) with :func:`perturbkit.ondisk.write_h5ad_chunks`; the dense matrix is
+never formed, and the writer holds Kang's 2,000-gene CSR, obs and one block. The file is cached under
+``--dir`` by its parameters (``kang_shaped_<cells>x2000_keep<keep>_seed<seed>_v<version>.h5ad``, with a
+``.json`` beside it recording how it was made), so reruns reuse it.
+
+**Stages**, each run in a fresh process (``subprocess.Popen``, so its peak is its own):
+
+* ``load``: open the file as a user's backed run does (:class:`perturbkit.ondisk.OnDisk`: obs and var in memory,
+  X on disk) and check it against the spec with the held-out context (:func:`perturbkit.data.validate`, which
+  scans X in row chunks). The same for both models, so run once per size.
+* per model (``scgen``, ``scpram``): ``perturbkit predict --data FILE --backed --model MODEL --holdout "CD4 T
+  cells" --epochs 1 --seed 0 --no-progress --out DIR/out_<cells>_<model> --force``, the command a user runs.
+  Its stages' seconds are the product's own, from the run's ``record.json`` ``timings``: ``preprocess``
+  (``preprocess_s``: with ``--backed`` the input's sha256, the chunked validation and gene statistics, the
+  normalised genes written to the run's cache and read back for the models), ``fit`` (``fit_s`` of the model:
+  one epoch), ``predict`` (``predict_s``: the held-out context's control cells), ``baselines`` (fit + predict of
+  every baseline ``predict`` scores beside the model, as its record lists them: ``control``, ``mean_shift``,
+  ``perturbed_mean``, ``linear`` at the time of writing), ``metrics``
+  (``evaluate_s``: the effect table and every metric) and ``write`` (``write_s``: pred.h5ad, tables, figures);
+  ``process`` is the wall time of the whole process (imports included).
+
+**Memory.** The script polls ``/proc`` every ``--interval`` seconds (0.1): ``VmRSS`` of the child and of every
+descendant (``/proc/PID/task/*/children``, recursively), summed (the *process tree*), and the child's own
+``VmHWM`` (its exact peak so far). A process's peak is the larger of the highest tree sum sampled, the last
+``VmHWM`` read and ``ru_maxrss`` from ``os.wait4`` (the child's exact peak; the child is started from this small
+driver, which imports no perturbkit, so the driver's RSS, about 30 MB, is what ``ru_maxrss`` could carry over).
+A stage's peak is the highest sample in its time window, raised to the child's ``VmHWM`` when that grew during
+the window (so a short spike between two samples is not lost). The windows come from the run's log lines, each
+timestamped by the driver as it arrives (stdout unbuffered): ``preprocess`` runs from the process start
+(imports included) to the line ``task ...: train on ...`` (so it also holds the split); the line ``MODEL: fit
+F s, predict P s`` ends ``predict`` (it starts ``P`` seconds earlier; ``fit`` ends there and starts ``F``
+seconds before); the last baseline's line ends ``baselines``; ``metrics`` takes the next ``evaluate_s``
+seconds; ``write`` the rest of the process. Where a line is missing (the product's log changed) that stage's
+peak is left empty and the process peak still stands. MB = 2^20 bytes.
+
+Usage (from the project root)::
+
+    .venv/bin/python benchmarks/bench_scale.py --cells 10000,100000 [--models scgen,scpram] [--threads N]
+        [--n-boot N] [--metrics A,B] [--dir runs/scale] [--out benchmarks/results/scale.md]
+
+Results accumulate in ``--out`` with a ``.json`` beside it (``scale.json``): a run replaces the rows of the sizes
+it ran and keeps the others, each row with its command, date, commit and the machine's load average (before and
+after), and the markdown is written again from all of them, atomically. The acceptance check of issue #20 (peak
+RSS under 4 GB for both models at 1M cells; every stage's time at most 12x from 100k to 1M) is printed under the
+tables when both sizes are there. Not a test: minutes at 100k, hours at 1M on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOLDOUT = "CD4 T cells"
+N_GENES = 2000
+BLOCK = 10_000  # rows per written block (and per thinning seed)
+VERSION = 1  # of the generator: part of the cached file's name
+MODELS = ("scgen", "scpram")
+STAGES = ("load", "preprocess", "fit", "predict", "baselines", "metrics", "write", "process")
+LIMIT_MB = 4 * 1024  # issue #20: under 4 GB at 1M cells
+GROWTH = 12.0  # issue #20: at most 12x per stage from 100k to 1M
+
+
+# ------------------------------------------------------------------------------------- child processes
+
+
+def generate(path: str, n_cells: int, keep: float, seed: int) -> dict:
+    """Write the Kang-shaped file (see the module docstring); returns what the sidecar records."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    import perturbkit as pk
+    from perturbkit.ondisk import write_h5ad_chunks
+    from perturbkit.spec import Preprocessing
+
+    t = time.perf_counter()
+    kang = pk.data.load("kang2018")
+    hvg, _ = pk.data.preprocess(kang, Preprocessing(n_top_genes=N_GENES), log=lambda m: None)
+    genes = kang.var_names.get_indexer(hvg.var_names)
+    if len(genes) != N_GENES or (genes < 0).any():
+        raise SystemExit(f"error: expected {N_GENES} highly variable Kang genes, got {len(genes)}")
+    genes.sort()  # Kang's gene order
+    X = sp.csr_matrix(kang.X)[:, genes].tocsr()
+    var = pd.DataFrame(index=kang.var_names[genes])
+    small = kang.obs[["condition", "cell_type", "donor"]].copy()
+    names = kang.obs_names.to_numpy()
+    del kang, hvg
+    n_kang = X.shape[0]
+    copies = math.ceil(n_cells / n_kang)
+    order = np.concatenate([np.random.default_rng([seed, c]).permutation(n_kang) for c in range(copies)])[:n_cells]
+    copy = np.repeat(np.arange(copies), n_kang)[:n_cells]
+    obs = small.iloc[order].copy()
+    obs.index = pd.Index([f"{names[i]}-{c}" for i, c in zip(order, copy)])
+
+    def blocks():
+        for b, start in enumerate(range(0, n_cells, BLOCK)):
+            rng = np.random.default_rng([seed, copies, b])
+            block = X[order[start:start + BLOCK]]
+            block.data = rng.binomial(block.data.astype(np.int64), keep).astype(np.float32)
+            block.eliminate_zeros()
+            yield block
+
+    write_h5ad_chunks(path, obs, var, blocks())
+    return {"cells": n_cells, "genes": N_GENES, "copies_of_kang": copies, "keep": keep, "seed": seed,
+            "version": VERSION, "seconds_in_process": time.perf_counter() - t}
+
+
+def load(path: str) -> dict:
+    """The load stage: open backed (obs in memory, X on disk) and validate (X scanned in row chunks)."""
+    import perturbkit as pk
+    from perturbkit.ondisk import OnDisk
+    from perturbkit.spec import PerturbSpec
+
+    t = time.perf_counter()
+    with OnDisk(path) as od:
+        pk.data.validate(od, PerturbSpec(), holdout=HOLDOUT)
+        n = od.n_obs
+    return {"cells": n, "seconds": time.perf_counter() - t}
+
+
+# --------------------------------------------------------------------------------------------- monitor
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    out[line[:5]] = int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return out
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc/PID/task/TID/children)."""
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                try:
+                    with open(f"/proc/{p}/task/{tid}/children") as fh:
+                        todo.extend(int(c) for c in fh.read().split())
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return seen
+
+
+def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None = None) -> dict:
+    """Run ``cmd`` in a fresh process, sampling its process tree's RSS; its output (timestamped lines) goes to
+    ``log_path``. Returns rc, seconds, samples [(t, tree_kb, hwm_kb)], lines [(t, text)], ru_maxrss_kb."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT)
+    lines: list[tuple[float, str]] = []
+
+    def reader():
+        with open(log_path, "w") as fh:
+            for line in proc.stdout:
+                lines.append((time.monotonic() - t0, line.rstrip("\n")))
+                fh.write(line)
+                fh.flush()
+
+    th = threading.Thread(target=reader, daemon=True)
+    th.start()
+    samples: list[tuple[float, int, int]] = []
+    status = rusage = None
+    while True:
+        pids = _tree(proc.pid)
+        root = _status(proc.pid)
+        total = root.get("VmRSS", 0) + sum(_status(p).get("VmRSS", 0) for p in pids[1:])
+        if root:
+            samples.append((time.monotonic() - t0, total, root.get("VmHWM", 0)))
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(interval)
+    seconds = time.monotonic() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    th.join(timeout=30)
+    return {"rc": proc.returncode, "seconds": seconds, "samples": samples, "lines": lines,
+            "ru_maxrss_kb": rusage.ru_maxrss}
+
+
+def process_peak_mb(run: dict) -> dict:
+    s = run["samples"]
+    tree = max((x[1] for x in s), default=0)
+    hwm = max((x[2] for x in s), default=0)
+    return {"peak_mb": max(tree, hwm, run["ru_maxrss_kb"]) / 1024, "tree_sampled_mb": tree / 1024,
+            "child_hwm_mb": max(hwm, run["ru_maxrss_kb"]) / 1024}
+
+
+def window_peak_mb(samples, a: float, b: float) -> float | None:
+    """The peak in [a, b]: the highest tree sample there, or the child's VmHWM when it grew in the window."""
+    inside = [x for x in samples if a <= x[0] <= b]
+    before = [x for x in samples if x[0] < a]
+    after = [x for x in samples if x[0] > b]
+    if not inside:  # a window shorter than the interval: the samples on either side of it
+        inside = before[-1:] + after[:1]
+    peak = max((x[1] for x in inside), default=0)
+    hwm_before = before[-1][2] if before else 0
+    hwm_after = after[0][2] if after else (inside[-1][2] if inside else 0)
+    if hwm_after > hwm_before:
+        peak = max(peak, hwm_after)
+    return peak / 1024 if (inside or hwm_after > hwm_before) else None
+
+
+def stage_windows(lines, timings: dict, model: str, end: float) -> dict[str, tuple[float, float]]:
+    """Stage -> (start, stop) in the run's clock, from its log lines and record.json timings."""
+    def at(pred):
+        return next((t for t, text in lines if pred(text)), None)
+
+    w: dict[str, tuple[float, float]] = {}
+    task = at(lambda s: s.startswith("task ") and ": train on " in s)
+    if task is not None:
+        w["preprocess"] = (0.0, task)
+    mine = at(lambda s: s.startswith(f"{model}: fit "))
+    fit_s, pred_s = timings.get("fit_s", {}).get(model), timings.get("predict_s", {}).get(model)
+    if mine is not None and fit_s is not None and pred_s is not None:
+        w["predict"] = (mine - pred_s, mine)
+        w["fit"] = (mine - pred_s - fit_s, mine - pred_s)
+        last = mine
+        for b in timings.get("fit_s", {}):
+            tb = at(lambda s, b=b: s.startswith(f"{b}: fit ")) if b != model else None
+            if tb is not None:
+                last = max(last, tb)
+        if last > mine:
+            w["baselines"] = (mine, last)
+        if "evaluate_s" in timings:
+            w["metrics"] = (last, last + timings["evaluate_s"])
+            w["write"] = (last + timings["evaluate_s"], end)
+    return w
+
+
+def predict_stages(record: dict, model: str) -> dict[str, float]:
+    t = record.get("timings", {})
+    fit, pred = t.get("fit_s", {}), t.get("predict_s", {})
+    out = {"preprocess": t.get("preprocess_s"), "fit": fit.get(model), "predict": pred.get(model),
+           "metrics": t.get("evaluate_s"), "write": t.get("write_s")}
+    base = [fit[b] + pred[b] for b in fit if b != model and b in pred]
+    out["baselines"] = sum(base) if base else None
+    if "load_s" in t:  # a product that times loading apart from preprocessing
+        out["load_in_predict"] = t["load_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the runs
+
+
+def data_path(folder: Path, n: int, keep: float, seed: int) -> Path:
+    return folder / f"kang_shaped_{n}x{N_GENES}_keep{keep:g}_seed{seed}_v{VERSION}.h5ad"
+
+
+def child_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--child", *args]
+
+
+def child_json(run: dict, what: str, log_path: Path) -> dict:
+    if run["rc"] != 0:
+        tail = "\n".join(text for _, text in run["lines"][-15:])
+        raise SystemExit(f"error: {what} failed with exit status {run['rc']} (log {log_path}):\n{tail}")
+    for _, text in reversed(run["lines"]):
+        if text.startswith("{"):
+            return json.loads(text)
+    raise SystemExit(f"error: {what} printed no result (log {log_path})")
+
+
+def ensure_data(folder: Path, n: int, args, log) -> dict:
+    """The cached file of ``n`` cells (written in a fresh process when missing) and how it was made."""
+    path = data_path(folder, n, args.keep, args.seed)
+    side = path.with_suffix(".json")
+    if path.exists() and side.exists():
+        info = json.loads(side.read_text())
+        log(f"data: {path} (cached; written in {info['seconds']:.0f} s, writer peak {info['peak_mb']:.0f} MB)")
+        return {**info, "cached": True}
+    log(f"data: writing {path} ...")
+    lp = folder / f"{path.stem}.log"
+    run = monitored(child_cmd("generate", str(path), str(n), str(args.keep), str(args.seed)), lp, args.interval)
+    res = child_json(run, "writing the data", lp)
+    info = {"path": str(path), **res, "seconds": run["seconds"], **process_peak_mb(run),
+            "file_mb": path.stat().st_size / 2**20, "written": stamp()}
+    atomic_write(side, json.dumps(info, indent=2) + "\n")
+    log(f"data: wrote {path} ({info['file_mb']:.0f} MB) in {run['seconds']:.0f} s, writer peak "
+        f"{info['peak_mb']:.0f} MB")
+    return {**info, "cached": False}
+
+
+def run_size(folder: Path, n: int, args, log) -> dict:
+    data = ensure_data(folder, n, args, log)
+    path = Path(data["path"])
+    size = {"cells": n, "data": data, "load_before": os.getloadavg(), "started": stamp(), "models": {}}
+
+    lp = folder / f"load_{n}.log"
+    run = monitored(child_cmd("load", str(path)), lp, args.interval)
+    res = child_json(run, "the load stage", lp)
+    size["load"] = {"seconds": res["seconds"], "process_s": run["seconds"], **process_peak_mb(run)}
+    log(f"{n} cells, load: {res['seconds']:.1f} s, peak {size['load']['peak_mb']:.0f} MB")
+
+    for model in args.models:
+        out = folder / f"out_{n}_{model}"
+        cmd = [sys.executable, "-m", "perturbkit", "predict", "--data", str(path), "--backed", "--model", model,
+               "--holdout", HOLDOUT, "--epochs", "1", "--seed", str(args.seed), "--no-progress", "--force",
+               "--out", str(out)]
+        if args.threads is not None:
+            cmd += ["--threads", str(args.threads)]
+        if args.n_boot is not None:
+            cmd += ["--n-boot", str(args.n_boot)]
+        if args.metrics is not None:
+            cmd += ["--metrics", args.metrics]
+        lp = folder / f"predict_{n}_{model}.log"
+        before = os.getloadavg()
+        log(f"{n} cells, {model}: {' '.join(shlex.quote(c) for c in cmd)}")
+        run = monitored(cmd, lp, args.interval)
+        row = {"command": " ".join(shlex.quote(str(c)) for c in cmd[2:]), "rc": run["rc"],
+               "process_s": run["seconds"], "load_before": before, "load_after": os.getloadavg(),
+               **process_peak_mb(run), "log": str(lp)}
+        if run["rc"] != 0:
+            tail = [text for _, text in run["lines"][-5:]]
+            row["error"] = tail[-1] if tail else f"exit status {run['rc']}"
+            log(f"{n} cells, {model}: FAILED (exit status {run['rc']}, peak {row['peak_mb']:.0f} MB): "
+                + "\n  ".join(tail))
+        else:
+            record = json.loads((out / "record.json").read_text())
+            row["seconds"] = predict_stages(record, model)
+            windows = stage_windows(run["lines"], record.get("timings", {}), model, run["seconds"])
+            row["peak_stage_mb"] = {k: window_peak_mb(run["samples"], a, b) for k, (a, b) in windows.items()}
+            row["threads"] = record.get("determinism", {}).get("torch_threads")
+            row["train_cells"] = record.get("split", {}).get("n_train")
+            scores = _scores(out / "scores.csv", model)
+            row["scores"] = scores
+            log(f"{n} cells, {model}: " + ", ".join(f"{k} {v:.1f} s" for k, v in row["seconds"].items()
+                                                       if v is not None)
+                + f"; peak {row['peak_mb']:.0f} MB; "
+                + ", ".join(f"{k} {v:.0f} MB" for k, v in row["peak_stage_mb"].items() if v is not None))
+        size["models"][model] = row
+    size["load_after"] = os.getloadavg()
+    return size
+
+
+def _scores(path: Path, model: str) -> dict:
+    """The model's pearson_delta and r2_mean_all (a sanity check that the run predicted something)."""
+    import csv
+
+    out = {}
+    with open(path) as fh:
+        for r in csv.DictReader(fh):
+            if r["model"] == model and r["metric"] in ("pearson_delta", "r2_mean_all") and r["value"]:
+                out[r["metric"]] = float(r["value"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- output
+
+
+def stamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from perturbkit._io import atomic_write_text  # a leaf module: imports no numpy, torch or scanpy
+
+    atomic_write_text(path, text)
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
+        return head + (" (src/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def fmt(v, spec=".1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def render(results: dict) -> str:
+    sizes = sorted(results["sizes"].values(), key=lambda s: s["cells"])
+    lines = [
+        "# Scale: seconds and peak RSS by stage, Kang-shaped data on disk",
+        "",
+        "`benchmarks/bench_scale.py` (its docstring says how the data are made and each number measured): a "
+        f"Kang-shaped screen of N cells x {N_GENES} genes written chunk by chunk to an .h5ad, then per model "
+        f"`perturbkit predict --backed --holdout \"{HOLDOUT}\" --epochs 1` in a fresh process. Seconds: the "
+        "product's own (record.json `timings`), `load` and `process` measured by the script; peak RSS: the "
+        "script's polling of /proc (the process tree's summed VmRSS and the child's VmHWM), MB = 2^20 bytes. "
+        "The machine is shared: the load average (1 min) before and after each run is in the last table.",
+        "",
+    ]
+    for s in sizes:
+        lines.append(f"- {s['cells']:,} cells: `{s['command']}` on {s['machine']}, {s['started']}, commit "
+                     f"{s['commit']}; `uptime` before: {s['uptime']}")
+    lines += ["", "## Seconds per stage", "",
+              "| cells | model | train cells | load | preprocess | fit (1 epoch) | predict | baselines | metrics "
+              "| write | process | exit |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in sizes:
+        for m, r in s["models"].items():
+            sec = r.get("seconds", {})
+            lines.append(f"| {s['cells']:,} | {m} | {r.get('train_cells', '')} | {fmt(s['load']['seconds'])} | "
+                         + " | ".join(fmt(sec.get(k)) for k in ("preprocess", "fit", "predict", "baselines",
+                                                                 "metrics", "write"))
+                         + f" | {fmt(r['process_s'])} | {r['rc']}{': ' + r['error'] if r.get('error') else ''} |")
+    lines += ["", "## Peak RSS per stage (MB)", "",
+              "`load` is its own process; the others are windows of the predict process (empty: the window could "
+              "not be placed). `peak` is the whole process tree's peak, the number the 4 GB limit applies to.",
+              "",
+              "| cells | model | load | preprocess | fit | predict | baselines | metrics | write | peak (tree) "
+              "| data written: s, writer peak MB, file MB |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in sizes:
+        d = s["data"]
+        for m, r in s["models"].items():
+            st = r.get("peak_stage_mb", {})
+            lines.append(f"| {s['cells']:,} | {m} | {fmt(s['load']['peak_mb'], '.0f')} | "
+                         + " | ".join(fmt(st.get(k), ".0f") for k in ("preprocess", "fit", "predict", "baselines",
+                                                                       "metrics", "write"))
+                         + f" | **{r['peak_mb']:.0f}** | {d['seconds']:.0f} s, {d['peak_mb']:.0f} MB, "
+                         f"{d['file_mb']:.0f} MB |")
+    lines += ["", "## Runs", "",
+              "| cells | model | torch threads | load avg before -> after | pearson_delta | r2_mean_all |",
+              "|---:|---|---:|---|---:|---:|"]
+    for s in sizes:
+        for m, r in s["models"].items():
+            sc = r.get("scores", {})
+            lines.append(f"| {s['cells']:,} | {m} | {r.get('threads', '')} | {r['load_before'][0]:.2f} -> "
+                         f"{r['load_after'][0]:.2f} | {fmt(sc.get('pearson_delta'), '.3f')} | "
+                         f"{fmt(sc.get('r2_mean_all'), '.3f')} |")
+    lines += acceptance(results)
+    return "\n".join(lines) + "\n"
+
+
+def acceptance(results: dict) -> list[str]:
+    sz = results["sizes"]
+    if "1000000" not in sz:
+        return ["", "Acceptance (issue #20): needs the 1,000,000-cell run "
+                "(`python benchmarks/bench_scale.py --cells 1000000`)."]
+    big = sz["1000000"]
+    out = ["", "## Acceptance (issue #20)", ""]
+    for m in MODELS:
+        r = big["models"].get(m)
+        if r is None:
+            out.append(f"- {m}: not run at 1,000,000 cells")
+            continue
+        ok = r["rc"] == 0 and r["peak_mb"] < LIMIT_MB
+        out.append(f"- {m} at 1,000,000 cells: exit {r['rc']}, peak {r['peak_mb']:.0f} MB "
+                   f"({'under' if ok else 'NOT under'} {LIMIT_MB} MB)")
+    if "100000" in sz:
+        small = sz["100000"]
+        for m in MODELS:
+            a, b = small["models"].get(m, {}), big["models"].get(m, {})
+            if a.get("rc") != 0 or b.get("rc") != 0:
+                continue
+            sa, sb = a["seconds"], b["seconds"]
+            ratios = {k: sb[k] / sa[k] for k in sa if sa.get(k) and sb.get(k) is not None}
+            ratios["load"] = big["load"]["seconds"] / small["load"]["seconds"]
+            worst = max(ratios, key=ratios.get)
+            out.append(f"- {m}, time 100k -> 1M: " + ", ".join(f"{k} {v:.1f}x" for k, v in ratios.items())
+                       + f"; largest {worst} {ratios[worst]:.1f}x ({'within' if ratios[worst] <= GROWTH else 'OVER'}"
+                       f" {GROWTH:g}x)")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cells", default="10000,100000", help="comma-separated sizes (default 10000,100000)")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--keep", type=float, default=0.8, help="binomial thinning: probability a count is kept")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="perturbkit predict --threads (default: its own)")
+    ap.add_argument("--n-boot", type=int, default=None, help="perturbkit predict --n-boot (default: its own)")
+    ap.add_argument("--metrics", default=None, help="perturbkit predict --metrics (default: its own)")
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between /proc samples")
+    ap.add_argument("--dir", default=str(ROOT / "runs/scale"), help="data, run outputs and logs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.md"))
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        res = generate(rest[0], int(rest[1]), float(rest[2]), int(rest[3])) if kind == "generate" else load(rest[0])
+        print(json.dumps(res))
+        return
+    try:
+        cells = [int(c) for c in args.cells.split(",") if c.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --cells takes comma-separated integers, got {args.cells!r}") from None
+    if not cells or min(cells) < 1000:
+        raise SystemExit(f"error: --cells must be at least 1000 (a held-out context needs cells), got {args.cells!r}")
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models:
+        raise SystemExit("error: --models names no model")
+    if not 0 < args.keep <= 1:
+        raise SystemExit(f"error: --keep must be in (0, 1], got {args.keep}")
+    folder = Path(args.dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    store = out.with_suffix(".json")
+    results = json.loads(store.read_text()) if store.exists() else {"sizes": {}}
+    command = " ".join(["python", "benchmarks/bench_scale.py", *map(shlex.quote, sys.argv[1:])])
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+    def log(msg):
+        print(msg, flush=True)
+
+    for n in cells:
+        size = run_size(folder, n, args, log)
+        size.update(command=command, commit=commit(), uptime=uptime,
+                    machine=f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()})")
+        results["sizes"][str(n)] = size
+        atomic_write(store, json.dumps(results, indent=1) + "\n")
+        text = render(results)
+        atomic_write(out, text)
+    print(text)
+    print(f"wrote {out} and {store}")
+
+
+if __name__ == "__main__":
+    main()
