@@ -27,7 +27,8 @@ never formed, and the writer holds Kang's 2,000-gene CSR, obs and one block. The
   every baseline ``predict`` scores beside the model, as its record lists them: ``control``, ``mean_shift``,
   ``perturbed_mean``, ``linear`` at the time of writing), ``metrics``
   (``evaluate_s``: the effect table and every metric) and ``write`` (``write_s``: pred.h5ad, tables, figures);
-  ``process`` is the wall time of the whole process (imports included).
+  ``process`` is the wall time of the whole process, ``other`` what it spent outside those stages (imports,
+  the split, the top DEGs the record lists, record.json).
 
 **Memory.** The script polls ``/proc`` every ``--interval`` seconds (0.1): ``VmRSS`` of the child and of every
 descendant (``/proc/PID/task/*/children``, recursively), summed (the *process tree*), and the child's own
@@ -35,12 +36,13 @@ descendant (``/proc/PID/task/*/children``, recursively), summed (the *process tr
 ``VmHWM`` read and ``ru_maxrss`` from ``os.wait4`` (the child's exact peak; the child is started from this small
 driver, which imports no perturbkit, so the driver's RSS, about 30 MB, is what ``ru_maxrss`` could carry over).
 A stage's peak is the highest sample in its time window, raised to the child's ``VmHWM`` when that grew during
-the window (so a short spike between two samples is not lost). The windows come from the run's log lines, each
+the window (so a short spike between two samples is not lost); a window shorter than the interval takes the
+samples on either side of it. The windows come from the run's log lines, each
 timestamped by the driver as it arrives (stdout unbuffered): ``preprocess`` runs from the process start
 (imports included) to the line ``task ...: train on ...`` (so it also holds the split); the line ``MODEL: fit
 F s, predict P s`` ends ``predict`` (it starts ``P`` seconds earlier; ``fit`` ends there and starts ``F``
 seconds before); the last baseline's line ends ``baselines``; ``metrics`` takes the next ``evaluate_s``
-seconds; ``write`` the rest of the process. Where a line is missing (the product's log changed) that stage's
+seconds; ``write`` the rest of the process (so its peak also covers the top DEGs computed before it). Where a line is missing (the product's log changed) that stage's
 peak is left empty and the process peak still stands. MB = 2^20 bytes.
 
 Usage (from the project root)::
@@ -400,6 +402,15 @@ def commit() -> str:
         return "unknown"
 
 
+def other(r: dict) -> float | None:
+    """The predict process's seconds outside the product's timed stages: imports, the split, the top DEGs of
+    the record (computed after ``evaluate_s``), record.json."""
+    sec = r.get("seconds")
+    if not sec:
+        return None
+    return r["process_s"] - sum(v for k, v in sec.items() if v is not None and k != "load_in_predict")
+
+
 def fmt(v, spec=".1f") -> str:
     return "" if v is None else format(v, spec)
 
@@ -422,15 +433,15 @@ def render(results: dict) -> str:
                      f"{s['commit']}; `uptime` before: {s['uptime']}")
     lines += ["", "## Seconds per stage", "",
               "| cells | model | train cells | load | preprocess | fit (1 epoch) | predict | baselines | metrics "
-              "| write | process | exit |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+              "| write | other | process | exit |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for s in sizes:
         for m, r in s["models"].items():
             sec = r.get("seconds", {})
             lines.append(f"| {s['cells']:,} | {m} | {r.get('train_cells', '')} | {fmt(s['load']['seconds'])} | "
                          + " | ".join(fmt(sec.get(k)) for k in ("preprocess", "fit", "predict", "baselines",
                                                                  "metrics", "write"))
-                         + f" | {fmt(r['process_s'])} | {r['rc']}{': ' + r['error'] if r.get('error') else ''} |")
+                         + f" | {fmt(other(r))} | {fmt(r['process_s'])} | {r['rc']}{': ' + r['error'] if r.get('error') else ''} |")
     lines += ["", "## Peak RSS per stage (MB)", "",
               "`load` is its own process; the others are windows of the predict process (empty: the window could "
               "not be placed). `peak` is the whole process tree's peak, the number the 4 GB limit applies to.",
@@ -503,6 +514,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between /proc samples")
     ap.add_argument("--dir", default=str(ROOT / "runs/scale"), help="data, run outputs and logs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.md"))
+    ap.add_argument("--render", action="store_true",
+                    help="only write --out again from the .json beside it (no run)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -526,6 +539,12 @@ def main() -> None:
     out = Path(args.out)
     store = out.with_suffix(".json")
     results = json.loads(store.read_text()) if store.exists() else {"sizes": {}}
+    if args.render:
+        if not results["sizes"]:
+            raise SystemExit(f"error: --render: {store} holds no results; run a size first")
+        atomic_write(out, render(results))
+        print(f"wrote {out} from {store}")
+        return
     command = " ".join(["python", "benchmarks/bench_scale.py", *map(shlex.quote, sys.argv[1:])])
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
