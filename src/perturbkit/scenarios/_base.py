@@ -190,16 +190,30 @@ def filtered_rows(adata, where: dict[str, Any], what: str):
     return np.sort(apply_filter(ad.AnnData(obs=obs), where, what).obs[col].to_numpy())
 
 
-def context_counts(adata, spec) -> Any:
-    """A contexts x conditions table of cell counts (control and perturbed columns)."""
+def context_counts(adata, spec, donors=None) -> Any:
+    """A contexts x conditions table of cell counts (control and perturbed columns); with ``donors``, of the
+    cells of those donors (``spec.donor_key``) only, every context of ``adata`` still a row (0 where they have
+    none)."""
     import pandas as pd
 
     obs = adata.obs
-    tab = pd.crosstab(obs[spec.context_key].astype(str), obs[spec.condition_key].astype(str))
+    ctx, cond = obs[spec.context_key].astype(str), obs[spec.condition_key].astype(str)
+    if donors is None:
+        tab = pd.crosstab(ctx, cond)
+    else:
+        mine = obs[spec.donor_key].astype(str).isin([str(d) for d in donors]).to_numpy()
+        tab = pd.crosstab(ctx[mine], cond[mine]).reindex(sorted(set(ctx)), fill_value=0)
     for label in (spec.control, spec.perturbed):
         if label not in tab.columns:
             tab[label] = 0
     return tab[[spec.control, spec.perturbed]]
+
+
+def require_donor_key(cfg, scenario: str, why: str) -> None:
+    """Raise :class:`InputError` unless the config names the donor column (``data.donor_key``) that
+    ``scenario`` deals into groups (``why``: the end of the message, what the donors are for)."""
+    if cfg.data.spec.donor_key is None:
+        raise InputError(f"scenarios.{scenario} needs data.donor_key: the obs column of the donor{why}")
 
 
 def choose_contexts(chosen, counts, spec, min_cells: int, where: str) -> list[str]:

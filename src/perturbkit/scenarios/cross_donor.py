@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ..config import positive
 from ..errors import InputError
-from ._base import Contexts, Scenario, SplitDef, choose_contexts, context_counts, unique_slugs
+from ._base import (Contexts, Scenario, SplitDef, choose_contexts, context_counts, require_donor_key,
+                    unique_slugs)
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,10 @@ class CrossDonor(Scenario):
 
     @classmethod
     def check(cls, conf: CrossDonorConfig, cfg) -> None:
-        if cfg.data.spec.donor_key is None:
-            raise InputError("scenarios.cross_donor needs data.donor_key: the obs column of the donor (or "
-                             "batch).")
+        require_donor_key(cfg, cls.name, " (or batch).")
 
     @classmethod
     def plan(cls, conf: CrossDonorConfig, cfg, adata, before: list[SplitDef]) -> list[SplitDef]:
-        import numpy as np
-
         from ..split import donor_folds
 
         spec = cfg.data.spec
@@ -53,16 +50,11 @@ class CrossDonor(Scenario):
         else:
             groups = donor_folds(adata, spec, conf.folds, seed=conf.donor_seed)
         keys = unique_slugs(contexts)
-        donor = adata.obs[spec.donor_key].astype(str).to_numpy()
-        cond = adata.obs[spec.condition_key].astype(str).to_numpy()
-        ctx = adata.obs[spec.context_key].astype(str).to_numpy()
+        in_test = [context_counts(adata, spec, donors=group).min(axis=1) for group in groups]
         out = []
         for c in contexts:
             for k, group in enumerate(groups):
-                in_test = np.isin(donor, group) & (ctx == c)
-                n = min(int((in_test & (cond == spec.control)).sum()),
-                        int((in_test & (cond == spec.perturbed)).sum()))
-                if n < conf.min_cells:
+                if in_test[k][c] < conf.min_cells:
                     continue  # too few cells of this context in these donors: no such split
                 params = {"test_donors": list(group), "context_seen": conf.context_seen,
                           "test_controls_in_train": conf.test_controls_in_train}

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import positive
 from ..errors import InputError, choices_text
-from ._base import Contexts, Scenario, SplitDef, Table, unique_slugs
+from ._base import Contexts, Scenario, SplitDef, Table, context_counts, require_donor_key, unique_slugs
 
 #: prepared reference + query per (input, pseudo-study, integration), within one process
 _PREPARED: dict[str, Any] = {}
@@ -75,9 +75,7 @@ class CrossStudy(Scenario):
 
     @classmethod
     def check(cls, conf: CrossStudyConfig, cfg) -> None:
-        if cfg.data.spec.donor_key is None:
-            raise InputError("scenarios.cross_study needs data.donor_key: the obs column of the donor, whose "
-                             "values are dealt into the reference and the query.")
+        require_donor_key(cfg, cls.name, ", whose values are dealt into the reference and the query.")
 
     @classmethod
     def donors(cls, conf: CrossStudyConfig, adata, spec) -> tuple[list[str], list[str]]:
@@ -88,16 +86,9 @@ class CrossStudy(Scenario):
 
     @classmethod
     def plan(cls, conf: CrossStudyConfig, cfg, adata, before: list[SplitDef]) -> list[SplitDef]:
-        import numpy as np
-
         spec = cfg.data.spec
         ref_donors, query_donors = cls.donors(conf, adata, spec)
-        obs = adata.obs
-        in_q = np.isin(obs[spec.donor_key].astype(str).to_numpy(), query_donors)
-        cond = obs[spec.condition_key].astype(str).to_numpy()
-        ctx = obs[spec.context_key].astype(str).to_numpy()
-        counts = {c: min(int((in_q & (ctx == c) & (cond == spec.control)).sum()),
-                         int((in_q & (ctx == c) & (cond == spec.perturbed)).sum())) for c in sorted(set(ctx))}
+        counts = {c: int(n) for c, n in context_counts(adata, spec, donors=query_donors).min(axis=1).items()}
         if conf.contexts == "all":
             contexts = [c for c, n in counts.items() if n >= conf.min_cells]
         else:
