@@ -56,8 +56,6 @@ def offline_rocv(monkeypatch):
     roc-validator offline. The RO-Crate 1.1 JSON-LD context is served from tests/data (the context as published,
     CC0, from the rocrate 0.9.0 wheel) instead of https://w3id.org/ro/crate/1.1/context; any other URL answers
     as an offline cache miss."""
-    from pathlib import Path
-
     import requests
     from rocrate_validator.utils import http as rv_http
 
@@ -85,6 +83,27 @@ def offline_rocv(monkeypatch):
         return pk.record.validate(crate_dir, profile, severity=severity, offline=False,
                                   cache_path=Path(crate_dir).parent / ".rocv-cache")
     return check
+
+
+# ------------------------------------------------- benchmark runs through the command line (test_bench*.py)
+
+#: the smoke benchmark: one perturbation, every scenario, a few small cells
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+
+
+def bench_cli(config, out, *args: str) -> int:
+    """The exit status of ``perturbkit bench CONFIG --out OUT --no-progress ARGS``, run in this process."""
+    from perturbkit.cli import main
+
+    return main(["bench", str(config), "--out", str(out), "--no-progress", *args])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """configs/smoke.toml run once per test module through the command line (every cell, then aggregation)."""
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    assert bench_cli(SMOKE, out) == 0
+    return out
 
 
 # ------------------------------------------------- a throw-away PostgreSQL server (test_tune.py, test_slurm.py)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import skip_without
+from conftest import SMOKE, bench_cli, skip_without
 
 import perturbkit as pk
 from perturbkit import bench, scenarios
@@ -26,8 +26,6 @@ from perturbkit.cli import main
 from perturbkit.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.toml"
-CONTEXT_1_1 = Path(__file__).parent / "data" / "ro-crate-1.1-context.jsonld"
 
 
 def smoke_dict() -> dict:
@@ -45,15 +43,7 @@ def small_run(tmp_path_factory):
     """A 9-cell cut of the smoke config (one seed, loco on ctx0, cross_donor on ctx2, no figures), run plainly."""
     base = tmp_path_factory.mktemp("small")
     out = base / "run"
-    assert main(["bench", str(small_config(base)), "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """configs/smoke.toml run once through the CLI (every cell, then aggregation)."""
-    out = tmp_path_factory.mktemp("bench") / "smoke"
-    assert main(["bench", str(SMOKE), "--out", str(out), "--no-progress"]) == 0
+    assert bench_cli(small_config(base), out) == 0
     return out
 
 
@@ -236,32 +226,9 @@ def test_crate_lists_every_file(smoke_run):
 
 
 
-def test_crate_validates_with_roc_validator(small_run, monkeypatch):
-    # roc-validator, offline: the RO-Crate 1.1 JSON-LD context is served from tests/data (the context as
-    # published, CC0, from the rocrate 0.9.0 wheel) instead of https://w3id.org/ro/crate/1.1/context
-    import requests
-    from rocrate_validator.utils import http as rv_http
-
-    def local_get(url, *args, **kwargs):
-        resp = requests.Response()
-        resp.url = url
-        if url.rstrip("/") == "https://w3id.org/ro/crate/1.1/context":
-            resp.status_code, resp._content = 200, CONTEXT_1_1.read_bytes()
-            resp.headers["Content-Type"] = "application/ld+json"
-        else:
-            resp.status_code, resp._content = 504, b""  # anything else: as an offline cache miss
-        return resp
-
-    def getattr_(self, name):
-        if name in ("get", "head"):
-            return local_get
-        raise AttributeError(name)
-
-    monkeypatch.setattr(rv_http.HttpRequester, "__getattr__", getattr_)
-    monkeypatch.setattr(rv_http.HttpRequester, "fetch_fresh", lambda self, url, **kw: local_get(url))
+def test_crate_validates_with_roc_validator(small_run, offline_rocv):
     for profile in ("ro-crate-1.1", "workflow-run-crate"):
-        ok, issues = pk.record.validate(small_run, profile, severity="REQUIRED", offline=False,
-                                        cache_path=small_run.parent / ".rocv-cache")
+        ok, issues = offline_rocv(small_run, profile, "REQUIRED")
         assert ok, (profile, issues)
 
 
@@ -375,7 +342,7 @@ def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
     assert main(["bench", str(config), "--out", str(out), "--aggregate"]) == 2  # nothing finished yet
     assert "have not finished" in capsys.readouterr().err
     for cell in reversed(ids):  # any order, as a workflow engine may run them
-        assert main(["bench", str(config), "--out", str(out), "--cell", cell, "--no-progress"]) == 0
+        assert bench_cli(config, out, "--cell", cell) == 0
     assert not (out / "scores.csv").exists()  # --cell does not aggregate
     assert main(["bench", str(config), "--out", str(out), "--aggregate"]) == 0
     for name in ("scores.csv", "summary.csv"):
@@ -390,7 +357,7 @@ def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
 
 def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capsys):
     config, plain, out = small_run / "config.toml", small_run, tmp_path / "jobs"
-    assert main(["bench", str(config), "--out", str(out), "--jobs", "2", "--no-progress"]) == 0
+    assert bench_cli(config, out, "--jobs", "2") == 0
     assert "15 cells in 2 worker processes" in capsys.readouterr().err
     for name in ("scores.csv", "summary.csv"):
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
@@ -399,7 +366,7 @@ def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capsys):
 
 def test_rerun_skips_and_other_config_is_refused(smoke_run, tmp_path, capsys):
     before = {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")}
-    assert main(["bench", str(SMOKE), "--out", str(smoke_run), "--no-progress"]) == 0
+    assert bench_cli(SMOKE, smoke_run) == 0
     err = capsys.readouterr().err
     assert "60 of 60 cells already finished" in err and "up to date" in err
     assert {p: p.stat().st_mtime_ns for p in (smoke_run / "cells").glob("*/result.json")} == before

@@ -13,14 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SMOKE, bench_cli
+
 import perturbkit as pk
 from perturbkit import bench
-from perturbkit.cli import main
 from perturbkit.errors import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENS_SMOKE = ROOT / "configs" / "screens_smoke.toml"
-SMOKE = ROOT / "configs" / "smoke.toml"
 #: configs/smoke.toml's summary.csv as written by perturbkit before scores had a perturbation column
 SMOKE_BEFORE = Path(__file__).parent / "data" / "smoke_summary_before_perturbation.csv"
 PERTS = ["A", "A+B", "B", "C", "C+D", "D"]
@@ -38,15 +38,7 @@ def read(path: Path) -> pd.DataFrame:
 def screens_run(tmp_path_factory):
     """configs/screens_smoke.toml run once through the CLI."""
     out = tmp_path_factory.mktemp("screens") / "run"
-    assert main(["bench", str(SCREENS_SMOKE), "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """configs/smoke.toml (one perturbation) run once."""
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    assert main(["bench", str(SMOKE), "--out", str(out), "--no-progress"]) == 0
+    assert bench_cli(SCREENS_SMOKE, out) == 0
     return out
 
 
@@ -220,7 +212,7 @@ def test_screen_run_resumes(screens_run, tmp_path, capsys):
     for cell in gone:
         (out / "cells" / cell / "result.json").unlink()
     capsys.readouterr()
-    assert main(["bench", str(SCREENS_SMOKE), "--out", str(out), "--no-progress"]) == 0
+    assert bench_cli(SCREENS_SMOKE, out) == 0
     err = capsys.readouterr().err
     assert "60 of 62 cells already finished" in err
     for name in ("scores.csv", "summary.csv", "perturbations.csv", "screen_summary.csv", "effects.csv"):
@@ -272,7 +264,7 @@ def test_old_run_directory_resumes(smoke_run, tmp_path, capsys):
     for cell in gone:
         (out / "cells" / cell / "result.json").unlink()
     capsys.readouterr()
-    assert main(["bench", str(SMOKE), "--out", str(out), "--no-progress"]) == 0
+    assert bench_cli(SMOKE, out) == 0
     assert "57 of 60 cells already finished" in capsys.readouterr().err
     for name in ("scores.csv", "summary.csv", "specificity.csv", "unbalanced.csv"):
         assert (out / name).read_bytes() == (smoke_run / name).read_bytes(), name
