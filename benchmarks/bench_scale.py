@@ -514,6 +514,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between /proc samples")
     ap.add_argument("--dir", default=str(ROOT / "runs/scale"), help="data, run outputs and logs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.md"))
+    ap.add_argument("--data-only", action="store_true",
+                    help="only write (or find) the data files of --cells, run nothing")
     ap.add_argument("--render", action="store_true",
                     help="only write --out again from the .json beside it (no run)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -551,6 +553,10 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
+    if args.data_only:
+        for n in cells:
+            ensure_data(folder, n, args, log)
+        return
     for n in cells:
         size = run_size(folder, n, args, log)
         size.update(command=command, commit=commit(), uptime=uptime,
