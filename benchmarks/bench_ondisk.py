@@ -181,7 +181,9 @@ def main() -> None:
               for r in rows if r["mode"] == "reads"]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(args.out).write_text(text)
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    keep = "<!-- bench_stream"  # the section benchmarks/bench_stream.py writes into the same file stays
+    Path(args.out).write_text(text + ("\n" + old[old.index(keep):] if keep in old else ""))
 
 
 if __name__ == "__main__":

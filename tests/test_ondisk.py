@@ -297,3 +297,88 @@ def test_edge_cases_as_in_memory(tmp_path):
         else:
             assert got[0] == want[0] and (got[1] != want[1]).nnz == 0, name
         assert name != "log data, normalize on" or len(want_notes) == 1
+
+
+@pytest.mark.parametrize("model", ["scgen", "scpram"])
+def test_predict_backed_trains_from_disk_with_the_in_memory_scores(tmp_path, model):
+    """Kang CD4 T (a seeded 2,400-cell sample of the bundled data): with --backed the models train from batches
+    read on disk (the training cells never in memory) and every score equals the in-memory run's to 1e-6 (the
+    batches, means and predictions are the same numbers: in fact byte-identical)."""
+    from perturbkit.cli import main
+
+    kang = pk.data.load("kang2018")
+    keep = np.sort(np.random.default_rng(0).choice(kang.n_obs, 2400, replace=False))
+    src = write(kang[keep], tmp_path / "kang.h5ad")
+    args = ["predict", "--data", str(src), "--model", model, "--holdout", "CD4 T cells", "--epochs", "2",
+            "--param", "n_hidden=64", "--param", "n_latent=10", "--n-top-genes", "300", "--n-boot", "5",
+            "--metrics", "r2_mean_all,r2_mean_top100,pearson_delta,edistance", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "mem")]) == 0
+    assert main([*args, "--out", str(tmp_path / "disk"), "--backed"]) == 0
+    mem, disk = (pd.read_csv(tmp_path / d / "scores.csv") for d in ("mem", "disk"))
+    assert mem[["model", "metric"]].equals(disk[["model", "metric"]]) and len(mem) > 20
+    np.testing.assert_allclose(disk.value.to_numpy(float), mem.value.to_numpy(float), rtol=0, atol=1e-6)
+    record = pk._io.read_json(tmp_path / "disk" / "record.json")
+    assert record["models"][model]["fit"]["history"]["n_train"] > 0
+    pred_mem, pred_disk = (ad.read_h5ad(tmp_path / d / "pred.h5ad") for d in ("mem", "disk"))
+    np.testing.assert_array_equal(pred_disk.X, pred_mem.X)
+    assert pred_disk.obs.equals(pred_mem.obs)
+
+
+def test_predict_out_of_memory_stops_with_one_line_and_no_output(tmp_path, capsys, monkeypatch):
+    """A step that cannot get the memory it needs (here scoring: numpy cannot allocate 32 TiB) stops with exit
+    status 2 and one line naming the step and the options that shrink it; no output is written."""
+    from perturbkit.cli import main
+
+    def too_large(*args, **kwargs):
+        return np.empty((1 << 20, 1 << 22))  # 32 TiB: numpy's _ArrayMemoryError, a MemoryError
+
+    monkeypatch.setattr(pk.metrics, "evaluate_screen", too_large)
+    src = write(counts(n_cells=120, n_genes=40), tmp_path / "in.h5ad")
+    args = ["predict", "--data", str(src), "--model", "mean_shift", "--holdout", "a", "--n-top-genes", "20",
+            "--n-boot", "0", "--no-progress"]
+    for extra, fix in (([], "--backed"), (["--backed"], "--n-top-genes")):
+        out = tmp_path / f"out{len(extra)}"
+        capsys.readouterr()
+        assert main([*args, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: predict ran out of memory while scoring (Unable to "
+                                                    "allocate"), err
+        assert fix in err[0], err
+        assert not any((out / name).exists() for name in ("pred.h5ad", "scores.csv", "record.json"))
+
+
+def test_file_changing_while_training_reads_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """The training cells are read from the file during training: a change to it between epochs stops the fit
+    with the one-line error of a changed file (raised by the prefetch thread's read, handed to the step), and
+    predict --backed writes no output."""
+    import os
+
+    from perturbkit.cli import main
+
+    src = write(counts(n_cells=200, n_genes=40), tmp_path / "in.h5ad")
+    spec = pk.spec.PerturbSpec()
+    with ondisk.OnDisk(src) as od:
+        def touch(epoch, history):  # a new modification time, as a writer would leave
+            st = os.stat(src)
+            os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+        model = pk.models.get("scgen", epochs=3, n_hidden=16, n_latent=4, batch_size=16)
+        with pytest.raises(InputError, match=r"changed \(new modification time\) while it was read"):
+            model.fit(od[np.arange(od.n_obs)], spec, callback=touch)
+    assert model.history is None or model.history.epochs_run <= 1
+
+    fit_predict = pk.engine.fit_predict
+
+    def changed_cache(model, train, *args, **kwargs):  # the cache file changes before the model reads it
+        st = os.stat(train.path)
+        os.utime(train.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return fit_predict(model, train, *args, **kwargs)
+
+    monkeypatch.setattr(pk.engine, "fit_predict", changed_cache)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["predict", "--data", str(src), "--model", "scgen", "--epochs", "1", "--holdout", "a", "--backed",
+                 "--n-top-genes", "20", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed (new modification time) while it was read" in err[0], err
+    assert not any((out / name).exists() for name in ("pred.h5ad", "scores.csv", "record.json"))

@@ -19,8 +19,10 @@ by row, so the values are those of the whole matrix, byte for byte), highly vari
 accumulated over the chunks (scanpy's ``seurat`` and ``cell_ranger`` flavours), and the selected genes written
 once, chunk by chunk, as CSR into a temporary file renamed at the end.
 
-The building blocks for streamed training (``DiskMatrix.chunks``, ``DiskMatrix.take``: rows read in sorted
-order, returned in the order asked) keep ``obs`` in memory and never hold more than one chunk of ``X``.
+Streamed training: ``OnDisk[rows]`` is a :class:`View` of some cells (a split's training set: ``obs`` of those
+cells, ``X`` still on disk, nothing copied), which the models take as they take an AnnData; they read it with
+``DiskMatrix.take`` (rows read in sorted order, returned in the order asked) and ``DiskMatrix.chunks``, through
+:class:`perturbkit.models._train.Rows` (mini-batches read in groups on a background thread). See docs/ondisk.md.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from .errors import InputError, InputWarning
 
 #: bytes of one chunk of X as dense float32 (sets the rows per chunk; a sparse chunk holds less)
 CHUNK_BYTES = 64 << 20
+#: a read of sorted rows that fill at least this share of the range they span reads the range (one slice) and
+#: keeps them in memory; sparser ones are read row by row (h5py's point selection)
+DENSE_SPAN = 0.5
 #: the rows scanned to decide whether X holds raw counts (as :func:`perturbkit.data.looks_like_counts`)
 COUNTS_ROWS = 2000
 #: the highly-variable-gene flavours computed from per-gene sums (the others need all values at once)
@@ -166,12 +171,12 @@ class OnDisk:
         """An in-memory AnnData (``X`` read chunk by chunk and stacked; ``obs``, ``var``, ``uns`` copied)."""
         import anndata as ad
 
-        blocks = [block for _s, _e, block in self.X.chunks()]
-        if self.X.format == "csr":
-            X = sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(self.shape, dtype=self.X.dtype)
-        else:
-            X = np.concatenate(blocks) if blocks else np.zeros(self.shape, dtype=self.X.dtype)
-        return ad.AnnData(X=X, obs=self.obs.copy(), var=self.var.copy(), uns=dict(self.uns))
+        return ad.AnnData(X=self.X.to_memory(), obs=self.obs.copy(), var=self.var.copy(), uns=dict(self.uns))
+
+    def __getitem__(self, rows) -> View:
+        """The cells ``rows`` (integer indices or a boolean mask) as a :class:`View`: ``obs`` of those cells,
+        ``X`` read from this file when asked (no row is read here). A split's training set stays on disk."""
+        return View(self, rows)
 
     # reading with the checks
     def _corrupt(self, exc: BaseException) -> InputError:
@@ -206,15 +211,55 @@ class OnDisk:
         return out
 
 
+class View:
+    """Some cells of an :class:`OnDisk` file, as :meth:`OnDisk.__getitem__` gives them: ``obs`` of those cells in
+    memory, ``var`` and ``uns`` of the file, and ``X`` a :class:`DiskMatrix` of those rows (read from the file
+    when asked, with its checks). The AnnData-like surface of :class:`OnDisk` (``n_obs``, ``obs_names``, ...,
+    ``to_memory()``, ``rows[idx]``), so models, checks and splits take it where they take an AnnData. It lives
+    as long as the file is open."""
+
+    def __init__(self, parent: OnDisk | View, rows):
+        idx = np.asarray(np.arange(parent.n_obs)[rows], dtype=np.int64)
+        if idx.ndim != 1:
+            raise TypeError(f"rows of an on-disk file are selected by a 1-d index or mask, got shape {idx.shape}")
+        self._parent = parent
+        self.path, self.what = parent.path, parent.what
+        obs = parent.obs.iloc[idx].copy()
+        for col in obs.columns:  # as an AnnData subset: the categories no kept cell has are dropped
+            if isinstance(obs[col].dtype, pd.CategoricalDtype):
+                obs[col] = obs[col].cat.remove_unused_categories()
+        self.obs: pd.DataFrame = obs
+        self.var: pd.DataFrame = parent.var
+        self.X = parent.X.select(idx)
+
+    n_obs, n_vars, shape = OnDisk.n_obs, OnDisk.n_vars, OnDisk.shape
+    obs_names, var_names = OnDisk.obs_names, OnDisk.var_names
+    to_memory = OnDisk.to_memory
+
+    @property
+    def uns(self) -> dict:
+        return self._parent.uns
+
+    def __getitem__(self, rows) -> View:
+        return View(self, rows)
+
+    def __repr__(self) -> str:
+        return f"View({self.n_obs} of the cells of {str(self.path)!r}, X {self.X.format} {self.X.dtype} on disk)"
+
+
 class DiskMatrix:
     """``X`` of an :class:`OnDisk` file: ``shape``, ``dtype``, ``format`` (``"csr"`` or ``"dense"``), and reads
     that return in-memory blocks (a ``scipy.sparse.csr_matrix`` or a numpy array).
 
     ``X[a:b]`` and :meth:`rows` read a row range; :meth:`take` reads rows in sorted order and returns them in the
-    order asked; :meth:`chunks` iterates over row ranges or over batches of given rows.
+    order asked; :meth:`chunks` iterates over row ranges or over batches of given rows. :meth:`select` gives the
+    matrix of some of the rows (a view: row ``i`` of it is row ``index[i]`` of the file), which reads the same
+    way.
     """
 
     ndim = 2
+    #: the file rows of a view made by :meth:`select` (None: every row, in order)
+    index: np.ndarray | None = None
 
     def __init__(self, owner: OnDisk, elem, chunk_size: int | None = None):
         import h5py
@@ -263,9 +308,30 @@ class DiskMatrix:
             return sp.csr_matrix(block)
         return np.asarray(block)
 
+    def select(self, index) -> DiskMatrix:
+        """The matrix of the rows ``index`` (file rows of this matrix, in the order given): a view that reads
+        from the same file (nothing is read here)."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range 0..{self.shape[0] - 1}")
+        view = object.__new__(DiskMatrix)
+        view.__dict__.update(self.__dict__)
+        view.index = index if self.index is None else self.index[index]
+        view.shape, view.stats = (int(index.size), self.shape[1]), None
+        return view
+
     def rows(self, start: int, stop: int):
         """Rows ``start`` to ``stop`` (exclusive) in memory."""
+        if self.index is not None:
+            return self.take(np.arange(start, min(stop, self.shape[0])))
         return self._owner._read(lambda: self._block(slice(start, stop)), f"rows {start}-{stop}")
+
+    def to_memory(self):
+        """The whole matrix in memory (read chunk by chunk and stacked): CSR or a numpy array."""
+        blocks = [block for _s, _e, block in self.chunks()]
+        if self.format == "csr":
+            return sp.vstack(blocks, format="csr") if blocks else sp.csr_matrix(self.shape, dtype=self.dtype)
+        return np.concatenate(blocks) if blocks else np.zeros(self.shape, dtype=self.dtype)
 
     def value_stats(self) -> ValueStats:
         """:class:`~perturbkit.data.ValueStats` of the values, scanned in row chunks once (then cached)."""
@@ -282,13 +348,24 @@ class DiskMatrix:
         idx = np.asarray(idx, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
             raise IndexError(f"row index out of range 0..{self.shape[0] - 1}")
+        if self.index is not None:  # a view: its rows are these rows of the file
+            idx = self.index[idx]
         uniq, inverse = np.unique(idx, return_inverse=True)
         if uniq.size == 0:
             block = sp.csr_matrix((0, self.shape[1]), dtype=self.dtype) if self.format == "csr" else \
                 np.zeros((0, self.shape[1]), dtype=self.dtype)
         else:
-            block = self._owner._read(lambda: self._block(uniq), f"{uniq.size} rows from {uniq[0]}")
+            block = self._owner._read(lambda: self._sorted(uniq), f"{uniq.size} rows from {uniq[0]}")
         return block if np.array_equal(uniq, idx) else block[inverse]
+
+    def _sorted(self, uniq: np.ndarray):
+        """The rows ``uniq`` (sorted, distinct): one slice read when they fill at least ``DENSE_SPAN`` of the
+        range they span (then subset in memory), else a read of those rows alone."""
+        first, span = int(uniq[0]), int(uniq[-1] - uniq[0] + 1)
+        if uniq.size < DENSE_SPAN * span:
+            return self._block(uniq)
+        block = self._block(slice(first, first + span))
+        return block if uniq.size == span else block[uniq - first]
 
     def chunks(self, chunk_size: int | None = None, rows: Iterable[int] | None = None) -> Iterator[tuple]:
         """Iterate over ``X`` in row chunks of ``chunk_size`` rows (default :attr:`chunk_size`).

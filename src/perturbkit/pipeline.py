@@ -31,6 +31,7 @@ complete file or none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -87,7 +88,8 @@ class PredictConfig:
     #: the smallest share of the reference's genes the query must hold
     min_shared_genes: float = 0.5
     #: read ``data`` (an .h5ad path) in row chunks and preprocess it out of core into ``OUT/.cache``
-    #: (:func:`perturbkit.ondisk.preprocessed`); the models then take the preprocessed genes in memory
+    #: (:func:`perturbkit.ondisk.preprocessed`); the training cells stay there (models read them in batches),
+    #: the source and target cells are read into memory
     backed: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,12 +185,43 @@ def file_label(label: str, taken: set[str]) -> str:
 def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, log=print, force: bool = False,
                 save_model: str | Path | None = None, load_model: str | Path | None = None,
                 command: str | None = None) -> dict[str, Any]:
-    """Run one held-out prediction task and write its outputs into ``out``; returns the record dict."""
+    """Run one held-out prediction task and write its outputs into ``out``; returns the record dict.
+
+    A step that runs out of memory raises :class:`InputError` naming the step (:func:`out_of_memory`); the
+    outputs are written only after every step succeeded, so none is left half-written."""
+    timings: dict[str, float] = {}
+    try:
+        with contextlib.ExitStack() as files:  # the input file of a backed run, closed however the run ends
+            return _run_predict(cfg, out, files, timings, progress=progress, log=log, force=force,
+                                save_model=save_model, load_model=load_model, command=command)
+    except MemoryError as exc:
+        raise out_of_memory(exc, timings, cfg) from None
+
+
+#: the steps of a predict run, each named by the timing its end records (out_of_memory)
+STEPS = (("preprocess_s", "reading and preprocessing the data"), ("fit_s", "fitting and predicting"),
+         ("evaluate_s", "scoring"), ("write_s", "writing the outputs"))
+
+
+def out_of_memory(exc: MemoryError, timings: dict, cfg: PredictConfig) -> InputError:
+    """The one-line error of a run that ran out of memory: the step (the first whose timing is not recorded),
+    what could not be allocated, and the options that shrink it."""
+    step = next((what for key, what in STEPS if key not in timings), STEPS[-1][1])
+    if step == STEPS[0][1] and "load_s" in timings:
+        step = "preprocessing the data"
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    fix = ("lower n_top_genes (every dense step grows with the genes)" if cfg.backed else
+           "read the input on disk with backed (the training cells then stay there and are read in batches), "
+           "or lower n_top_genes (every dense step grows with the genes)")
+    return InputError(f"predict ran out of memory while {step} ({detail}); {fix}.",
+                      params=("backed", "n_top_genes"))
+
+
+def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: dict, *, progress: bool, log,
+                 force: bool, save_model, load_model, command) -> dict[str, Any]:
     from . import _io, data, engine, execution, metrics, models, split
-    from . import record as rec
 
     t_start = time.time()
-    timings: dict[str, float] = {}
     out = Path(out)
     config = json.loads(json.dumps(cfg.to_dict()))
     _io.check_out(out, accepts=_same_run(config), force=force)
@@ -214,8 +247,9 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         _apply_predict_params(chosen, params, load_model)
 
     t = time.perf_counter()
-    if cfg.backed:  # validated and preprocessed in row chunks, then the preprocessed genes in memory
+    if cfg.backed:  # validated and preprocessed in row chunks; X stays on disk, the training cells read in batches
         adata, digest, source_desc, pp_info = _backed_input(cfg, out, log)
+        files.enter_context(adata)
         n_loaded = int(adata.n_obs)
         timings["preprocess_s"] = time.perf_counter() - t
     else:
@@ -261,9 +295,10 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
     if load_model is not None:
         log(f"loaded {cfg.model} from {load_model}")
-    train = adata[task.train].copy()  # the same training cells for every task (the query's contexts)
-    sources = {label: adata[s.source].copy() for label, s in tasks.items()}
-    targets_all = {label: adata[s.target].copy() for label, s in tasks.items()}
+    # the same training cells for every task (the query's contexts); left on disk when the input is (backed)
+    train = split.cells(adata, task.train, in_memory=False)
+    sources = {label: split.cells(adata, s.source) for label, s in tasks.items()}
+    targets_all = {label: split.cells(adata, s.target) for label, s in tasks.items()}
     fitted, left_out, by_task = {}, {}, {}
     for name, model in todo.items():
         fits = {}
@@ -343,20 +378,7 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     timings["total_s"] = time.time() - t_start
 
     record = {
-        "kind": RECORD_KIND,
-        "config": config,
-        "command": command,
-        "started": rec.stamp(t_start),
-        "versions": rec.versions(),
-        "platform": rec.platform_info(),
-        "execution": ex.describe(),
-        "determinism": {
-            "seed": cfg.seed,
-            "torch_threads": fitted[cfg.model].threads,
-            "device": ex.device,
-            "guarantee": ex.guarantee,
-            "note": "all randomness is drawn from generators seeded with `seed`.",
-        },
+        **_record_head(cfg, config, command, t_start, ex, fitted[cfg.model].threads),
         "data": {**source_desc, "sha256": digest, "filter": config["filter"], "n_cells_loaded": n_loaded,
                  "n_cells": int(adata.n_obs), "n_genes": int(adata.n_vars)},
         "spec": cfg.spec.to_dict(),
@@ -377,9 +399,28 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
     return record
 
 
+def _record_head(cfg: PredictConfig, config: dict, command, t_start: float, ex, threads) -> dict[str, Any]:
+    """The first entries of a predict run's record.json: what ran, when, where, and what determined it."""
+    from . import record as rec
+
+    return {
+        "kind": RECORD_KIND,
+        "config": config,
+        "command": command,
+        "started": rec.stamp(t_start),
+        "versions": rec.versions(),
+        "platform": rec.platform_info(),
+        "execution": ex.describe(),
+        "determinism": {"seed": cfg.seed, "torch_threads": threads, "device": ex.device,
+                        "guarantee": ex.guarantee,
+                        "note": "all randomness is drawn from generators seeded with `seed`."},
+    }
+
+
 def _backed_input(cfg: PredictConfig, out: Path, log):
-    """``backed``: (the preprocessed AnnData in memory, the input's sha256, its description, the preprocessing
-    record) from :func:`perturbkit.ondisk.preprocessed`, cached in ``out/.cache``."""
+    """``backed``: (the preprocessed file, open, :class:`perturbkit.ondisk.OnDisk`: obs in memory, X on disk; the
+    input's sha256, its description, the preprocessing record) from :func:`perturbkit.ondisk.preprocessed`,
+    cached in ``out/.cache``. The caller closes the file."""
     from . import ondisk
     from .data import DATASETS
 
@@ -392,11 +433,9 @@ def _backed_input(cfg: PredictConfig, out: Path, log):
                          "obs are harmonised in memory); drop backed.", params=("backed", "data"))
     od, info = ondisk.preprocessed(cfg.data, cfg.preprocessing, out / ".cache", spec=cfg.spec, holdout=cfg.holdout,
                                    log=log)
-    with od:
-        adata = od.to_memory()
     digest = info.pop("sha256")
     info["cache"] = str(Path(info["cache"]).relative_to(out))
-    return adata, digest, {"dataset": None, "file": str(cfg.data)}, {**info, "out_of_core": True}
+    return od, digest, {"dataset": None, "file": str(cfg.data)}, {**info, "out_of_core": True}
 
 
 def _query_tasks(cfg: PredictConfig, reference, timings: dict, log):
@@ -445,7 +484,6 @@ def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, per
     import pandas as pd
 
     from . import _io, data, metrics, pl
-    from . import record as rec
 
     t = time.perf_counter()
     tables, effect_tables, top, eval_infos = [], [], {}, {}
@@ -505,16 +543,7 @@ def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, per
     first = next(iter(tasks))
     fitted = {name: fits[first] for name, fits in by_task.items()}
     record = {
-        "kind": RECORD_KIND,
-        "config": config,
-        "command": command,
-        "started": rec.stamp(t_start),
-        "versions": rec.versions(),
-        "platform": rec.platform_info(),
-        "execution": ex.describe(),
-        "determinism": {"seed": cfg.seed, "torch_threads": fitted[cfg.model].threads, "device": ex.device,
-                        "guarantee": ex.guarantee,
-                        "note": "all randomness is drawn from generators seeded with `seed`."},
+        **_record_head(cfg, config, command, t_start, ex, fitted[cfg.model].threads),
         "data": {**source_desc, "sha256": digest, "filter": config["filter"], "n_cells_loaded": n_loaded,
                  "n_cells": int(transfer_record["reference"]["n_cells"]), "n_genes": int(adata.n_vars)},
         "spec": cfg.spec.to_dict(),

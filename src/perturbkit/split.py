@@ -37,8 +37,10 @@ class Split:
         return h.hexdigest()[:16]
 
     def subsets(self, adata):
-        """(train, source, target) AnnData copies."""
-        return adata[self.train].copy(), adata[self.source].copy(), adata[self.target].copy()
+        """(train, source, target) AnnData copies; of a file opened on disk (:class:`perturbkit.ondisk.OnDisk`)
+        the training cells as a view that stays on disk and the source and target read into memory
+        (:func:`cells`)."""
+        return (cells(adata, self.train, in_memory=False), cells(adata, self.source), cells(adata, self.target))
 
     def to_dict(self, obs_names=None) -> dict:
         return {
@@ -49,6 +51,19 @@ class Split:
             "fingerprint": self.fingerprint(obs_names),
             **self.info,
         }
+
+
+def cells(adata, rows, *, in_memory: bool = True):
+    """The cells ``rows`` of ``adata`` in memory: an AnnData copy (``adata[rows].copy()``; of a file opened on
+    disk, its rows read). ``in_memory=False`` and a file opened on disk (:class:`perturbkit.ondisk.OnDisk`): a
+    :class:`~perturbkit.ondisk.View` of those rows whose X stays on disk (the training cells, which the models
+    read in batches); an AnnData is copied all the same."""
+    from .ondisk import OnDisk
+
+    if isinstance(adata, OnDisk):
+        view = adata[rows]
+        return view.to_memory() if in_memory else view
+    return adata[rows].copy()
 
 
 def holdout_cell_type(adata, spec: PerturbSpec, holdout: str, *, min_cells: int = 3) -> Split:

@@ -25,7 +25,42 @@ SAVED_BY = "written by Model.save / save_model"
 
 
 def dense(X) -> np.ndarray:
+    """``X`` (an array, a sparse matrix, or a matrix left on disk, read whole) as a dense float32 array."""
+    if hasattr(X, "to_memory"):  # perturbkit.ondisk.DiskMatrix
+        X = X.to_memory()
     return np.asarray(X.toarray() if sp.issparse(X) else X, dtype=np.float32)
+
+
+#: rows densified at a time by the streamed means (:func:`group_means`)
+MEAN_CHUNK = 4096
+
+
+def group_means(X, groups: np.ndarray, keys) -> dict:
+    """key -> the float32 mean of the rows of ``X`` whose ``groups`` value is ``key``, for each of ``keys``.
+
+    A dense array: ``X[rows].mean(axis=0)``. A sparse matrix or one left on disk: one pass over ``X`` in blocks
+    of ``MEAN_CHUNK`` consecutive rows, each group's sum carried in float32 and extended row after row in
+    order, as numpy sums the rows of a dense float32 array (so the means are those of the dense array, byte for
+    byte), without a dense copy of ``X``."""
+    keys = list(keys)
+    if isinstance(X, np.ndarray):
+        return {k: X[groups == k].mean(axis=0) for k in keys}
+    sums = {k: np.zeros(X.shape[1], dtype=np.float32) for k in keys}
+    counts = dict.fromkeys(keys, 0)
+    wanted = np.isin(groups, keys)
+    for start in range(0, X.shape[0], MEAN_CHUNK):
+        stop = min(start + MEAN_CHUNK, X.shape[0])
+        if not wanted[start:stop].any():
+            continue
+        block = dense(X.rows(start, stop) if hasattr(X, "to_memory") else X[start:stop])
+        part = groups[start:stop]
+        for k in keys:
+            rows = part == k
+            if rows.any():
+                sums[k] = np.add.reduce(np.concatenate([sums[k][None], block[rows]]), axis=0)
+                counts[k] += int(rows.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {k: sums[k] / counts[k] if counts[k] else np.full(X.shape[1], np.nan, np.float32) for k in keys}
 
 
 class Model:
@@ -355,8 +390,16 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+_SEP = "\x1f"  # between condition and context in a pair label (numpy strings drop trailing NULs)
+
+
+def pair_labels(cond: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+    """One label per (condition, context) pair of each cell: the groups of :func:`balanced_means`."""
+    return np.char.add(np.char.add(np.asarray(cond).astype(str), _SEP), np.asarray(ctx).astype(str))
+
+
 def balanced_means(X: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: PerturbSpec, *,
-                   contexts: str = "paired") -> tuple[np.ndarray, np.ndarray]:
+                   contexts: str = "paired", means: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per condition, the mean over contexts of each context's mean row (every context weighs the same).
 
     This is the deterministic expectation of scGen's ``balancer`` (which oversamples every cell type of a
@@ -366,14 +409,17 @@ def balanced_means(X: np.ndarray, cond: np.ndarray, ctx: np.ndarray, spec: Pertu
     difference of the two means holds no cell-type composition. ``contexts="all"`` is the reference scGen: the
     control mean also includes the held-out context's control cells (which have no perturbed partner), which
     leaks that cell type's offset from the average into the delta with weight 1 / n_contexts.
+
+    ``X`` may be sparse or on disk (:func:`group_means` streams it); ``means``: the group means of every
+    (condition, context) pair (:func:`group_means` over :func:`pair_labels`), when the caller computed them once
+    for several perturbations.
     """
     if contexts not in ("paired", "all"):
         raise InputError(f"delta_contexts must be 'paired' or 'all', got {contexts!r}.")
     labels = (spec.control, spec.perturbed)
     have = [set(np.unique(ctx[cond == label])) for label in labels]
-    out = []
-    for label, present in zip(labels, have):
-        use = sorted(have[0] & have[1]) if contexts == "paired" else sorted(present)
-        rows = cond == label
-        out.append(np.mean([X[rows & (ctx == c)].mean(axis=0) for c in use], axis=0))
-    return out[0], out[1]
+    uses = [sorted(have[0] & have[1]) if contexts == "paired" else sorted(present) for present in have]
+    if means is None:
+        means = group_means(X, pair_labels(cond, ctx), [f"{label}{_SEP}{c}" for label, use in zip(labels, uses)
+                                                        for c in use])
+    return tuple(np.mean([means[f"{label}{_SEP}{c}"] for c in use], axis=0) for label, use in zip(labels, uses))

@@ -37,6 +37,10 @@ RESIDENT_FRACTION = 0.5
 RESIDENT_MPS_BYTES = 2**30
 #: host batches the prefetch thread prepares ahead of the step
 PREFETCH_DEPTH = 4
+#: bytes (as dense float32) of the rows read from disk at once: training batches are read in groups this large
+READ_BYTES = 32 << 20
+#: groups of batches (or chunks) read from disk ahead of the step
+DISK_PREFETCH = 2
 #: eager steps (on the capture's side stream) before the training step is captured in a CUDA graph
 GRAPH_WARMUP = 3
 
@@ -79,7 +83,8 @@ class History:
     still_falling: bool = False
     device: str = "cpu"  # the execution context's device the module trained on
     #: where the training batches came from: "host" (the CPU: each batch cut from the matrix in the loop),
-    #: "device" (the whole matrix resident on the device) or "prefetch" (host batches prepared on a thread)
+    #: "device" (the whole matrix resident on the device), "prefetch" (host batches prepared on a thread) or
+    #: "disk" (read from a matrix on disk in groups of sorted reads, on a thread: Rows.batches)
     batches: str = "host"
     cuda_graphs: bool = False  # whether full batches replayed a captured CUDA graph of the training step
 
@@ -109,8 +114,11 @@ class Rows:
 
     A sparse matrix stays sparse (CSR): each mini-batch, validation chunk or encoding chunk is densified on its
     own, so no dense copy of the whole matrix is ever made. A dense array or tensor is used as is (no copy when
-    it is float32 already). The values handed out are the same either way, so training on the sparse and on the
-    dense form of the same data gives the same weights.
+    it is float32 already). A matrix on disk (:class:`perturbkit.ondisk.DiskMatrix`, e.g. the training cells of
+    a split of a file opened with :class:`~perturbkit.ondisk.OnDisk`) stays there: every block is read when it is
+    wanted, its rows in sorted order (``DiskMatrix.take``), on a background thread (:meth:`batches`,
+    :meth:`chunks`). The values handed out are the same in every form, so training on the sparse, the dense
+    and the on-disk form of the same data gives the same weights.
     """
 
     def __init__(self, X):
@@ -120,9 +128,12 @@ class Rows:
             self.X = X if X.dtype == torch.float32 else X.float()
         elif sp.issparse(X):
             self.X = X.tocsr()
+        elif on_disk(X):
+            self.X = X
         else:
             self.X = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
         self.shape = tuple(self.X.shape)
+        self.on_disk = on_disk(self.X)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -138,25 +149,78 @@ class Rows:
     def _dense(self, rows) -> torch.Tensor:
         if isinstance(self.X, torch.Tensor):
             return self.X[rows]
-        return torch.from_numpy(self.X[rows].toarray().astype(np.float32, copy=False))
+        if self.on_disk:
+            return _tensor(self.X.rows(rows.start, min(rows.stop, len(self))) if isinstance(rows, slice)
+                           else self.X.take(rows))
+        return _tensor(self.X[rows])
+
+    def read_rows(self) -> int:
+        """Rows per read of an on-disk matrix: ``READ_BYTES`` of them as dense float32."""
+        return max(1, READ_BYTES // (4 * max(self.shape[1], 1)))
+
+    def batches(self, parts: list[torch.Tensor], execution=None):
+        """The rows of each index tensor of ``parts`` (in order) as dense blocks on the device of ``execution``.
+
+        On disk, the batches are read a group at a time (as many as hold :meth:`read_rows` rows: one sorted read
+        of all their rows, then cut in the order asked) on a background thread, ``DISK_PREFETCH`` groups ahead of
+        the caller; in memory each is cut when it is wanted (the plain loop), or on the thread off the CPU."""
+        ex = _execution(execution)
+        if not self.on_disk:
+            if ex.kind == "cpu":
+                for part in parts:
+                    yield self.take(part)
+                return
+            with contextlib.closing(prefetched(lambda b: self.take(parts[b]), range(len(parts)), ex)) as blocks:
+                yield from blocks
+            return
+        size = max(1, self.read_rows() // max(max((len(p) for p in parts), default=1), 1))
+
+        def group(g: int) -> list[torch.Tensor]:
+            some = parts[g * size:(g + 1) * size]
+            block = self.X.take(torch.cat(some).numpy())  # the rows of the group, in the order asked
+            out, at = [], 0
+            for part in some:
+                out.append(_tensor(block[at:at + len(part)]))
+                at += len(part)
+            return out
+
+        with contextlib.closing(prefetched(group, range(-(-len(parts) // size)), ex, depth=DISK_PREFETCH)) as blocks:
+            yield from blocks
 
     def chunks(self, size: int):
-        """Dense blocks of at most ``size`` consecutive rows, in order."""
+        """Dense blocks of at most ``size`` consecutive rows, in order (on disk: read on a background thread while
+        the caller works on the previous block)."""
+        if self.on_disk:
+            yield from self.device_chunks(size)
+            return
         for i in range(0, len(self), size):
             yield self.slice(i, i + size)
 
     def device_chunks(self, size: int, execution=None):
         """:meth:`chunks` on the device of ``execution`` (None: the CPU, where this is :meth:`chunks` itself).
 
-        Off the CPU each block is densified on a background thread (pinned on CUDA) while the caller works on the
-        previous one, and copied without blocking."""
+        Off the CPU (and from disk) each block is densified on a background thread (pinned on CUDA) while the
+        caller works on the previous one, and copied without blocking."""
         ex = _execution(execution)
-        if ex.kind == "cpu":
+        if ex.kind == "cpu" and not self.on_disk:
             yield from self.chunks(size)
             return
         with contextlib.closing(prefetched(lambda i: self.slice(i, i + size), range(0, len(self), size),
-                                           ex)) as blocks:
+                                           ex, depth=DISK_PREFETCH if self.on_disk else PREFETCH_DEPTH)) as blocks:
             yield from blocks
+
+
+def on_disk(X) -> bool:
+    """Whether ``X`` is a matrix left on disk (:class:`perturbkit.ondisk.DiskMatrix`)."""
+    from ..ondisk import DiskMatrix
+
+    return isinstance(X, DiskMatrix)
+
+
+def _tensor(block) -> torch.Tensor:
+    """A CSR or numpy block as a dense float32 tensor."""
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return torch.from_numpy(np.ascontiguousarray(block.astype(np.float32, copy=False)))
 
 
 def wide_float(device) -> torch.dtype:
@@ -193,7 +257,9 @@ class _Prefetcher:
                 if self._stop.is_set():
                     return
                 x = make(key)
-                self._put(x.pin_memory() if pin else x)
+                if pin:
+                    x = [t.pin_memory() for t in x] if isinstance(x, list) else x.pin_memory()
+                self._put(x)
         except BaseException as exc:  # handed to the consumer, raised there
             self._put(_Failed(exc))
             return
@@ -221,16 +287,18 @@ class _Prefetcher:
         self._thread.join()
 
 
-def prefetched(make, keys, execution):
-    """The tensors ``make(key)`` (host tensors) for each key, on the device of ``execution``: made on a
-    background thread, pinned on CUDA and copied with ``non_blocking=True``, so the caller's device work never
-    waits for the host. A generator: close it (``contextlib.closing``) when leaving it early."""
+def prefetched(make, keys, execution, *, depth: int = PREFETCH_DEPTH):
+    """The tensors ``make(key)`` (host tensors, or lists of them, handed out one by one) for each key, on the
+    device of ``execution``: made on a background thread at most ``depth`` keys ahead, pinned on CUDA and copied
+    with ``non_blocking=True``, so the caller's device work never waits for the host. A generator: close it
+    (``contextlib.closing``) when leaving it early."""
     ex = _execution(execution)
     dev = ex.torch_device
-    pre = _Prefetcher(make, keys, pin=ex.pin_memory)
+    pre = _Prefetcher(make, keys, pin=ex.pin_memory, depth=depth)
     try:
-        for host in pre:
-            yield host.to(dev, non_blocking=ex.pin_memory)
+        for made in pre:
+            for host in made if isinstance(made, list) else (made,):
+                yield host if ex.kind == "cpu" else host.to(dev, non_blocking=ex.pin_memory)
     finally:
         pre.close()
 
@@ -390,7 +458,8 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
         graphs = bool(ex.is_cuda and ex.graphs and n_tr >= bs)
         opt = _adam(module, cfg, capturable=graphs)
         on_device = resident(rows, ex)
-        hist.batches = "host" if on_cpu else "device" if on_device is not None else "prefetch"
+        hist.batches = ("disk" if rows.on_disk else "host" if on_cpu else "device" if on_device is not None
+                        else "prefetch")
         val_x = None
         if n_val and not on_cpu and n_val <= VAL_CHUNK:  # the validation cells copied once
             val_x = (on_device.index_select(0, to_device(val_idx, ex)) if on_device is not None
@@ -457,19 +526,17 @@ def train_vae(module: VAE, X, cfg: TrainConfig, *, seed: int, progress: bool = T
 
 
 def _batches(rows: Rows, tr_idx: torch.Tensor, order: torch.Tensor, bs: int, n_batches: int, ex, on_device):
-    """The training batches of one epoch (``tr_idx[order]`` cut in ``bs`` rows) on the device of ``ex``."""
-    if ex.kind == "cpu":  # the plain loop: each batch cut from the host matrix when the step wants it
-        for b in range(n_batches):
-            yield rows.take(tr_idx[order[b * bs:(b + 1) * bs]])
-        return
+    """The training batches of one epoch (``tr_idx[order]`` cut in ``bs`` rows) on the device of ``ex``: on the
+    CPU from memory the plain loop (each batch cut when the step wants it); gathered on the device when the
+    matrix is resident there; else prepared on a background thread (:meth:`Rows.batches`; from disk in groups
+    of sorted reads)."""
     epoch_idx = tr_idx[order]
     if on_device is not None:  # one copy of the epoch's indices; batches gathered on the device
         ids = to_device(epoch_idx, ex)
         for b in range(n_batches):
             yield on_device.index_select(0, ids[b * bs:(b + 1) * bs])
         return
-    with contextlib.closing(prefetched(lambda b: rows.take(epoch_idx[b * bs:(b + 1) * bs]), range(n_batches),
-                                       ex)) as blocks:
+    with contextlib.closing(rows.batches([epoch_idx[b * bs:(b + 1) * bs] for b in range(n_batches)], ex)) as blocks:
         yield from blocks
 
 

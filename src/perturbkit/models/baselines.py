@@ -7,7 +7,7 @@ import numpy as np
 
 from ..data import PerturbSpec
 from ..errors import InputError
-from ._base import Model, balanced_means, dense
+from ._base import Model, balanced_means, dense, group_means, pair_labels
 
 
 class Control(Model):
@@ -37,12 +37,14 @@ class MeanShift(Model):
     BASELINE = True
 
     def _fit(self, adata, spec: PerturbSpec, *, seed: int, progress: bool) -> None:
-        X = dense(adata.X)
+        X = adata.X  # sparse or on disk: the means are streamed (models._base.group_means), never densified
         cond = adata.obs[spec.condition_key].astype(str).to_numpy()
         ctx = adata.obs[spec.context_key].astype(str).to_numpy()
+        pairs = pair_labels(cond, ctx)
+        means = group_means(X, pairs, np.unique(pairs))  # one pass for every perturbation
         self.shifts = {}
         for p in self.trained:
-            ctrl, pert = balanced_means(X, cond, ctx, spec.for_label(p))
+            ctrl, pert = balanced_means(X, cond, ctx, spec.for_label(p), means=means)
             self.shifts[p] = (pert - ctrl).astype(np.float32)
         self.fit_info = {"description": self.DESCRIPTION}
 
