@@ -316,7 +316,9 @@ def ensure_data(folder: Path, n: int, args, log) -> dict:
 def run_size(folder: Path, n: int, args, log) -> dict:
     data = ensure_data(folder, n, args, log)
     path = Path(data["path"])
-    size = {"cells": n, "data": data, "load_before": os.getloadavg(), "started": stamp(), "models": {}}
+    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    size = {"cells": n, "data": data, "load_before": os.getloadavg(), "started": stamp(), "commit": commit(),
+            "uptime": uptime, "models": {}}
 
     lp = folder / f"load_{n}.log"
     run = monitored(child_cmd("load", str(path)), lp, args.interval)
@@ -548,7 +550,6 @@ def main() -> None:
         print(f"wrote {out} from {store}")
         return
     command = " ".join(["python", "benchmarks/bench_scale.py", *map(shlex.quote, sys.argv[1:])])
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
     def log(msg):
         print(msg, flush=True)
@@ -559,7 +560,7 @@ def main() -> None:
         return
     for n in cells:
         size = run_size(folder, n, args, log)
-        size.update(command=command, commit=commit(), uptime=uptime,
+        size.update(command=command,
                     machine=f"{platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()})")
         results["sizes"][str(n)] = size
         atomic_write(store, json.dumps(results, indent=1) + "\n")
