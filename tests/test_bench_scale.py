@@ -95,3 +95,25 @@ def test_the_data_file_is_reused_and_never_dense(run):
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "--cells must be at least 1000" in res.stderr
     assert json.loads(out.with_suffix(".json").read_text()) == results
+
+
+def test_acceptance_lines_follow_the_issue_rules():
+    """The acceptance block (rendering only, on made-up rows): peak under 4e9 bytes, every stage <= 12x."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def size(peak, fit_s):
+        row = {"rc": 0, "peak_mb": peak, "seconds": {"preprocess": 10.0, "fit": fit_s, "predict": 1.0,
+                                                     "baselines": 1.0, "metrics": 5.0, "write": 1.0}}
+        return {"load": {"seconds": 2.0}, "models": {"scgen": row, "scpram": dict(row, rc=2)}}
+
+    assert "needs the 1,000,000-cell run" in mod.acceptance({"sizes": {"100000": size(900, 10.0)}})[-1]
+    lines = mod.acceptance({"sizes": {"100000": size(900, 10.0), "1000000": size(3800, 130.0)}})
+    text = "\n".join(lines)
+    assert "scgen at 1,000,000 cells: exit 0, peak 3800 MB (under 4 GB = 3815 MB)" in text
+    assert "scpram at 1,000,000 cells: exit 2, peak 3800 MB (NOT under" in text
+    assert "largest fit 13.0x (OVER 12x)" in text  # 130 s / 10 s
+    assert "scpram, time" not in text  # a failed run has no growth
