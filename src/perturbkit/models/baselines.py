@@ -241,7 +241,8 @@ def _principal_axes(X, k: int, seed: int, max_cells: int = 20_000) -> np.ndarray
         else np.arange(X.shape[0])
     Y = dense(X[rows]).astype(np.float64)
     k = max(1, min(k, Y.shape[0] - 1, Y.shape[1]))
-    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed).fit(Y)
+    # copy=False: Y is this function's own array, centred in place (one copy fewer; the same arithmetic)
+    pca = PCA(n_components=k, svd_solver="randomized", random_state=seed, copy=False).fit(Y)
     return pca.components_.T.copy()
 
 
