@@ -43,12 +43,14 @@ timestamped by the driver as it arrives (stdout unbuffered): ``preprocess`` runs
 F s, predict P s`` ends ``predict`` (it starts ``P`` seconds earlier; ``fit`` ends there and starts ``F``
 seconds before); the last baseline's line ends ``baselines``; ``metrics`` takes the next ``evaluate_s``
 seconds; ``write`` the rest of the process (so its peak also covers the top DEGs computed before it). Where a line is missing (the product's log changed) that stage's
-peak is left empty and the process peak still stands. MB = 2^20 bytes.
+peak is left empty and the process peak still stands. MB = 2^20 bytes. A run that fails (or that
+``--stop-above-mb`` stops: SIGTERM once its tree passes that RSS, a guard for a shared machine) keeps its exit
+status, its error, its peak, and the fit and predict seconds of its model's log line where it got that far.
 
 Usage (from the project root)::
 
     .venv/bin/python benchmarks/bench_scale.py --cells 10000,100000 [--models scgen,scpram] [--threads N]
-        [--n-boot N] [--metrics A,B] [--dir runs/scale] [--out benchmarks/results/scale.md]
+        [--n-boot N] [--metrics A,B] [--stop-above-mb MB] [--dir runs/scale] [--out benchmarks/results/scale.md]
 
 Results accumulate in ``--out`` with a ``.json`` beside it (``scale.json``): a run replaces the rows of the sizes
 it ran and keeps the others, each row with its command, date, commit and the machine's load average (before and
@@ -174,9 +176,12 @@ def _tree(pid: int) -> list[int]:
     return seen
 
 
-def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None = None) -> dict:
+def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None = None,
+              stop_above_mb: float | None = None) -> dict:
     """Run ``cmd`` in a fresh process, sampling its process tree's RSS; its output (timestamped lines) goes to
-    ``log_path``. Returns rc, seconds, samples [(t, tree_kb, hwm_kb)], lines [(t, text)], ru_maxrss_kb."""
+    ``log_path``. Returns rc, seconds, samples [(t, tree_kb, hwm_kb)], lines [(t, text)], ru_maxrss_kb, and
+    ``stopped`` (None, or the time and RSS at which the tree passed ``stop_above_mb`` and the child was sent
+    SIGTERM, then SIGKILL 30 s later if still there: a guard for a shared machine)."""
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=ROOT)
@@ -192,13 +197,19 @@ def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None 
     th = threading.Thread(target=reader, daemon=True)
     th.start()
     samples: list[tuple[float, int, int]] = []
-    status = rusage = None
+    status = rusage = stopped = None
     while True:
         pids = _tree(proc.pid)
         root = _status(proc.pid)
         total = root.get("VmRSS", 0) + sum(_status(p).get("VmRSS", 0) for p in pids[1:])
+        now = time.monotonic() - t0
         if root:
-            samples.append((time.monotonic() - t0, total, root.get("VmHWM", 0)))
+            samples.append((now, total, root.get("VmHWM", 0)))
+        if stop_above_mb and stopped is None and total > stop_above_mb * 1024:
+            stopped = {"t": now, "rss_mb": total / 1024}
+            proc.send_signal(15)
+        elif stopped is not None and now - stopped["t"] > 30:
+            proc.kill()
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
@@ -207,7 +218,7 @@ def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None 
     proc.returncode = os.waitstatus_to_exitcode(status)
     th.join(timeout=30)
     return {"rc": proc.returncode, "seconds": seconds, "samples": samples, "lines": lines,
-            "ru_maxrss_kb": rusage.ru_maxrss}
+            "ru_maxrss_kb": rusage.ru_maxrss, "stopped": stopped}
 
 
 def process_peak_mb(run: dict) -> dict:
@@ -258,6 +269,19 @@ def stage_windows(lines, timings: dict, model: str, end: float) -> dict[str, tup
             w["metrics"] = (last, last + timings["evaluate_s"])
             w["write"] = (last + timings["evaluate_s"], end)
     return w
+
+
+def logged_timings(lines, model: str) -> dict:
+    """``fit_s`` / ``predict_s`` of the models whose line ``NAME: fit F s, predict P s`` was logged (for a run
+    that did not finish, so has no record.json)."""
+    import re
+
+    out: dict = {"fit_s": {}, "predict_s": {}}
+    for _t, text in lines:
+        m = re.match(r"(\S+): fit ([0-9.]+) s, predict ([0-9.]+) s", text)
+        if m:
+            out["fit_s"][m[1]], out["predict_s"][m[1]] = float(m[2]), float(m[3])
+    return out
 
 
 def predict_stages(record: dict, model: str) -> dict[str, float]:
@@ -340,15 +364,28 @@ def run_size(folder: Path, n: int, args, log) -> dict:
         lp = folder / f"predict_{n}_{model}.log"
         before = os.getloadavg()
         log(f"{n} cells, {model}: {' '.join(shlex.quote(c) for c in cmd)}")
-        run = monitored(cmd, lp, args.interval)
+        run = monitored(cmd, lp, args.interval, stop_above_mb=args.stop_above_mb)
         row = {"command": " ".join(shlex.quote(str(c)) for c in cmd[2:]), "rc": run["rc"],
                "process_s": run["seconds"], "load_before": before, "load_after": os.getloadavg(),
                **process_peak_mb(run), "log": str(lp)}
         if run["rc"] != 0:
             tail = [text for _, text in run["lines"][-5:]]
             row["error"] = tail[-1] if tail else f"exit status {run['rc']}"
+            if run["stopped"]:
+                row["error"] = (f"stopped by the script at {run['stopped']['rss_mb']:.0f} MB, "
+                                f"{run['stopped']['t']:.0f} s in (--stop-above-mb {args.stop_above_mb:g})")
+            # what the log shows of the stages reached: MODEL's own line gives its fit and predict seconds
+            timings = logged_timings(run["lines"], model)
+            row["seconds"] = {k: v for k, v in (("fit", timings.get("fit_s", {}).get(model)),
+                                                ("predict", timings.get("predict_s", {}).get(model)))
+                              if v is not None}
+            windows = stage_windows(run["lines"], timings, model, run["seconds"])
+            row["peak_stage_mb"] = {k: window_peak_mb(run["samples"], a, b) for k, (a, b) in windows.items()
+                                    if k in ("preprocess", "fit", "predict")}
+            row["reached"] = [f"{t:.0f} s: {text}" for t, text in run["lines"] if text.startswith(
+                ("preprocessing:", "task ", f"{model}: fit "))]
             log(f"{n} cells, {model}: FAILED (exit status {run['rc']}, peak {row['peak_mb']:.0f} MB): "
-                + "\n  ".join(tail))
+                + row["error"] + "; reached: " + " | ".join(row["reached"]))
         else:
             record = json.loads((out / "record.json").read_text())
             row["seconds"] = predict_stages(record, model)
@@ -408,7 +445,7 @@ def other(r: dict) -> float | None:
     """The predict process's seconds outside the product's timed stages: imports, the split, the top DEGs of
     the record (computed after ``evaluate_s``), record.json."""
     sec = r.get("seconds")
-    if not sec:
+    if not sec or r.get("rc"):
         return None
     return r["process_s"] - sum(v for k, v in sec.items() if v is not None and k != "load_in_predict")
 
@@ -513,6 +550,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="perturbkit predict --threads (default: its own)")
     ap.add_argument("--n-boot", type=int, default=None, help="perturbkit predict --n-boot (default: its own)")
     ap.add_argument("--metrics", default=None, help="perturbkit predict --metrics (default: its own)")
+    ap.add_argument("--stop-above-mb", type=float, default=None,
+                    help="stop a run (SIGTERM) whose process tree passes this RSS (MB): a guard on a shared machine")
     ap.add_argument("--interval", type=float, default=0.1, help="seconds between /proc samples")
     ap.add_argument("--dir", default=str(ROOT / "runs/scale"), help="data, run outputs and logs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/scale.md"))
