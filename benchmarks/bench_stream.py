@@ -15,6 +15,9 @@ Two measurements, each in a fresh child process:
   - ``in memory``: the CSR matrix in memory, each batch cut from it (the plain loop).
 
   Seconds per epoch (wall, on a shared machine: noisy) and the child's peak RSS.
+* ``--fit FILE``: the models of ``--fit-models`` fitted on the training cells of ``--holdout`` of a preprocessed
+  file, from disk (a view of the file) and in memory (the file read and the cells copied, as before streamed
+  training); seconds of the fit and the child's peak RSS.
 * ``--predict FILE``: ``perturbkit predict --backed`` (``--model`` each of ``--models``, ``--holdout``,
   ``--epochs``) in a child whose own peak RSS (``VmHWM`` of ``/proc/self/status``, read at exit) is reported
   with its wall time; ``--in-memory`` also runs the same command without ``--backed``.
@@ -43,7 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/ondisk.md"
 #: each measurement's section of RESULTS lies between its two markers (a rerun replaces only that section)
-MARKERS = {kind: (f"<!-- bench_stream {kind} -->", f"<!-- /bench_stream {kind} -->") for kind in ("reads", "predict")}
+MARKERS = {kind: (f"<!-- bench_stream {kind} -->", f"<!-- /bench_stream {kind} -->") for kind in ("reads", "predict", "fit")}
 SCHEMES = ("random rows, one read per batch", "random rows, grouped reads", "random chunks", "in memory")
 
 
@@ -88,6 +91,25 @@ def epoch(path: str, scheme: str, batch: int, chunk: int, seed: int) -> dict:
     return {"scheme": scheme, "cells": n, "genes": od.n_vars, "seconds": seconds, "peak_rss_mb": peak_mb()}
 
 
+def fit(path: str, model: str, where: str, holdout: str) -> dict:
+    """Fit ``model`` on the training cells of ``holdout`` of the preprocessed file ``path``: from disk (the
+    cells as a view of the file, as ``predict --backed`` now gives them) or in memory (the file read into
+    memory and the training cells copied, as ``predict --backed`` did before); seconds and peak RSS."""
+    import perturbkit as pk
+    from perturbkit import ondisk, split
+
+    spec = pk.data.PerturbSpec()
+    with ondisk.OnDisk(path) as od:
+        data = od if where == "on disk" else od.to_memory()
+        task = split.holdout_context(data, spec, holdout)
+        train = od[task.train] if where == "on disk" else data[task.train].copy()
+        t = time.perf_counter()
+        pk.models.get(model).fit(train, spec, seed=0)
+        seconds = time.perf_counter() - t
+    return {"model": model, "where": where, "cells": int(len(task.train)), "genes": int(od.n_vars),
+            "seconds": seconds, "peak_rss_mb": peak_mb()}
+
+
 def child(argv: list[str]) -> dict:
     """Run ``perturbkit`` with ``argv`` in this process; its exit status, wall time and own peak RSS."""
     from perturbkit.cli import main
@@ -97,19 +119,22 @@ def child(argv: list[str]) -> dict:
     return {"status": status, "seconds": time.perf_counter() - t, "peak_rss_mb": peak_mb()}
 
 
-def run_child(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def run_child(args: list[str], src: str | None = None) -> dict:
+    """The JSON result of this script run with ``args`` in a child process (with ``src`` first on its
+    PYTHONPATH: another checkout's ``src``)."""
+    env = {**os.environ, "PYTHONPATH": src} if src else None
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measured(children: list[tuple[list[str], dict]]) -> list[dict]:
-    """Run each child (its arguments, and what to add to its result) one after the other; print and return
-    their results."""
+def measured(children: list[tuple], src: str | None = None) -> list[dict]:
+    """Run each child (its arguments, what to add to its result, and optionally a ``src`` for
+    :func:`run_child`) one after the other; print and return their results."""
     rows = []
-    for argv, extra in children:
-        rows.append({**run_child(argv), **extra})
+    for argv, extra, *where in children:
+        rows.append({**run_child(argv, *where), **extra})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -120,6 +145,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--chunk", type=int, default=4096, help="rows per block of the random-chunks scheme")
     ap.add_argument("--predict", help="an .h5ad: peak RSS of perturbkit predict --backed on it")
+    ap.add_argument("--fit", help="a preprocessed .h5ad: peak RSS of fitting --fit-models on its training cells, "
+                    "from disk and in memory")
+    ap.add_argument("--fit-models", default="mean_shift")
+    ap.add_argument("--compare-src", help="another checkout's src folder: its in-memory fit too")
     ap.add_argument("--models", default="scgen,scpram")
     ap.add_argument("--holdout", default="CD4 T cells")
     ap.add_argument("--epochs", type=int, default=1)
@@ -128,7 +157,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--child-epoch", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--child-cli", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    ap.add_argument("--child-fit", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_fit:
+        print(json.dumps(fit(args.fit, args.child_fit[0], args.child_fit[1], args.holdout)))
+        return
     if args.child_epoch:
         print(json.dumps(epoch(args.child_epoch[0], args.child_epoch[1], args.batch, args.chunk, args.seed)))
         return
@@ -167,6 +200,23 @@ def main() -> None:
         lines += [f"| {r['model']} | {'on disk (--backed)' if r['backed'] else 'in memory'} | {r['status']} | "
                   f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |" for r in rows]
         sections["predict"] = lines
+    if args.fit:
+        runs = [(model, where, None) for model in args.fit_models.split(",") for where in ("in memory", "on disk")]
+        if args.compare_src:  # the in-memory fit of another checkout (e.g. the commit before streamed training)
+            runs += [(model, "in memory", args.compare_src) for model in args.fit_models.split(",")]
+        rows = measured([(["--fit", args.fit, "--holdout", args.holdout, "--child-fit", model, where],
+                          {"src": src or "this checkout"}, src) for model, where, src in runs])
+        lines = ["## Peak memory of a fit on the training cells", "",
+                 f"`{command}` {stamp}: in a child process, the preprocessed file opened "
+                 "(`ondisk.OnDisk`), the split `--holdout` made, and the model fitted on its training cells: "
+                 "`in memory` = the file read into memory and the training cells copied (what `predict --backed` "
+                 "did before streamed training), `on disk` = the training cells as a view of the file; the "
+                 "child's own peak RSS (VmHWM). MB = 2^20 bytes.", "",
+                 "| model | code | training cells | genes | training cells are | peak RSS MB | seconds |",
+                 "|---|---|---:|---:|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['src']} | {r['cells']} | {r['genes']} | {r['where']} | "
+                  f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |" for r in rows]
+        sections["fit"] = lines
     text = RESULTS.read_text() if RESULTS.exists() else ""
     for kind, lines in sections.items():
         begin, end = MARKERS[kind]
