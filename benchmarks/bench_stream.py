@@ -28,7 +28,8 @@ Usage::
     .venv/bin/python benchmarks/bench_stream.py --predict /tmp/kang3.h5ad --models scgen,scpram --epochs 1
 
 Each table is printed and written into ``benchmarks/results/ondisk.md`` between its own ``bench_stream``
-markers (a rerun replaces that section only; the rest of the file, written by ``bench_ondisk.py``, is kept).
+markers, named by the measurement and the file's name (a rerun of the same replaces that section only; the rest
+of the file, written by ``bench_ondisk.py``, is kept).
 Not a test.
 """
 
@@ -45,8 +46,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks/results/ondisk.md"
-#: each measurement's section of RESULTS lies between its two markers (a rerun replaces only that section)
-MARKERS = {kind: (f"<!-- bench_stream {kind} -->", f"<!-- /bench_stream {kind} -->") for kind in ("reads", "predict", "fit")}
+
+
+def markers(kind: str) -> tuple[str, str]:
+    """The two lines around a measurement's section of RESULTS (a rerun of the same kind, on a file of the same
+    name, replaces only that section)."""
+    return f"<!-- bench_stream {kind} -->", f"<!-- /bench_stream {kind} -->"
 SCHEMES = ("random rows, one read per batch", "random rows, grouped reads", "random chunks", "in memory")
 
 
@@ -183,7 +188,7 @@ def main() -> None:
         n_batches = -(-rows[0]["cells"] // args.batch)
         lines += [f"| {r['scheme']} | {r['seconds']:.1f} | {1000 * r['seconds'] / n_batches:.2f} | "
                   f"{r['peak_rss_mb']:.0f} |" for r in rows]
-        sections["reads"] = lines
+        sections[f"reads {Path(args.reads).name}"] = lines
     if args.predict:
         runs = [(model, backed) for model in args.models.split(",")
                 for backed in ((True, False) if args.in_memory else (True,))]
@@ -199,7 +204,7 @@ def main() -> None:
                  "| model | input | exit status | peak RSS MB | seconds |", "|---|---|---:|---:|---:|"]
         lines += [f"| {r['model']} | {'on disk (--backed)' if r['backed'] else 'in memory'} | {r['status']} | "
                   f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |" for r in rows]
-        sections["predict"] = lines
+        sections[f"predict {Path(args.predict).name}"] = lines
     if args.fit:
         runs = [(model, where, None) for model in args.fit_models.split(",") for where in ("in memory", "on disk")]
         if args.compare_src:  # the in-memory fit of another checkout (e.g. the commit before streamed training)
@@ -216,10 +221,10 @@ def main() -> None:
                  "|---|---|---:|---:|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['src']} | {r['cells']} | {r['genes']} | {r['where']} | "
                   f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |" for r in rows]
-        sections["fit"] = lines
+        sections[f"fit {Path(args.fit).name}"] = lines
     text = RESULTS.read_text() if RESULTS.exists() else ""
     for kind, lines in sections.items():
-        begin, end = MARKERS[kind]
+        begin, end = markers(kind)
         section = "\n".join([begin, "", *lines, "", end])
         print(section)
         if begin in text and end in text:
