@@ -382,3 +382,27 @@ def test_file_changing_while_training_reads_stops_with_one_line(tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "changed (new modification time) while it was read" in err[0], err
     assert not any((out / name).exists() for name in ("pred.h5ad", "scores.csv", "record.json"))
+
+
+def test_scoring_that_cannot_fit_stops_before_training(tmp_path, capsys, monkeypatch):
+    """The memory the scoring takes at once (every model's predictions, the metrics' float64 copies) is known
+    once the task is split: more than is available stops the run before any model trains, with one line that
+    says how much is needed and the options that shrink it."""
+    from perturbkit import pipeline
+    from perturbkit.cli import main
+    from perturbkit.models import _ot
+
+    # the lower bound: 5 models x 1 perturbation x 30 source cells x 20 genes (float32) + (40 + 2 x 30) x 20 x 8
+    assert pipeline.scoring_bytes(30, [40], 20, 5) == 20 * (4 * 5 * 30 + 8 * (40 + 60))
+    monkeypatch.setattr(_ot, "available_memory", lambda device=None: 1000)
+    fitted = []
+    monkeypatch.setattr(pk.engine, "fit_predict", lambda *a, **k: fitted.append(a))
+    src = write(counts(n_cells=120, n_genes=40), tmp_path / "in.h5ad")
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["predict", "--data", str(src), "--model", "mean_shift", "--holdout", "a", "--n-top-genes", "20",
+                 "--backed", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: predict: scoring this task needs at least "), err
+    assert "are available" in err[0] and "--n-top-genes" in err[0] and "--perturbed" in err[0], err
+    assert not fitted and not (out / "pred.h5ad").exists()

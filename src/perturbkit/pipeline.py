@@ -198,6 +198,32 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         raise out_of_memory(exc, timings, cfg) from None
 
 
+def scoring_bytes(n_source: int, n_targets: list[int], n_genes: int, n_models: int) -> int:
+    """A lower bound of the memory the scoring of one task takes at once: every model's predictions of every
+    perturbation (float32, source cells x genes each, all held together) and the metrics' float64 copies of
+    one perturbation's truth, a prediction and the source (:func:`perturbkit.metrics.prepare`)."""
+    n_perts = max(len(n_targets), 1)
+    return n_genes * (4 * n_models * n_perts * n_source + 8 * (max(n_targets, default=0) + 2 * n_source))
+
+
+def check_scoring_fits(task, perts: list[str], spec, adata, n_models: int) -> None:
+    """Raise :class:`InputError` before anything is fitted when :func:`scoring_bytes` of the task is more than
+    the memory available (:func:`perturbkit.models._ot.available_memory`), naming the options that shrink it."""
+    from .models._ot import _gib, available_memory
+
+    cond = adata.obs[spec.condition_key].astype(str).to_numpy()[task.target]
+    n_targets = [int((cond == p).sum()) for p in perts]
+    need = scoring_bytes(len(task.source), n_targets, int(adata.n_vars), n_models)
+    have = available_memory()
+    if have is not None and need > have:
+        raise InputError(
+            f"predict: scoring this task needs at least {_gib(need)} of memory ({n_models} models' predictions of "
+            f"{len(task.source):,} source cells x {len(perts)} perturbation(s) x {adata.n_vars:,} genes, and the "
+            f"metrics' copies of up to {max(n_targets, default=0):,} target cells) and {_gib(have)} are "
+            "available; lower n_top_genes (every part grows with the genes) or predict fewer perturbations at "
+            "once (perturbed).", params=("n_top_genes", "perturbed"))
+
+
 #: the steps of a predict run, each named by the timing its end records (out_of_memory)
 STEPS = (("preprocess_s", "reading and preprocessing the data"), ("fit_s", "fitting and predicting"),
          ("evaluate_s", "scoring"), ("write_s", "writing the outputs"))
@@ -292,6 +318,8 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
             f"on {ex.device}")
 
     names = _model_names(cfg.model, perts, cfg.spec)
+    if cfg.query is None:  # before any training: a task whose scoring cannot fit memory stops now
+        check_scoring_fits(task, perts, cfg.spec, adata, len(names))
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
     if load_model is not None:
         log(f"loaded {cfg.model} from {load_model}")
