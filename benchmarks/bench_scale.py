@@ -31,20 +31,20 @@ never formed, and the writer holds Kang's 2,000-gene CSR, obs and one block. The
   the split, the top DEGs the record lists, record.json).
 
 **Memory.** The script polls ``/proc`` every ``--interval`` seconds (0.1): ``VmRSS`` of the child and of every
-descendant (``/proc/PID/task/*/children``, recursively), summed (the *process tree*), and the child's own
-``VmHWM`` (its exact peak so far). A process's peak is the larger of the highest tree sum sampled, the last
-``VmHWM`` read and ``ru_maxrss`` from ``os.wait4`` (the child's exact peak; the child is started from this small
-driver, which imports no perturbkit, so the driver's RSS, about 30 MB, is what ``ru_maxrss`` could carry over).
-A stage's peak is the highest sample in its time window, raised to the child's ``VmHWM`` when that grew during
-the window (so a short spike between two samples is not lost); a window shorter than the interval takes the
-samples on either side of it. The windows come from the run's log lines, each
-timestamped by the driver as it arrives (stdout unbuffered): ``preprocess`` runs from the process start
-(imports included) to the line ``task ...: train on ...`` (so it also holds the split); the line ``MODEL: fit
-F s, predict P s`` ends ``predict`` (it starts ``P`` seconds earlier; ``fit`` ends there and starts ``F``
-seconds before); the last baseline's line ends ``baselines``; ``metrics`` takes the next ``evaluate_s``
-seconds; ``write`` the rest of the process (so its peak also covers the top DEGs computed before it). Where a line is missing (the product's log changed) that stage's
-peak is left empty and the process peak still stands. MB = 2^20 bytes. A run that fails (or that
-``--stop-above-mb`` stops: SIGTERM once its tree passes that RSS, a guard for a shared machine) keeps its exit
+descendant (``/proc/PID/task/*/children``, recursively), summed (the *process tree*), and the child's own ``VmHWM``
+(its exact peak so far); the samples are written beside the run's log (``<log>.rss.tsv``). A process's peak is the
+larger of the highest tree sum sampled, the last ``VmHWM`` read and ``ru_maxrss`` from ``os.wait4`` (the child's
+exact peak; the child is started from this small driver, which imports no perturbkit, so the driver's RSS, about 30
+MB, is what ``ru_maxrss`` could carry over). A stage's peak is the highest sample in its time window, raised to the
+child's ``VmHWM`` when that grew during the window (so a short spike between two samples is not lost); a window
+shorter than the interval takes the samples on either side of it. The windows come from the run's log lines, each
+timestamped by the driver as it arrives (stdout unbuffered): ``preprocess`` runs from the process start (imports
+included) to the line ``task ...: train on ...`` (so it also holds the split); the line ``MODEL: fit F s, predict P
+s`` ends ``predict`` (it starts ``P`` seconds earlier; ``fit`` ends there and starts ``F`` seconds before); the
+last baseline's line ends ``baselines``; ``metrics`` takes the next ``evaluate_s`` seconds; ``write`` the rest of
+the process (so its peak also covers the top DEGs computed before it). Where a line is missing (the product's log
+changed) that stage's peak is left empty and the process peak still stands. MB = 2^20 bytes. A run that fails (or
+that ``--stop-above-mb`` stops: SIGTERM once its tree passes that RSS, a guard for a shared machine) keeps its exit
 status, its error, its peak, and the fit and predict seconds of its model's log line where it got that far.
 
 Usage (from the project root)::
@@ -217,6 +217,9 @@ def monitored(cmd: list[str], log_path: Path, interval: float, env: dict | None 
     seconds = time.monotonic() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     th.join(timeout=30)
+    with open(log_path.with_suffix(".rss.tsv"), "w") as fh:  # the timeline, for reading a peak against the log
+        fh.write("seconds\ttree_rss_mb\tchild_vmhwm_mb\n")
+        fh.writelines(f"{t:.2f}\t{tree / 1024:.0f}\t{hwm / 1024:.0f}\n" for t, tree, hwm in samples)
     return {"rc": proc.returncode, "seconds": seconds, "samples": samples, "lines": lines,
             "ru_maxrss_kb": rusage.ru_maxrss, "stopped": stopped}
 
@@ -480,7 +483,8 @@ def render(results: dict) -> str:
             lines.append(f"| {s['cells']:,} | {m} | {r.get('train_cells', '')} | {fmt(s['load']['seconds'])} | "
                          + " | ".join(fmt(sec.get(k)) for k in ("preprocess", "fit", "predict", "baselines",
                                                                  "metrics", "write"))
-                         + f" | {fmt(other(r))} | {fmt(r['process_s'])} | {r['rc']}{': ' + r['error'] if r.get('error') else ''} |")
+                         + f" | {fmt(other(r))} | {fmt(r['process_s'])} | {r['rc']}"
+                         + (f": {r['error']}" if r.get("error") else "") + " |")
     lines += ["", "## Peak RSS per stage (MB)", "",
               "`load` is its own process; the others are windows of the predict process (empty: the window could "
               "not be placed). `peak` is the whole process tree's peak, the number the 4 GB limit applies to.",
