@@ -81,6 +81,8 @@ BLOCK = 10_000  # rows per written block (and per thinning seed)
 VERSION = 1  # of the generator: part of the cached file's name
 MODELS = ("scgen", "scpram")
 STAGES = ("load", "preprocess", "fit", "predict", "baselines", "metrics", "write", "process")
+#: the stages inside the predict process, in the order the tables show them
+PREDICT_STAGES = STAGES[1:-1]
 LIMIT_MB = 4e9 / 2**20  # issue #20: under 4 GB (4e9 bytes: half of one dense float32 copy of 1M x 2,000)
 GROWTH = 12.0  # issue #20: at most 12x per stage from 100k to 1M
 
@@ -481,8 +483,7 @@ def render(results: dict) -> str:
         for m, r in s["models"].items():
             sec = r.get("seconds", {})
             lines.append(f"| {s['cells']:,} | {m} | {r.get('train_cells', '')} | {fmt(s['load']['seconds'])} | "
-                         + " | ".join(fmt(sec.get(k)) for k in ("preprocess", "fit", "predict", "baselines",
-                                                                 "metrics", "write"))
+                         + " | ".join(fmt(sec.get(k)) for k in PREDICT_STAGES)
                          + f" | {fmt(other(r))} | {fmt(r['process_s'])} | {r['rc']}"
                          + (f": {r['error']}" if r.get("error") else "") + " |")
     lines += ["", "## Peak RSS per stage (MB)", "",
@@ -497,8 +498,7 @@ def render(results: dict) -> str:
         for m, r in s["models"].items():
             st = r.get("peak_stage_mb", {})
             lines.append(f"| {s['cells']:,} | {m} | {fmt(s['load']['peak_mb'], '.0f')} | "
-                         + " | ".join(fmt(st.get(k), ".0f") for k in ("preprocess", "fit", "predict", "baselines",
-                                                                       "metrics", "write"))
+                         + " | ".join(fmt(st.get(k), ".0f") for k in PREDICT_STAGES)
                          + f" | **{r['peak_mb']:.0f}** | {d['seconds']:.0f} s, {d['peak_mb']:.0f} MB, "
                          f"{d['file_mb']:.0f} MB |")
     lines += ["", "## Runs", "",
