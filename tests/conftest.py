@@ -20,6 +20,15 @@ def skip_without(reason: str) -> None:
         pytest.fail(f"required under PERTURBKIT_SYSTEM_TESTS=1: {reason}")
     pytest.skip(reason)
 
+
+def need(package: str, pip_name: str) -> None:
+    """:func:`skip_without` the importable ``package`` (a Python package of the test extra, pip name
+    ``pip_name``): skipped where it is not installed, a failure under CI, which installs it."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None:
+        skip_without(f"{pip_name} is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
+
 # The one place tests take small models and synthetic data from.
 
 #: a small VAE so unit tests train in seconds; the architecture is otherwise the model's own

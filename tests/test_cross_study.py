@@ -17,7 +17,7 @@ from perturbkit.metrics import knn_batch_entropy
 from perturbkit.spec import PerturbSpec, Preprocessing
 from perturbkit.synthetic import synthetic
 
-from conftest import skip_without
+from conftest import need
 
 FAST = ["--model", "mean_shift", "--n-top-genes", "50", "--n-boot", "5", "--metrics",
         "r2_mean_all,pearson_delta", "--no-progress", "--device", "cpu"]
@@ -302,10 +302,7 @@ def test_a_screen_query_is_matched_by_perturbation_name(tmp_path):
 
 def test_scvi_integration_decodes_every_cell_in_the_reference_batch(study):
     """scvi-tools is in the test extra: CI runs this (skipped elsewhere without it; docs/cross_study.md)."""
-    import importlib.util
-
-    if importlib.util.find_spec("scvi") is None:
-        skip_without("scvi-tools is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
+    need("scvi", "scvi-tools")
     ref_path, _q_path, q = study
     keys = transfer.QueryKeys(condition_key="stim", control="CTRL", perturbed="STIM", context_key="celltype")
     t = transfer.prepare(ad.read_h5ad(ref_path), q, PerturbSpec(), Preprocessing(n_top_genes=50), keys=keys,

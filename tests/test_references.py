@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_without
+from conftest import need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,6 @@ def script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def need(package: str, pip_name: str) -> None:
-    if importlib.util.find_spec(package) is None:
-        skip_without(f"{pip_name} is not installed (pip install -c constraints.txt -e '.[test]' installs it)")
 
 
 def test_metrics_agree_with_cell_eval(capsys):
