@@ -324,6 +324,43 @@ def test_predict_backed_trains_from_disk_with_the_in_memory_scores(tmp_path, mod
     assert pred_disk.obs.equals(pred_mem.obs)
 
 
+def test_large_context_predicted_in_pieces_and_scored_on_a_sample(tmp_path, monkeypatch):
+    """A held-out context larger than --eval-cells: every source cell is predicted piece by piece (pieces of 128
+    cells here) and written to pred.h5ad, the moment metrics come from the streamed sums of every cell (equal to
+    the run that scores every cell), the rest from the seeded sample (recorded)."""
+    from perturbkit import engine
+    from perturbkit.cli import main
+
+    kang = pk.data.load("kang2018")
+    keep = np.sort(np.random.default_rng(0).choice(kang.n_obs, 2400, replace=False))
+    src = write(kang[keep], tmp_path / "kang.h5ad")
+    args = ["predict", "--data", str(src), "--model", "scpram", "--holdout", "CD4 T cells", "--epochs", "2",
+            "--param", "n_hidden=64", "--param", "n_latent=10", "--n-top-genes", "300", "--n-boot", "5",
+            "--metrics", "r2_mean_all,r2_var_all,pearson_delta,edistance", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "all")]) == 0
+    monkeypatch.setattr(engine, "PRED_CHUNK", 128)
+    assert main([*args, "--out", str(tmp_path / "sample"), "--backed", "--eval-cells", "100"]) == 0
+    every, sample = (pd.read_csv(tmp_path / d / "scores.csv") for d in ("all", "sample"))
+    record = pk._io.read_json(tmp_path / "sample" / "record.json")
+    scored = record["evaluation"]["cells_scored"]
+    n_source = scored["source"][1]
+    assert scored["sampled"] and scored["source"] == [100, n_source] and n_source > 256, scored
+    assert scored["target"]["stimulated"][0] == 100 and scored["moments"].startswith("every cell")
+    models = [m for m in every.model.unique() if m != "ceiling"]
+    assert {"scpram", "control", "mean_shift", "linear"} <= set(models)
+    for metric in ("r2_mean_all", "r2_var_all", "pearson_delta"):  # every cell's moments: the same scores
+        want, got = (t[(t.metric == metric) & t.model.isin(models)].set_index("model").value for t in (every, sample))
+        np.testing.assert_allclose(got[models].to_numpy(float), want[models].to_numpy(float), rtol=0, atol=1e-5)
+    ed = sample[(sample.metric == "edistance") & (sample.model == "scpram")]
+    assert np.isfinite(ed.value).all() and not np.isclose(ed.value.iloc[0],
+                                                          every[(every.metric == "edistance")
+                                                                & (every.model == "scpram")].value.iloc[0])
+    pred_all, pred_sample = (ad.read_h5ad(tmp_path / d / "pred.h5ad") for d in ("all", "sample"))
+    assert pred_sample.n_obs == n_source and pred_sample.obs.equals(pred_all.obs)
+    assert pred_sample.uns["perturbkit"]["model"] == "scpram"
+    np.testing.assert_allclose(pred_sample.X, pred_all.X, rtol=0, atol=1e-5)
+
+
 def test_predict_out_of_memory_stops_with_one_line_and_no_output(tmp_path, capsys, monkeypatch):
     """A step that cannot get the memory it needs (here scoring: numpy cannot allocate 32 TiB) stops with exit
     status 2 and one line naming the step and the options that shrink it; no output is written."""
@@ -392,8 +429,10 @@ def test_scoring_that_cannot_fit_stops_before_training(tmp_path, capsys, monkeyp
     from perturbkit.cli import main
     from perturbkit.models import _ot
 
-    # the lower bound: 5 models x 1 perturbation x 30 source cells x 20 genes (float32) + (40 + 2 x 30) x 20 x 8
-    assert pipeline.scoring_bytes(30, [40], 20, 5) == 20 * (4 * 5 * 30 + 8 * (40 + 60))
+    # the lower bound: 5 models x 1 perturbation x 30 source cells x 20 genes (float32) + (40 + 2 x 30) x 20 x 8,
+    # and one piece of the prediction (its 30 cells) x 20 x 8; --eval-cells caps the cells the metrics hold
+    assert pipeline.scoring_bytes(30, [40], 20, 5) == 20 * (4 * 5 * 30 + 8 * (40 + 60) + 8 * 30)
+    assert pipeline.scoring_bytes(30, [40], 20, 5, eval_cells=10) == 20 * (4 * 5 * 10 + 8 * (10 + 20) + 8 * 30)
     monkeypatch.setattr(_ot, "available_memory", lambda device=None: 1000)
     fitted = []
     monkeypatch.setattr(pk.engine, "fit_predict", lambda *a, **k: fitted.append(a))
@@ -405,4 +444,5 @@ def test_scoring_that_cannot_fit_stops_before_training(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: predict: scoring this task needs at least "), err
     assert "are available" in err[0] and "--n-top-genes" in err[0] and "--perturbed" in err[0], err
+    assert "--eval-cells" in err[0], err
     assert not fitted and not (out / "pred.h5ad").exists()

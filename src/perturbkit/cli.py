@@ -88,6 +88,10 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     e.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for intervals (default 100)")
+    e.add_argument("--eval-cells", type=int, default=10_000, metavar="N",
+                   help="a held-out context with more source cells, or target cells of a perturbation, is scored "
+                        "on a seeded sample of N of each (DEGs, distances, ceiling, intervals, figures); its "
+                        "per-gene means and variances on every cell (default 10000; docs/ondisk.md)")
     e.add_argument("--out", default=DEMO_OUT if demo else None, required=not demo, help="output directory")
     e.add_argument("--force", action="store_true", help="overwrite an output directory holding other files")
     e.add_argument("--save-model", default=None, metavar="DIR", help="also save the fitted model to DIR")
@@ -145,7 +149,7 @@ def _config(args, *, data: str, model: str, holdout: str | None, spec, combinati
     return PredictConfig(data=data, model=model, holdout=holdout, spec=spec, preprocessing=pp, epochs=args.epochs,
                          seed=args.seed, params=params, metrics=metrics, n_boot=args.n_boot,
                          threads=args.threads, filter=where or {}, combination=combination, device=args.device,
-                         backed=getattr(args, "backed", False), **query)
+                         backed=getattr(args, "backed", False), eval_cells=args.eval_cells, **query)
 
 
 def _perturbed(text: str, delimiter: str):
@@ -541,7 +545,7 @@ FLAGS = {
     "combo_delimiter": "--combo-delimiter", "combination": "--holdout-combination", "filter": "--filter",
     "n_top_genes": "--n-top-genes", "normalize": "--normalize", "epochs": "--epochs", "seed": "--seed",
     "threads": "--threads", "device": "--device", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
-    "metrics": "--metrics", "n_boot": "--n-boot", "out": "--out", "force": "--force", "save_model": "--save-model",
+    "metrics": "--metrics", "n_boot": "--n-boot", "eval_cells": "--eval-cells", "out": "--out", "force": "--force", "save_model": "--save-model",
     "load_model": "--load-model", "truth": "--truth", "pred": "--pred", "source": "--source", "output": "--output",
     "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going",
     "list_cells": "--list-cells", "worker": "--worker", "worker_only": "--worker-only", "aggregate": "--aggregate",

@@ -73,7 +73,8 @@ def fit_predict(model, train, source, spec, perturbations: list[str], *, seed: i
 
     ``execution`` (default: the CPU with torch's threads) is where the model trains and predicts; its threads
     hold for the fit and the predictions and the caller's are restored. ``callback(epoch, history)`` goes to
-    :meth:`perturbkit.models.Model.fit` (tune prunes with it).
+    :meth:`perturbkit.models.Model.fit` (tune prunes with it). ``source=None`` predicts nothing (``preds`` is
+    empty, ``cannot`` filled): :func:`predict_chunks` then predicts the source piece by piece.
     """
     ex = check(execution)
     check_seed(seed)
@@ -92,12 +93,35 @@ def fit_predict(model, train, source, spec, perturbations: list[str], *, seed: i
         t = time.perf_counter()
         preds, cannot = {}, {}
         for p in perturbations:
-            if model.can_predict(p):
-                preds[p] = model.predict(source, p)
-            else:
+            if not model.can_predict(p):
                 cannot[p] = why_not(model, p)
+            elif source is not None:
+                preds[p] = model.predict(source, p)
         timings["predict_s"] = time.perf_counter() - t
     return Fitted(model, preds, cannot, timings, threads, ex)
+
+
+#: source cells predicted at once by :func:`predict_chunks` (a held-out context of at most this many cells is
+#: predicted in one piece, as :func:`fit_predict` predicts it)
+PRED_CHUNK = 16_384
+
+
+def predict_chunks(fitted: Fitted, source, perturbations: list[str], *, chunk: int | None = None):
+    """Yield ``(perturbation, start, predicted AnnData)``: each of ``perturbations`` in turn, its prediction of
+    ``source`` (an AnnData or a :class:`perturbkit.ondisk.View`) ``chunk`` cells at a time
+    (:meth:`perturbkit.models.Model.predict_chunks`), so that one piece is in memory at a time. Runs in the fit's
+    execution context; the seconds spent in the model are added to ``fitted.timings["predict_s"]``."""
+    model, chunk = fitted.model, int(chunk or PRED_CHUNK)
+    with fitted.execution.activate(torch_used=model.needs_torch):
+        for p in perturbations:
+            pieces = model.predict_chunks(source, p, chunk)
+            while True:
+                t = time.perf_counter()
+                piece = next(pieces, None)
+                fitted.timings["predict_s"] = fitted.timings.get("predict_s", 0.0) + time.perf_counter() - t
+                if piece is None:
+                    break
+                yield (p, *piece)
 
 
 def stack(preds: dict[str, Any]):

@@ -27,6 +27,8 @@ cells, ``X`` still on disk, nothing copied), which the models take as they take 
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import warnings
@@ -492,38 +494,53 @@ def hvg_table(mean: np.ndarray, var: np.ndarray, flavor: str, index: pd.Index | 
     return df
 
 
-def _write_csr_header(fh, obs: pd.DataFrame, var: pd.DataFrame, uns: dict, n_vars: int):
-    """Start an .h5ad in the open h5py file ``fh``: obs, var, uns and an empty, growable CSR X (int64 indptr)."""
+def _write_csr_header(fh, obs: pd.DataFrame, var: pd.DataFrame, uns: dict, n_vars: int, dense: bool = False):
+    """Start an .h5ad in the open h5py file ``fh``: obs, var, uns and an empty, growable CSR X (int64 indptr);
+    ``dense``: a float32 X of ``len(obs)`` rows, to be filled."""
     from anndata.io import sparse_dataset, write_elem
 
-    empty = sp.csr_matrix((0, n_vars), dtype=np.float32)
-    empty.indptr = empty.indptr.astype(np.int64)
-    write_elem(fh, "X", empty, dataset_kwargs={"chunks": (1 << 16,)})
+    if dense:
+        rows = max(1, min(len(obs), (8 << 20) // (4 * max(n_vars, 1))))  # chunks of about 8 MiB of rows
+        X = fh.create_dataset("X", shape=(len(obs), n_vars), dtype="float32",
+                              chunks=(rows, max(n_vars, 1)) if len(obs) and n_vars else None)
+        X.attrs["encoding-type"], X.attrs["encoding-version"] = "array", "0.2.0"
+    else:
+        empty = sp.csr_matrix((0, n_vars), dtype=np.float32)
+        empty.indptr = empty.indptr.astype(np.int64)
+        write_elem(fh, "X", empty, dataset_kwargs={"chunks": (1 << 16,)})
     write_elem(fh, "obs", obs)
     write_elem(fh, "var", var)
     write_elem(fh, "uns", uns)
     for name in ("obsm", "varm", "obsp", "varp", "layers"):
         write_elem(fh, name, {})
     fh.attrs["encoding-type"], fh.attrs["encoding-version"] = "anndata", "0.1.0"
-    return sparse_dataset(fh["X"])
+    return fh["X"] if dense else sparse_dataset(fh["X"])
 
 
 def write_h5ad_chunks(path: str | os.PathLike, obs: pd.DataFrame, var: pd.DataFrame, blocks: Iterable,
-                      uns: dict | None = None) -> Path:
-    """Write an .h5ad whose X (CSR, float32) is appended block by block from ``blocks`` (sparse or dense row
-    blocks, ``var``'s width, ``obs``'s rows in all), so no more than one block is in memory; atomic (a temporary
-    name renamed at the end). For synthetic data of any size, and the cache of :func:`preprocess_to_disk`."""
+                      uns: dict | None = None, *, dense: bool = False, atomic: bool = True) -> Path:
+    """Write an .h5ad whose X (CSR, float32; ``dense``: a dense float32 array) is written block by block from
+    ``blocks`` (sparse or dense row blocks, ``var``'s width, ``obs``'s rows in all), so no more than one block is
+    in memory. Atomic (a temporary name renamed at the end) unless ``atomic=False``: then ``path`` is the
+    caller's temporary file. For synthetic data of any size, the cache of :func:`preprocess_to_disk` and the
+    predictions of ``perturbkit predict`` (dense)."""
     import h5py
 
     from . import _io
 
     path = Path(path)
-    with _io.atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
-        X = _write_csr_header(fh, obs, var, uns or {}, len(var))
+    with (_io.atomic_path(path) if atomic else contextlib.nullcontext(path)) as tmp, h5py.File(tmp, "w") as fh:
+        X = _write_csr_header(fh, obs, var, uns or {}, len(var), dense=dense)
         n = 0
         for block in blocks:
-            block = sp.csr_matrix(block, dtype=np.float32)
-            X.append(block)
+            if dense:
+                block = np.asarray(block.toarray() if sp.issparse(block) else block, dtype=np.float32)
+                if n + block.shape[0] > len(obs):
+                    raise ValueError(f"write_h5ad_chunks: the blocks hold more rows than obs ({len(obs)})")
+                X[n:n + block.shape[0]] = block
+            else:
+                block = sp.csr_matrix(block, dtype=np.float32)
+                X.append(block)
             n += block.shape[0]
         if n != len(obs):
             raise ValueError(f"write_h5ad_chunks: the blocks hold {n} rows, obs {len(obs)}")

@@ -91,6 +91,10 @@ class PredictConfig:
     #: (:func:`perturbkit.ondisk.preprocessed`); the training cells stay there (models read them in batches),
     #: the source and target cells are read into memory
     backed: bool = False
+    #: the most source cells, and target cells of each perturbation, the cell-level metrics hold (DEGs, PCA,
+    #: distances, ceiling, bootstrap, figures): a larger held-out context is scored on a seeded sample of them,
+    #: its moment metrics on every cell (streamed sums; :mod:`perturbkit.metrics.stream`)
+    eval_cells: int = 10_000
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -104,6 +108,8 @@ class PredictConfig:
             d["query_keys"] = self.keys().to_dict()
         if not self.backed:  # a run that does not read out of core records what it always did
             d.pop("backed")
+        if self.eval_cells == PredictConfig.eval_cells:
+            d.pop("eval_cells")
         return d
 
     def keys(self):
@@ -198,30 +204,38 @@ def run_predict(cfg: PredictConfig, out: str | Path, *, progress: bool = True, l
         raise out_of_memory(exc, timings, cfg) from None
 
 
-def scoring_bytes(n_source: int, n_targets: list[int], n_genes: int, n_models: int) -> int:
-    """A lower bound of the memory the scoring of one task takes at once: every model's predictions of every
-    perturbation (float32, source cells x genes each, all held together) and the metrics' float64 copies of
-    one perturbation's truth, a prediction and the source (:func:`perturbkit.metrics.prepare`)."""
+def scoring_bytes(n_source: int, n_targets: list[int], n_genes: int, n_models: int,
+                  eval_cells: int = PredictConfig.eval_cells) -> int:
+    """A lower bound of the memory the scoring of one task takes at once: every model's predictions of the cells
+    scored (float32, at most ``eval_cells`` source cells x genes for each perturbation, all held together), the
+    metrics' float64 copies of one perturbation's truth, a prediction and the source (at most ``eval_cells``
+    cells each; :func:`perturbkit.metrics.prepare`) and one piece of a prediction in float64
+    (:data:`perturbkit.engine.PRED_CHUNK` cells: :class:`perturbkit.metrics.stream.GeneSums`)."""
+    from .engine import PRED_CHUNK
+
     n_perts = max(len(n_targets), 1)
-    return n_genes * (4 * n_models * n_perts * n_source + 8 * (max(n_targets, default=0) + 2 * n_source))
+    source = min(n_source, eval_cells)
+    target = min(max(n_targets, default=0), eval_cells)
+    return n_genes * (4 * n_models * n_perts * source + 8 * (target + 2 * source) + 8 * min(n_source, PRED_CHUNK))
 
 
-def check_scoring_fits(task, perts: list[str], spec, adata, n_models: int) -> None:
+def check_scoring_fits(task, perts: list[str], spec, adata, n_models: int, eval_cells: int) -> None:
     """Raise :class:`InputError` before anything is fitted when :func:`scoring_bytes` of the task is more than
     the memory available (:func:`perturbkit.models._ot.available_memory`), naming the options that shrink it."""
     from .models._ot import _gib, available_memory
 
     cond = adata.obs[spec.condition_key].astype(str).to_numpy()[task.target]
     n_targets = [int((cond == p).sum()) for p in perts]
-    need = scoring_bytes(len(task.source), n_targets, int(adata.n_vars), n_models)
+    need = scoring_bytes(len(task.source), n_targets, int(adata.n_vars), n_models, eval_cells)
     have = available_memory()
     if have is not None and need > have:
         raise InputError(
             f"predict: scoring this task needs at least {_gib(need)} of memory ({n_models} models' predictions of "
-            f"{len(task.source):,} source cells x {len(perts)} perturbation(s) x {adata.n_vars:,} genes, and the "
-            f"metrics' copies of up to {max(n_targets, default=0):,} target cells) and {_gib(have)} are "
-            "available; lower n_top_genes (every part grows with the genes) or predict fewer perturbations at "
-            "once (perturbed).", params=("n_top_genes", "perturbed"))
+            f"{min(len(task.source), eval_cells):,} source cells x {len(perts)} perturbation(s) x "
+            f"{adata.n_vars:,} genes, and the metrics' copies of up to {min(max(n_targets, default=0), eval_cells):,}"
+            f" target cells) and {_gib(have)} are available; lower eval_cells (the cells the metrics hold) or "
+            "n_top_genes (every part grows with the genes), or predict fewer perturbations at once (perturbed).",
+            params=("eval_cells", "n_top_genes", "perturbed"))
 
 
 #: the steps of a predict run, each named by the timing its end records (out_of_memory)
@@ -319,26 +333,30 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
 
     names = _model_names(cfg.model, perts, cfg.spec)
     if cfg.query is None:  # before any training: a task whose scoring cannot fit memory stops now
-        check_scoring_fits(task, perts, cfg.spec, adata, len(names))
+        check_scoring_fits(task, perts, cfg.spec, adata, len(names), cfg.eval_cells)
     todo = {name: chosen if name == cfg.model else models.get(name) for name in names}
     if load_model is not None:
         log(f"loaded {cfg.model} from {load_model}")
     # the same training cells for every task (the query's contexts); left on disk when the input is (backed)
     train = split.cells(adata, task.train, in_memory=False)
-    sources = {label: split.cells(adata, s.source) for label, s in tasks.items()}
-    targets_all = {label: split.cells(adata, s.target) for label, s in tasks.items()}
+    streamed = cfg.query is None  # one held-out context: predicted piece by piece, scored as it streams
+    if streamed:  # left on disk when the input is; read piece by piece
+        sources = {None: split.cells(adata, task.source, in_memory=False)}
+        targets_all = {None: split.cells(adata, task.target, in_memory=False)}
+        scoring = _Scoring(cfg, adata, task, planned, sources[None], targets_all[None], log)
+        pred_file = files.enter_context(contextlib.ExitStack())  # pred.h5ad's temporary file until the end
+        pred_tmp = pred_file.enter_context(_io.atomic_path(out / "pred.h5ad"))
+    else:
+        sources = {label: split.cells(adata, s.source) for label, s in tasks.items()}
+        targets_all = {label: split.cells(adata, s.target) for label, s in tasks.items()}
     fitted, left_out, by_task = {}, {}, {}
     for name, model in todo.items():
         fits = {}
         for i, (label, s) in enumerate(tasks.items()):  # one fit; each further query context reuses it
-            fits[label] = engine.fit_predict(model, train, sources[label], cfg.spec, perts, seed=cfg.seed,
-                                             execution=ex, progress=progress,
+            fits[label] = engine.fit_predict(model, train, None if streamed else sources[label], cfg.spec, perts,
+                                             seed=cfg.seed, execution=ex, progress=progress,
                                              fitted=i > 0 or (name == cfg.model and load_model is not None))
         f = fits[next(iter(tasks))]
-        log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict "
-            f"{sum(g.timings['predict_s'] for g in fits.values()):.2f} s")
-        for warning in f.model.fit_info.get("warnings", []):
-            log(f"warning: {warning}")
         if name == cfg.model and f.cannot:  # the chosen model decides what the task can predict
             for p, why in f.cannot.items():
                 skipped[p] = why
@@ -352,17 +370,23 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
             left_out[name] = {p: why for p, why in f.cannot.items() if p in perts}
             log(f"note: {name} is left out of this task: {'; '.join(left_out[name].values())}.")
             continue
+        if streamed:  # every source cell predicted piece by piece; the sums and the sample kept, the rest dropped
+            scoring.predict(name, f, perts, pred_tmp if name == cfg.model else None)
+        log(f"{name}: fit {f.timings['fit_s']:.1f} s, predict "
+            f"{sum(g.timings['predict_s'] for g in fits.values()):.2f} s")
+        for warning in f.model.fit_info.get("warnings", []):
+            log(f"warning: {warning}")
         fitted[name] = f
         by_task[name] = fits
     if cfg.query is not None:
         return _finish_query(cfg, out, config, adata, tasks, sources, targets_all, by_task, perts, chosen,
                              metric_names, ex, timings, t_start, source_desc, digest, n_loaded, pp_info,
                              transfer_record, left_out, save_model, load_model, command, log)
-    source, target = sources[None], targets_all[None]
+    source, target = scoring.source, scoring.target  # the cells scored: all of them, or the sample
     if len(perts) < len(planned):
         keep = target.obs[cfg.spec.condition_key].astype(str).isin(perts).to_numpy()
         target = target[keep].copy()
-    preds = {name: f.pred(perts) for name, f in fitted.items()}
+    preds = {name: scoring.preds[name] for name in fitted}
     timings["fit_s"] = {n: f.timings["fit_s"] for n, f in fitted.items()}
     timings["predict_s"] = {n: f.timings["predict_s"] for n, f in fitted.items()}
 
@@ -373,7 +397,7 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
     scores, eval_info = metrics.evaluate_screen(
         target, preds, source, condition_key=cfg.spec.condition_key, metric_names=metric_names,
         n_boot=cfg.n_boot, seed=cfg.seed, baseline="control", reference=reference, responsive=responsive,
-        execution=ex)
+        execution=ex, moments=scoring.moments(perts, list(preds)))
     timings["evaluate_s"] = time.perf_counter() - t
     cond = target.obs[cfg.spec.condition_key].astype(str).to_numpy()
     targets = {p: target if len(perts) == 1 else target[cond == p].copy() for p in perts}
@@ -386,15 +410,11 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
     _io.atomic_write_text(out / PENDING, json.dumps({"kind": RECORD_KIND, "config": config}))  # until record.json
     if save_model is not None:
         chosen.save(save_model)
-    pred = preds[cfg.model]
-    where = {"holdout": cfg.holdout} if cfg.combination is None else {"combination": cfg.combination}
-    pred.uns["perturbkit"] = {"model": cfg.model, **where, "seed": cfg.seed,
-                              "perturbations": perts}
-    _io.atomic_write_with(out / "pred.h5ad", lambda p: pred.write_h5ad(p))
+    pred_file.close()  # pred.h5ad, written piece by piece while the chosen model predicted, renamed into place
     _io.write_csv(out / "scores.csv", scores)
     _io.write_csv(out / "effects.csv", effects)
     written = ["pred.h5ad", "scores.csv", "effects.csv"]
-    figures = _figures(cfg, perts, targets, fitted, scores, effects, top, reference)
+    figures = _figures(cfg, perts, targets, scoring.pieces[cfg.model], scores, effects, top, reference)
     figures.update(chosen.figures(source))  # the model's own figures (scPRAM: the tutorial's attention scores)
     for name, fig in figures.items():
         _io.write_png(out / f"{name}.png", fig, dpi=120)
@@ -418,7 +438,7 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
         "warnings": [w for f in fitted.values() for w in f.model.fit_info.get("warnings", [])],
         "loaded_model": str(load_model) if load_model is not None else None,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.n_boot, "ci": 0.95,
-                       "top_degs": top, **eval_info},
+                       "top_degs": top, **eval_info, **scoring.info(perts)},
         "timings": timings,
         "outputs": {name: data.sha256(out / name) for name in written},
     }
@@ -593,13 +613,143 @@ def _finish_query(cfg, out, config, adata, tasks, sources, targets, by_task, per
     return record
 
 
-def _figures(cfg: PredictConfig, perts, targets, fitted, scores, effects, top, reference) -> dict[str, Any]:
+def _held(cells):
+    """Cells in memory: an on-disk View read, an AnnData view copied, an AnnData as it is."""
+    from .ondisk import View
+
+    if isinstance(cells, View):
+        return cells.to_memory()
+    return cells.copy() if cells.is_view else cells
+
+
+class _Scoring:
+    """The scoring of one held-out context, fed as each model predicts (:func:`_run_predict`).
+
+    Holds the cells scored (``source``, ``target``: all of the context's, or the seeded sample of
+    :func:`perturbkit.metrics.stream.sample_rows` when it has more than ``cfg.eval_cells`` source cells or target
+    cells of a perturbation) and, for a sampled context, the per-gene sums of every source, target and predicted
+    cell. :meth:`predict` runs a fitted model over every source cell piece by piece (:func:`engine.predict_chunks`)
+    and keeps its predictions of the cells scored; the chosen model's pieces are written to pred.h5ad as they come.
+    """
+
+    def __init__(self, cfg: PredictConfig, adata, task, planned: list[str], source_all, target_all, log):
+        import numpy as np
+
+        from .metrics.stream import GeneSums, label_sums, row_blocks, sample_rows
+        from .ondisk import chunk_rows
+
+        cap = cfg.eval_cells
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 100:
+            raise InputError(f"eval_cells must be an integer >= 100, got {cap!r}.", params=("eval_cells",))
+        self.cfg, self.cap, self.source_all = cfg, cap, source_all
+        cond = cfg.spec.condition_key
+        labels = target_all.obs[cond].astype(str).to_numpy()
+        self.src_rows = sample_rows(source_all.n_obs, cap, cfg.seed, 0)
+        picks, sampled_target = [], False
+        for i, p in enumerate(planned):
+            rows = np.flatnonzero(labels == p)
+            sub = sample_rows(len(rows), cap, cfg.seed, i + 1)
+            sampled_target |= sub is not None
+            picks.append(rows if sub is None else rows[sub])
+        self.sampled = self.src_rows is not None or sampled_target
+        self.n_all = {"source": int(source_all.n_obs), **{p: int((labels == p).sum()) for p in planned}}
+        self.source = _held(source_all if self.src_rows is None else source_all[self.src_rows])
+        self.target = _held(target_all[np.sort(np.concatenate(picks))] if sampled_target else target_all)
+        self.preds: dict[str, Any] = {}  # model -> its predictions of the cells scored (all perturbations)
+        self.pieces: dict[str, dict[str, Any]] = {}  # model -> perturbation -> the same, one AnnData each
+        self.pred_sums: dict[str, dict] = {}
+        self.size = chunk_rows(int(adata.n_vars))
+        if self.sampled:  # one pass over the context's cells for the moments of all of them
+            log(f"scoring: {self.source.n_obs:,} of {source_all.n_obs:,} source cells and at most {cap:,} target "
+                "cells of each perturbation (eval_cells) for the DEGs, distances, ceiling and intervals; the "
+                "per-gene means and variances of every cell")
+            self.source_sums = GeneSums(int(adata.n_vars))
+            for _start, _stop, block in row_blocks(source_all, self.size):
+                self.source_sums.add(block)
+            self.truth_sums = label_sums(target_all, labels, planned, self.size)
+
+    def predict(self, name: str, fitted, perts: list[str], path) -> None:
+        """Predict every source cell for ``perts`` with ``fitted``; keep what is scored (and, with ``path``,
+        write every piece to that .h5ad: pred.h5ad's temporary file)."""
+        import anndata as ad
+        import numpy as np
+
+        from . import engine
+        from .metrics.stream import GeneSums
+        from .ondisk import write_h5ad_chunks
+
+        n_vars = int(self.source_all.n_vars)
+        sums = {p: GeneSums(n_vars) for p in perts}
+        kept: dict[str, list] = {p: [] for p in perts}
+
+        def pieces():
+            for p, start, piece in engine.predict_chunks(fitted, self.source_all, perts):
+                if self.sampled:
+                    sums[p].add(piece.X)
+                if self.src_rows is None:
+                    kept[p].append(piece)
+                else:
+                    rows = self.src_rows[(self.src_rows >= start) & (self.src_rows < start + piece.n_obs)]
+                    kept[p].append(piece[rows - start].copy())
+                yield piece.X
+
+        if path is None:
+            for _ in pieces():
+                pass
+        else:
+            where = ({"holdout": self.cfg.holdout} if self.cfg.combination is None
+                     else {"combination": self.cfg.combination})
+            uns = {"perturbkit": {"model": self.cfg.model, **where, "seed": self.cfg.seed, "perturbations": perts}}
+            write_h5ad_chunks(path, self._pred_obs(perts), self.source_all.var[[]].copy(), pieces(), uns,
+                              dense=True, atomic=False)
+        self.pieces[name] = {p: v[0] if len(v) == 1 else ad.concat(v, merge="same", uns_merge="same")
+                             for p, v in kept.items()}
+        self.preds[name] = engine.stack(self.pieces[name])
+        self.pred_sums[name] = sums
+
+    def _pred_obs(self, perts: list[str]):
+        """The obs of the chosen model's predictions of every source cell, as :func:`engine.stack` gives them."""
+        import pandas as pd
+
+        from . import _keys as K
+
+        parts = []
+        for p in perts:
+            obs = self.source_all.obs.copy()
+            if self.cfg.spec.condition_key in obs:
+                obs[self.cfg.spec.condition_key] = p
+            obs[K.PRED_FLAG] = True
+            if len(perts) > 1:
+                obs.index = obs.index.astype(str) + f"-{p}"
+            parts.append(obs)
+        return parts[0] if len(parts) == 1 else pd.concat(parts)
+
+    def moments(self, perts: list[str], names: list[str]):
+        """:func:`perturbkit.metrics.evaluate_screen`'s ``moments`` of every cell; None when every cell is scored."""
+        if not self.sampled:
+            return None
+        return {"source": self.source_sums.moments(), "truth": {p: self.truth_sums[p].moments() for p in perts},
+                "pred": {n: {p: self.pred_sums[n][p].moments() for p in perts} for n in names}}
+
+    def info(self, perts: list[str]) -> dict[str, Any]:
+        """The record's account of which cells were scored."""
+        cond = self.target.obs[self.cfg.spec.condition_key].astype(str)
+        return {"cells_scored": {
+            "eval_cells": self.cap, "sampled": self.sampled,
+            "source": [int(self.source.n_obs), self.n_all["source"]],
+            "target": {p: [int((cond == p).sum()), self.n_all[p]] for p in perts},
+            "moments": "every cell (streamed per-gene sums)" if self.sampled else "the cells scored",
+            "sample": "numpy default_rng(SeedSequence([seed, 20, stream])): source stream 0, the i-th "
+                      "perturbation's target cells stream i + 1 (perturbkit.metrics.stream.sample_rows)"}}
+
+
+def _figures(cfg: PredictConfig, perts, targets, pred, scores, effects, top, reference) -> dict[str, Any]:
     """name -> Figure: reg_mean for one perturbation; for a screen the heatmap, the comparison with the
     reference baseline and the reg_mean plots of the TOP_K perturbations with the largest effect."""
     from . import pl
 
     def reg(p, title_p):
-        return pl.reg_mean(targets[p], fitted[cfg.model].preds[p], top_genes=top[p],
+        return pl.reg_mean(targets[p], pred[p], top_genes=top[p],
                            title=f"{cfg.model}: {title_p} (seed {cfg.seed})")
 
     where = cfg.holdout if cfg.combination is None else "unseen combination"
@@ -608,7 +758,7 @@ def _figures(cfg: PredictConfig, perts, targets, fitted, scores, effects, top, r
     per = scores[~scores.perturbation.isin(SUMMARY_ROWS)]
     figures = {"heatmap_perturbation_metric": pl.perturbation_heatmap(
         per, metrics=SUMMARY_METRICS, title=f"per perturbation: {where} (seed {cfg.seed})")}
-    if reference in fitted:
+    if reference in set(per.model):
         figures[f"pearson_delta_vs_{reference}"] = pl.versus_baseline(
             per, metric="pearson_delta", baseline=reference, title=f"pearson_delta per perturbation: {where}")
     taken: set[str] = set()

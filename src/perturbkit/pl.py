@@ -395,10 +395,10 @@ def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 10
     """
     from matplotlib.patches import Patch
 
-    weights = model.attention(source, perturbation)
-    n_q, n_c = weights.shape
+    n_q = source.n_obs
     rows = np.unique(np.linspace(0, n_q - 1, min(max_cells, n_q)).round().astype(int))
-    sub = weights[rows]
+    sub = model.attention(source[rows], perturbation)  # only the rows drawn: each row's weights are its own
+    n_c = sub.shape[1]
     total = np.asarray(sub.sum(axis=0)).ravel()
     cols = np.argsort(-total, kind="stable")[:max_controls]
     cols = cols[total[cols] > 0]
@@ -416,7 +416,7 @@ def attention_heatmap(model, source, max_cells: int = 50, max_controls: int = 10
     ax.set_ylabel(f"query cells ({len(rows)} of {n_q})")
     ax.set_xticks([])
     ax.set_yticks([])
-    k = int(np.diff(weights.indptr).max()) if n_q else 0
+    k = int(np.diff(sub.indptr).max()) if n_q else 0
     which = "" if perturbation is None else f" for {perturbation!r}"
     ax.set_title(f"scPRAM attention{which} ({model.params.get('attention', 'cell')}): each cell attends to "
                  f"{k} of {n_c}",

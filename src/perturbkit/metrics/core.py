@@ -182,7 +182,11 @@ def _bootstrap(d: EvalData, names: Sequence[str], n_boot: int, ci: float, seed: 
     moments = {}
     for part in ("truth", "pred", "source"):
         X = getattr(d, f"{part}_X")
-        moments[part] = _boot_moments(X, _boot_weights(rng, X.shape[0], n_boot))
+        mean, var = _boot_moments(X, _boot_weights(rng, X.shape[0], n_boot))
+        if part in getattr(d, "offsets", {}):  # a sample of more cells: centred on all cells' moments
+            dm, dv = d.offsets[part]
+            mean, var = mean + dm, np.maximum(var + dv, 0.0)
+        moments[part] = (mean, var)
     values = {name: np.full(n_boot, np.nan) for name in names}
     for b in range(n_boot):
         rep = d.with_moments(
@@ -263,6 +267,7 @@ def evaluate(
     ci: float = 0.95,
     seed: int = 0,
     execution=None,
+    moments=None,
 ) -> pd.DataFrame:
     """Score a prediction against the real target cells; one row per metric.
 
@@ -285,6 +290,9 @@ def evaluate(
         a :class:`perturbkit.execution.Execution` (None: the CPU). On a CUDA device the PCA and the pair sums
         of ``edistance`` and ``mmd`` run there in float64 (the rest, and the bootstrap, which computes no
         distance, on the CPU); on the CPU the table is byte-identical to one without it.
+    moments
+        the per-gene moments of all the cells that truth, pred and source are samples of
+        (:func:`perturbkit.metrics.prepare`); None: those of the cells given.
 
     Returns
     -------
@@ -309,8 +317,8 @@ def evaluate(
     """
     del spec  # reserved
     names = resolve(metrics)
-    return score(prepare(truth, pred, source, seed=seed, execution=execution), names, n_boot=n_boot, ci=ci,
-                 seed=seed)
+    return score(prepare(truth, pred, source, seed=seed, execution=execution, moments=moments), names,
+                 n_boot=n_boot, ci=ci, seed=seed)
 
 
 def ceiling(
@@ -412,7 +420,7 @@ SCORE_COLUMNS = ("model", *COLUMNS)
 
 
 def score_models(target, source, preds: dict, metric_names=None, *, n_boot: int = 100, seed: int = 0,
-                 baseline: str = "control", ceiling: bool = True, execution=None):
+                 baseline: str = "control", ceiling: bool = True, execution=None, moments=None):
     """Score several models' predictions of one task; add the ceiling and baseline-normalised rows.
 
     ``preds`` maps model name -> predicted AnnData (it should hold ``baseline``). Returns the tidy table
@@ -420,11 +428,15 @@ def score_models(target, source, preds: dict, metric_names=None, *, n_boot: int 
     suffixed ``_norm``) and a dict describing the evaluation (embedding, notes) for the record.
     ``ceiling=False`` leaves out the ceiling and the normalised rows (``perturbkit bench`` scores the ceiling once
     per task and normalises when it aggregates).
+    ``moments``: ``{"truth": (mean, var), "source": (mean, var), "pred": {model: (mean, var)}}`` of all the cells
+    target, source and each prediction are samples of (:func:`evaluate`); the ceiling splits the cells given.
     """
     tables, notes, embedding = [], {}, None
     for name, pred in preds.items():
+        given = None if moments is None else {"truth": moments["truth"], "source": moments["source"],
+                                              "pred": moments["pred"][name]}
         tab = evaluate(target, pred, source, None, metric_names, n_boot=n_boot, seed=seed,
-                       execution=execution)
+                       execution=execution, moments=given)
         tables.append(tab.assign(model=name))
         notes[name] = tab.attrs.get("notes", [])
         embedding = embedding or tab.attrs.get("embedding")

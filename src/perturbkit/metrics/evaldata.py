@@ -69,6 +69,9 @@ class EvalData:
         self.seed = int(seed)
         self.notes = list(notes)
         self.execution = execution
+        #: part -> (mean offset, variance offset): the given moments of all cells less those of these cells
+        #: (:func:`prepare`'s ``moments``); the bootstrap moves its replicates by them
+        self.offsets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -321,7 +324,7 @@ def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
 
 
 def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0,
-            execution: Execution | None = None) -> EvalData:
+            execution: Execution | None = None, moments=None) -> EvalData:
     """Validate truth / pred / source once and return an :class:`EvalData` for the metric functions.
 
     Parameters
@@ -340,6 +343,13 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0,
     execution
         where the PCA and the pair sums of ``edistance`` and ``mmd`` run (:attr:`EvalData.execution`; None:
         the CPU, as before).
+    moments
+        ``{"truth" | "pred" | "source": (mean, var)}``: per-gene means and variances (ddof=0) of all the cells
+        these three AnnData objects are a sample of (summed while they were streamed: ``perturbkit predict`` on a
+        held-out context larger than its ``eval_cells``). The moment metrics use them; the DEGs, the PCA and the
+        distances use the cells given; the bootstrap resamples the cells given and moves each replicate by the
+        difference between the given moments and the sample's (:attr:`EvalData.offsets`). None: the moments of
+        the cells given.
 
     Raises
     ------
@@ -370,10 +380,20 @@ def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0,
         warnings.warn(note, UserWarning, stacklevel=2)
         notes.append(note)
         n_top = n_genes
-    return EvalData(
+    data = EvalData(
         arrays["truth"], arrays["pred"], arrays["source"], var_names, n_top=n_top, seed=seed, notes=notes,
         execution=execution,
     )
+    for part, (mean, var) in (moments or {}).items():
+        if part not in objs:
+            raise InputError(f"moments: unknown part {part!r}; use truth, pred or source.", params=("moments",))
+        mean, var = (np.asarray(v, dtype=np.float64) for v in (mean, var))
+        if mean.shape != (n_genes,) or var.shape != (n_genes,):
+            raise InputError(f"moments[{part!r}]: a mean and a variance of {n_genes} genes each, got shapes "
+                             f"{mean.shape} and {var.shape}.", params=("moments",))
+        data.offsets[part] = (mean - getattr(data, f"{part}_mean"), var - getattr(data, f"{part}_var"))
+        data.__dict__[f"{part}_mean"], data.__dict__[f"{part}_var"] = mean, var
+    return data
 
 
 # ---------------------------------------------------------------------------------------------- DEGs

@@ -473,7 +473,7 @@ def _check_screen(target, preds, condition_key, responsive):
 def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metric_names=None,
                     n_boot: int = 100, seed: int = 0, baseline: str = "control",
                     reference: str = "mean_shift", ceiling: bool = True,
-                    responsive: Iterable[str] | None = None, execution=None):
+                    responsive: Iterable[str] | None = None, execution=None, moments=None):
     """Score every model on every perturbation of a screen, with means over perturbations and the
     cross-perturbation metrics (docs/metrics.md, "Screens").
 
@@ -493,6 +493,12 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
     responsive
         labels of the perturbations with a measurable effect (e.g. from :func:`effect_table`); adds
         ``mean_responsive`` rows. Labels not in ``target`` raise :class:`InputError`.
+    moments
+        None, or the per-gene (mean, variance) of all the cells that target, source and the predictions are
+        samples of: ``{"truth": {perturbation: mv}, "source": mv, "pred": {model: {perturbation: mv}}}``
+        (``perturbkit predict`` streams them over a held-out context larger than its ``eval_cells``). Every
+        moment metric and the cross-perturbation rows use them; the DEGs, distances and the ceiling use the
+        cells given (:func:`perturbkit.metrics.prepare`).
 
     Returns
     -------
@@ -526,9 +532,13 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
     blocks, infos = [], {}
     for p in perts:
         preds_p = {name: cells(pred, pred_labels[name], p) for name, pred in preds.items()}
+        given = None if moments is None else {
+            "truth": moments["truth"][p], "source": moments["source"],
+            "pred": {name: moments["pred"][name][p] for name in preds}}
         try:
             tab, infos[p] = score_models(cells(target, labels, p), source, preds_p, metric_names, n_boot=n_boot,
-                                         seed=seed, baseline=baseline, ceiling=ceiling, execution=execution)
+                                         seed=seed, baseline=baseline, ceiling=ceiling, execution=execution,
+                                         moments=given)
         except InputError as exc:
             raise InputError(f"perturbation {p!r}: {exc}", params=exc.params) from exc
         tab.insert(1, "perturbation", p)
@@ -538,10 +548,15 @@ def evaluate_screen(target, preds: Mapping, source, *, condition_key: str, metri
 
     # cross-perturbation metrics, from per-perturbation means; each model is scored against ``truth[model]``
     rows_of = [np.flatnonzero(labels == p) for p in perts]
-    source_mean = _mean(source, slice(None))
-    means = {name: np.vstack([_mean(pred, pred_labels[name] == p) for p in perts])
-             for name, pred in preds.items()}
-    truth = dict.fromkeys(means, np.vstack([_mean(target, r) for r in rows_of]))
+    if moments is None:
+        source_mean = _mean(source, slice(None))
+        means = {name: np.vstack([_mean(pred, pred_labels[name] == p) for p in perts])
+                 for name, pred in preds.items()}
+        truth = dict.fromkeys(means, np.vstack([_mean(target, r) for r in rows_of]))
+    else:  # the means of every cell, not of the sample given
+        source_mean = np.asarray(moments["source"][0], dtype=np.float64)
+        means = {name: np.vstack([moments["pred"][name][p][0] for p in perts]) for name in preds}
+        truth = dict.fromkeys(means, np.vstack([moments["truth"][p][0] for p in perts]))
     centroid = perturbed_centroid(truth[next(iter(means))])
     if ceiling:
         halves = [(r[a], r[b]) for r in rows_of for a, b in [ceiling_split(len(r), seed)]]

@@ -180,6 +180,20 @@ class Model:
         obs[K.PRED_FLAG] = True
         return ad.AnnData(X=np.asarray(X, dtype=np.float32), obs=obs, var=source.var[[]].copy())
 
+    def predict_chunks(self, source, perturbation: str, chunk: int):
+        """Yield ``(start, predicted AnnData)`` for the source cells ``start`` to ``start + chunk`` (or fewer), in
+        order: :meth:`predict` of consecutive pieces of ``source`` (an AnnData or a
+        :class:`perturbkit.ondisk.View`), so no more than one piece's prediction is held at once. A source of at
+        most ``chunk`` cells is predicted in one piece, exactly as by :meth:`predict`. Every model here predicts
+        each cell from that cell and what it learned, so the pieces are the rows of the whole prediction; a
+        model whose prediction also depends on the other source cells overrides this (``linear``)."""
+        n = source.n_obs
+        if n <= chunk:
+            yield 0, self.predict(source, perturbation)
+            return
+        for start in range(0, n, chunk):
+            yield start, self.predict(source[start:start + chunk], perturbation)
+
     def can_predict(self, perturbation: str) -> bool:
         """Whether the fitted model can predict ``perturbation`` (seen in training, or composed of seen singles)."""
         if perturbation in self.trained:

@@ -186,24 +186,51 @@ class Linear(MeanShift):
                          "contexts": contexts, "alpha": _number(lam),
                          "cv_error": {str(a): _number(e) for a, e in cv.items()}}
 
-    def shift(self, perturbation: str, source=None) -> np.ndarray:
-        """The shift for ``perturbation`` in the context whose control cells are ``source`` (None: the mean
-        shift ``b[p]``)."""
+    _whole = None  # the context means of the whole source while predict_chunks predicts it in pieces
+
+    def shift(self, perturbation: str, source=None, *, mean=None) -> np.ndarray:
+        """The shift for ``perturbation`` in the context whose control cells are ``source`` (or whose control
+        mean is ``mean``; neither: the mean shift ``b[p]``)."""
         base = self.shifts[perturbation]
-        if source is None:
+        if source is None and mean is None:
             return base
-        z = (_row_mean(source.X, np.arange(source.n_obs)) - self.center) @ self.axes
+        if mean is None:
+            mean = _row_mean(source.X, np.arange(source.n_obs))
+        z = (mean - self.center) @ self.axes
         return (base + self.axes @ (self.weights @ z)).astype(np.float32)
+
+    def _context_means(self, source) -> dict:
+        """Context label (None without a context column) -> the float32 mean of its cells in ``source``."""
+        key = self.spec.context_key
+        if key not in source.obs:
+            return {None: _row_mean(source.X, np.arange(source.n_obs))}
+        ctx = source.obs[key].astype(str).to_numpy()
+        return {c: _row_mean(source.X, np.flatnonzero(ctx == c)) for c in np.unique(ctx)}
+
+    def predict_chunks(self, source, perturbation: str, chunk: int):
+        """As :meth:`Model.predict_chunks`, each context's shift from the mean of all its source cells (not of
+        the piece's)."""
+        if source.n_obs <= chunk:
+            yield from super().predict_chunks(source, perturbation, chunk)
+            return
+        self._whole = self._context_means(source)
+        try:
+            yield from super().predict_chunks(source, perturbation, chunk)
+        finally:
+            self._whole = None
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         X = dense(source.X).copy()  # dense() may return source.X itself
         key = self.spec.context_key
+        means = self._whole
         if key not in source.obs:
-            return X + self.shift(perturbation, source)[None, :]
+            mean = None if means is None else means[None]
+            return X + self.shift(perturbation, source if mean is None else None, mean=mean)[None, :]
         ctx = source.obs[key].astype(str).to_numpy()
         for c in np.unique(ctx):  # one shift per source context, from its own control mean
             rows = np.flatnonzero(ctx == c)
-            X[rows] += self.shift(perturbation, source[rows])[None, :]
+            mean = None if means is None else means[c]
+            X[rows] += self.shift(perturbation, source[rows] if mean is None else None, mean=mean)[None, :]
         return X
 
     def _state_arrays(self) -> dict[str, np.ndarray]:

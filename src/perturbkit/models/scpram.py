@@ -325,6 +325,20 @@ class ScPRAM(VAEModel):
         first = None if len(self.trained) == 1 else self.trained[0]
         return {"attention": pl.attention_heatmap(self, source, perturbation=first)}
 
+    _draws = None  # one generator for every piece while predict_chunks predicts a source in pieces
+
+    def predict_chunks(self, source, perturbation: str, chunk: int):
+        """As :meth:`Model.predict_chunks`; with ``latent_sampling`` the pieces continue one stream of draws, so
+        every cell gets the draw it gets when the source is predicted whole."""
+        if not self.params["latent_sampling"] or source.n_obs <= chunk:
+            yield from super().predict_chunks(source, perturbation, chunk)
+            return
+        self._draws = self._generator(1)
+        try:
+            yield from super().predict_chunks(source, perturbation, chunk)
+        finally:
+            self._draws = None
+
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._train import Rows
 
@@ -337,7 +351,12 @@ class ScPRAM(VAEModel):
         labels = [perturbation] if perturbation in self._pairs else self.spec.singles(perturbation)
         delta = None
         for label in labels:
-            d = self._weights(z, label) @ self._pairs[label][1]
+            deltas = self._pairs[label][1]
+            # the attention rows (query x kept keys, an index and a weight each) held ATTENTION_BYTES at a time
+            step = max(len(z), 1)
+            if self.params["attention"] == "cell":
+                step = max(1, min(len(z), ATTENTION_BYTES // (16 * n_attended(self.params["ratio"], len(deltas)))))
+            d = np.concatenate([self._weights(z[i:i + step], label) @ deltas for i in range(0, len(z), step)])
             delta = d if delta is None else delta + d
         return (z + delta).astype(np.float32)
 
@@ -355,7 +374,7 @@ class ScPRAM(VAEModel):
     def _query_latent(self, X) -> np.ndarray:
         """Latents of query cells: posterior means, or seeded draws (the same draws on every call)."""
         previous = self._rng  # set while fitting (predict may run inside a training callback)
-        self._rng = self._generator(1) if self.params["latent_sampling"] else None
+        self._rng = (self._draws or self._generator(1)) if self.params["latent_sampling"] else None
         try:
             return self._encode(X)
         finally:
@@ -445,6 +464,11 @@ def pair_within_contexts(solve, zc: np.ndarray, zp: np.ndarray, ctx_c: np.ndarra
     return partner, info
 
 
+#: most bytes of attention held at once: a chunk of query rows' similarities to every key (float64), and the
+#: kept keys and weights of the query rows whose deltas are summed together (scPRAM's prediction)
+ATTENTION_BYTES = 256 << 20
+
+
 def n_attended(ratio: float, n_control: int) -> int:
     """How many control cells each query attends to: ``ceil(ratio * n_control)``, at least 1."""
     return max(1, min(n_control, math.ceil(ratio * n_control - 1e-9)))
@@ -468,6 +492,7 @@ def attention_weights(query: np.ndarray, keys: np.ndarray, ratio: float, *, mode
         raise InputError(f"attention={mode!r} is not allowed; use one of {', '.join(map(repr, ATTENTION))}.")
     n_q, n_k = len(query), len(keys)
     k = n_attended(ratio, n_k)
+    chunk = max(1, min(chunk, ATTENTION_BYTES // (8 * max(n_k, 1))))  # a chunk's similarities: float64 x keys
     rows = query[:1] if mode == "first_cell" else query
     if device is not None:
         idx, w = _attention_torch(rows, keys, k, chunk, device)
