@@ -153,6 +153,31 @@ def test_attention_of_source_cells(fitted):
     assert set(model.control_context[np.unique(w.indices)]) <= {"ctx0", "ctx2", "ctx3"}
 
 
+def test_attention_in_pieces_and_on_a_key_subsample(fitted, monkeypatch):
+    """The prediction in pieces (attention held a few rows at a time, the source predicted 7 cells at a time)
+    is the whole prediction; attention_max_keys attends within a seeded subsample of the training controls."""
+    from perturbkit.models import scpram
+
+    model, _, source, _ = fitted
+    whole = model.predict(source).X
+    monkeypatch.setattr(scpram, "ATTENTION_BYTES", 40_000)  # a few query rows at a time
+    pieces = np.concatenate([p.X for _, p in model.predict_chunks(source, "stimulated", 7)])
+    assert np.array_equal(pieces, whole)
+    monkeypatch.undo()
+    model.params["attention_max_keys"] = 450  # all of them: unchanged
+    assert np.array_equal(model.predict(source).X, whole)
+    model.params["attention_max_keys"] = 100
+    try:
+        w = model.attention(source)
+        assert w.shape == (source.n_obs, 450) and np.allclose(np.asarray(w.sum(axis=1)).ravel(), 1.0)
+        assert (np.diff(w.indptr) == 5).all() and len(np.unique(w.indices)) <= 100  # ceil(0.05 * 100)
+        sub = model._attended_keys("stimulated", 450)
+        assert set(np.unique(w.indices)) <= set(sub) and np.array_equal(sub, model._attended_keys("stimulated", 450))
+        assert not np.array_equal(model.predict(source).X, whole)
+    finally:
+        model.params["attention_max_keys"] = None
+
+
 def test_same_seed_same_prediction_and_save_load_round_trip(fitted, syn, tmp_path):
     model, train, source, _ = fitted
     pred = model.predict(source).X
@@ -260,7 +285,7 @@ def test_scpram_pairs_within_contexts_when_asked(syn):
                                         ("ot", "emd"), ("attention", "first"), ("ot_reg", -1.0),
                                         ("ot_tol", 0), ("ot_max_iter", 0), ("ot_cost", "cosine"),
                                         ("latent_sampling", "yes"), ("precision", "float16"),
-                                        ("ot_within_context", "yes")])
+                                        ("ot_within_context", "yes"), ("attention_max_keys", 0)])
 def test_bad_values_are_refused(key, value):
     with pytest.raises(InputError, match=key):
         ScPRAM(**{key: value})

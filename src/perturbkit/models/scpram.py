@@ -122,6 +122,11 @@ class ScPRAM(VAEModel):
     attention
         ``"cell"`` (published: each query cell its own neighbours and weights) or ``"first_cell"`` (the package's
         ``predict``: the first query cell's neighbours and weights used for every cell).
+    attention_max_keys
+        None (default): each query attends among every training control cell of the pairing, so the prediction
+        takes ``n_query x n_control`` similarities (quadratic in the cells). An integer: among a seeded
+        subsample of at most this many of them (drawn once per perturbation from the fit seed; the top
+        ``ceil(ratio * max_keys)``), linear in the cells (docs/scpram.md, "OT at scale").
     latent_sampling
         False: posterior means for pairing and queries (default). True: one posterior draw per cell, seeded by
         the fit seed (the package draws unseeded).
@@ -140,7 +145,7 @@ class ScPRAM(VAEModel):
     name = "scpram"
     COST = 2.0
     COMBINES = True
-    PREDICT_PARAMS = ("ratio", "attention")
+    PREDICT_PARAMS = ("ratio", "attention", "attention_max_keys")
     OPTIONS = {
         "ratio": (float, "share of control cells attended to"),
         "ot": (str, "optimal transport, sinkhorn or exact"),
@@ -160,7 +165,7 @@ class ScPRAM(VAEModel):
         precision="auto",
         ratio=0.05, ot="sinkhorn", ot_reg=0.05, ot_max_iter=None, ot_tol=1e-3, ot_cost="sqeuclidean",
         attention="cell", latent_sampling=False, ot_within_context=False,
-        ot_dense_max_gb=DENSE_MAX_GB, ot_max_candidates=None,
+        ot_dense_max_gb=DENSE_MAX_GB, ot_max_candidates=None, attention_max_keys=None,
     )
 
     def __init__(self, **params: Any):
@@ -352,10 +357,12 @@ class ScPRAM(VAEModel):
         delta = None
         for label in labels:
             deltas = self._pairs[label][1]
-            # the attention rows (query x kept keys, an index and a weight each) held ATTENTION_BYTES at a time
+            # the attention rows (query x kept keys, an index and a weight each, their pieces and the sparse
+            # matrix made of them: about 48 bytes a kept key) held ATTENTION_BYTES at a time
             step = max(len(z), 1)
             if self.params["attention"] == "cell":
-                step = max(1, min(len(z), ATTENTION_BYTES // (16 * n_attended(self.params["ratio"], len(deltas)))))
+                n_keys = min(len(deltas), self.params.get("attention_max_keys") or len(deltas))
+                step = max(1, min(len(z), ATTENTION_BYTES // (48 * n_attended(self.params["ratio"], n_keys))))
             d = np.concatenate([self._weights(z[i:i + step], label) @ deltas for i in range(0, len(z), step)])
             delta = d if delta is None else delta + d
         return (z + delta).astype(np.float32)
@@ -363,8 +370,25 @@ class ScPRAM(VAEModel):
     def _weights(self, z: np.ndarray, perturbation: str) -> sp.csr_matrix:
         rows = self._pairs[perturbation][0]
         keys = self._controls if len(rows) == len(self._controls) else self._controls[rows]
-        return attention_weights(z, keys, self.params["ratio"], mode=self.params["attention"],
-                                 device=self._torch_device())
+        sub = self._attended_keys(perturbation, len(keys))
+        w = attention_weights(z, keys if sub is None else keys[sub], self.params["ratio"],
+                              mode=self.params["attention"], device=self._torch_device())
+        if sub is None:
+            return w
+        out = sp.csr_matrix((w.data, sub[w.indices], w.indptr), shape=(len(z), len(keys)))
+        out.has_sorted_indices = True  # sub is sorted
+        return out
+
+    def _attended_keys(self, perturbation: str, n_keys: int) -> np.ndarray | None:
+        """The keys a query may attend to under ``attention_max_keys``: None (all ``n_keys``), or the sorted
+        seeded subsample (``default_rng(SeedSequence([fit seed, 9, i]))``, ``i`` the perturbation's place among
+        the learned ones)."""
+        cap = self.params.get("attention_max_keys")
+        if cap is None or n_keys <= cap:
+            return None
+        i = list(self._pairs).index(perturbation)
+        rng = np.random.default_rng(np.random.SeedSequence([self._seed, 9, i]))
+        return np.sort(rng.choice(n_keys, size=int(cap), replace=False))
 
     def _torch_device(self):
         """Where pairing and attention run: None on the CPU (the numpy / POT code), else the execution's torch
@@ -464,8 +488,9 @@ def pair_within_contexts(solve, zc: np.ndarray, zp: np.ndarray, ctx_c: np.ndarra
     return partner, info
 
 
-#: most bytes of attention held at once: a chunk of query rows' similarities to every key (float64), and the
-#: kept keys and weights of the query rows whose deltas are summed together (scPRAM's prediction)
+#: about the most bytes of attention held at once: a chunk of query rows' similarities to every key (float64, with
+#: their top-k's working copies), and the kept keys and weights of the query rows whose deltas are summed
+#: together (scPRAM's prediction); the weights of each row are its own, so the chunks change no number
 ATTENTION_BYTES = 256 << 20
 
 
@@ -492,7 +517,8 @@ def attention_weights(query: np.ndarray, keys: np.ndarray, ratio: float, *, mode
         raise InputError(f"attention={mode!r} is not allowed; use one of {', '.join(map(repr, ATTENTION))}.")
     n_q, n_k = len(query), len(keys)
     k = n_attended(ratio, n_k)
-    chunk = max(1, min(chunk, ATTENTION_BYTES // (8 * max(n_k, 1))))  # a chunk's similarities: float64 x keys
+    # a chunk's similarities to every key (float64), their negation and argpartition's int64 indices
+    chunk = max(1, min(chunk, ATTENTION_BYTES // (24 * max(n_k, 1))))
     rows = query[:1] if mode == "first_cell" else query
     if device is not None:
         idx, w = _attention_torch(rows, keys, k, chunk, device)
@@ -589,6 +615,10 @@ def _validate(p: dict) -> None:
                                                or not isinstance(p["ot_max_candidates"], int)
                                                or p["ot_max_candidates"] < 1):
         bad("ot_max_candidates", "give a positive integer, or None to search all perturbed cells.")
+    if p["attention_max_keys"] is not None and (isinstance(p["attention_max_keys"], bool)
+                                                or not isinstance(p["attention_max_keys"], int)
+                                                or p["attention_max_keys"] < 1):
+        bad("attention_max_keys", "give a positive integer, or None to attend among every training control cell.")
     if not isinstance(p["latent_sampling"], bool):
         bad("latent_sampling", "use true or false.")
     if not isinstance(p["ot_within_context"], bool):
