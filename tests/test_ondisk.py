@@ -356,6 +356,8 @@ def test_large_context_predicted_in_pieces_and_scored_on_a_sample(tmp_path, monk
                                                           every[(every.metric == "edistance")
                                                                 & (every.model == "scpram")].value.iloc[0])
     pred_all, pred_sample = (ad.read_h5ad(tmp_path / d / "pred.h5ad") for d in ("all", "sample"))
+    assert main([*args, "--out", str(tmp_path / "bad"), "--eval-cells", "5"]) == 2
+    assert not (tmp_path / "bad").exists()
     assert pred_sample.n_obs == n_source and pred_sample.obs.equals(pred_all.obs)
     assert pred_sample.uns["perturbkit"]["model"] == "scpram"
     np.testing.assert_allclose(pred_sample.X, pred_all.X, rtol=0, atol=1e-5)

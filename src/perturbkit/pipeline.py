@@ -271,6 +271,9 @@ def _run_predict(cfg: PredictConfig, out, files: contextlib.ExitStack, timings: 
     ex = execution.resolve(cfg.device, threads=cfg.threads)  # a device that is not there: InputError now
     cfg.preprocessing.check()
     cfg.check_task()
+    if isinstance(cfg.eval_cells, bool) or not isinstance(cfg.eval_cells, int) or cfg.eval_cells < 100:
+        raise InputError(f"eval_cells must be an integer >= 100 (the cells the metrics hold; default 10000), got "
+                         f"{cfg.eval_cells!r}.", params=("eval_cells",))
     params = dict(cfg.params)
     if cfg.epochs is not None:
         if cfg.epochs < 1:
@@ -639,8 +642,6 @@ class _Scoring:
         from .ondisk import chunk_rows
 
         cap = cfg.eval_cells
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 100:
-            raise InputError(f"eval_cells must be an integer >= 100, got {cap!r}.", params=("eval_cells",))
         self.cfg, self.cap, self.source_all = cfg, cap, source_all
         cond = cfg.spec.condition_key
         labels = target_all.obs[cond].astype(str).to_numpy()
