@@ -91,12 +91,12 @@ def _give_back_large_blocks() -> None:
 
     Reading a file in blocks allocates and frees blocks of megabytes, many of them on the prefetch thread. glibc
     raises its mmap threshold each time such a mapped block is freed (up to 32 MiB), after which blocks of that
-    size come from the heap arenas, which only give memory back from their top: encoding the 788,330 training
-    cells of the 1M-cell screen (``bench_scale.py``) left 2.7 GB of freed blocks in the process (RSS 1,184 ->
-    3,877 MB for a 315 MB result; with the threshold fixed at 1 MiB, 544 MB after the 100k screen's encoding
-    against 708 MB without). ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the threshold (it also stops the dynamic
-    adjustment), so such blocks are mapped and unmapped; smaller allocations are unaffected. Set when the first
-    :class:`OnDisk` is opened: only runs that read on disk are changed."""
+    size come from the heap arenas, which only give memory back from their top: at the 1M-cell screen of
+    ``benchmarks/bench_scale.py`` the freed blocks of encoding the training cells made the fit the run's peak
+    (4,129 MB; 1,688 MB with the threshold fixed: ``benchmarks/results/scale.md``, docs/ondisk.md).
+    ``mallopt(M_MMAP_THRESHOLD, n)`` fixes the threshold (it also stops the dynamic adjustment), so such blocks
+    are mapped and unmapped; smaller allocations are unaffected. Set when the first :class:`OnDisk` is opened:
+    only runs that read on disk are changed."""
     global _MMAP_SET
     if _MMAP_SET:
         return
