@@ -88,10 +88,13 @@ def _add_predict(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--metrics", default=None, help="comma-separated metric names (default: all)")
     e.add_argument("--n-boot", type=int, default=100, help="bootstrap replicates for intervals (default 100)")
-    e.add_argument("--eval-cells", type=int, default=10_000, metavar="N",
+    from .pipeline import PredictConfig
+
+    e.add_argument("--eval-cells", type=int, default=PredictConfig.eval_cells, metavar="N",
                    help="a held-out context with more source cells, or target cells of a perturbation, is scored "
                         "on a seeded sample of N of each (DEGs, distances, ceiling, intervals, figures); its "
-                        "per-gene means and variances on every cell (default 10000; docs/ondisk.md)")
+                        f"per-gene means and variances on every cell (default {PredictConfig.eval_cells}; "
+                        "docs/ondisk.md)")
     e.add_argument("--out", default=DEMO_OUT if demo else None, required=not demo, help="output directory")
     e.add_argument("--force", action="store_true", help="overwrite an output directory holding other files")
     e.add_argument("--save-model", default=None, metavar="DIR", help="also save the fitted model to DIR")

@@ -5,7 +5,7 @@
 target and predicted cell, read and predicted piece by piece, and the rest (the Wilcoxon DEGs, the PCA,
 ``edistance``, ``mmd``, the ceiling, the E-test, the bootstrap's resampling, the figures) on the cells of
 :func:`sample_rows`: at most ``eval_cells`` source cells and ``eval_cells`` target cells of each perturbation
-(docs/ondisk.md, "Scoring a large held-out context"). A context within ``eval_cells`` is scored on all its
+(``PredictConfig.eval_cells``, ``--eval-cells``; docs/ondisk.md, "Scoring a large held-out context"). A context within ``eval_cells`` is scored on all its
 cells exactly as before: no sample is drawn and the moments are those of the cells.
 """
 
@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-
-#: the default most source cells, and target cells of each perturbation, that the cell-level metrics hold
-EVAL_CELLS = 10_000
 
 #: rows turned into float64 at a time by :meth:`GeneSums.add`
 SUB_ROWS = 2048
