@@ -221,16 +221,13 @@ class Linear(MeanShift):
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         X = dense(source.X).copy()  # dense() may return source.X itself
+        means = self._whole or self._context_means(source)  # one shift per source context, from its control mean
         key = self.spec.context_key
-        means = self._whole
         if key not in source.obs:
-            mean = None if means is None else means[None]
-            return X + self.shift(perturbation, source if mean is None else None, mean=mean)[None, :]
+            return X + self.shift(perturbation, mean=means[None])[None, :]
         ctx = source.obs[key].astype(str).to_numpy()
-        for c in np.unique(ctx):  # one shift per source context, from its own control mean
-            rows = np.flatnonzero(ctx == c)
-            mean = None if means is None else means[c]
-            X[rows] += self.shift(perturbation, source[rows] if mean is None else None, mean=mean)[None, :]
+        for c, mean in means.items():
+            X[ctx == c] += self.shift(perturbation, mean=mean)[None, :]
         return X
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
