@@ -178,6 +178,45 @@ def test_attention_in_pieces_and_on_a_key_subsample(fitted, monkeypatch):
         model.params["attention_max_keys"] = None
 
 
+def test_quadratic_steps_warn_with_the_option_that_makes_them_linear(monkeypatch):
+    """Above QUADRATIC_PAIRS control x perturbed pairs, or QUADRATIC_KEYS training controls, fitting warns before
+    the pairing that the step grows with the square of the cells and names the cap; a capped model is quiet."""
+    import warnings
+
+    from perturbkit.models import scpram
+
+    monkeypatch.setattr(scpram, "QUADRATIC_PAIRS", 11)
+    monkeypatch.setattr(scpram, "QUADRATIC_KEYS", 3)
+    zc, zp = np.zeros((4, 2)), np.zeros((3, 2))  # 12 pairs, 4 keys
+    model = ScPRAM()
+    model.trained = [PERT]
+    with pytest.warns(UserWarning) as caught:
+        model._warn_quadratic(zc, zp, PERT)
+    texts = [str(w.message) for w in caught]
+    assert texts == [
+        "scpram's OT pairing compares each of 4 training control cells with each of 3 perturbed cells (1.2e+01 "
+        "pairs; its time grows with the square of the cells); ot_max_candidates=20000 makes it linear "
+        "(docs/scpram.md, 'OT at scale').",
+        "scpram's attention will compare every predicted cell with each of 4 training control cells (its time "
+        "grows with the square of the cells); attention_max_keys=20000 makes it linear (docs/scpram.md, 'OT at "
+        "scale')."]
+    model.trained = [PERT, "other"]
+    with pytest.warns(UserWarning) as caught:
+        model._warn_quadratic(zc, zp, PERT)
+    assert [str(w.message).split(" ", 4)[:4] for w in caught] == [
+        ["perturbation", f"{PERT!r}:", "scpram's", "OT"], ["perturbation", f"{PERT!r}:", "scpram's", "attention"]]
+    for quiet in (ScPRAM(ot_max_candidates=5, attention_max_keys=5), ScPRAM(ot="exact", attention="first_cell"),
+                  ScPRAM(ot_within_context=True, attention_max_keys=5)):
+        quiet.trained = [PERT]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            quiet._warn_quadratic(zc, zp, PERT)
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model._warn_quadratic(zc, zp, PERT)
+
+
 def test_same_seed_same_prediction_and_save_load_round_trip(fitted, syn, tmp_path):
     model, train, source, _ = fitted
     pred = model.predict(source).X

@@ -230,6 +230,8 @@ class ScPRAM(VAEModel):
             zc = self._controls if len(rows) == len(self._controls) else self._controls[rows]
             zp = np.ascontiguousarray(z[use & (cond == label)], dtype=np.float32)
 
+            self._warn_quadratic(zc, zp, label)
+
             def solve(zc, zp):
                 return ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"],
                                   tol=p["ot_tol"], cost=p["ot_cost"], device=self._torch_device(),
@@ -269,6 +271,23 @@ class ScPRAM(VAEModel):
                                             "(latent arithmetic, not in the paper)"},
                 "perturbations": report,
             }
+
+    def _warn_quadratic(self, zc: np.ndarray, zp: np.ndarray, label: str) -> None:
+        """Before a pairing whose all-pairs steps will be slow (more than ``QUADRATIC_PAIRS`` pairs, or more than
+        ``QUADRATIC_KEYS`` training controls for every predicted cell to attend among): one warning each, naming
+        the option that makes the step linear in the cells."""
+        p, n, m = self.params, len(zc), len(zp)
+        who = "" if len(self.trained) == 1 else f"perturbation {label!r}: "
+        if (p["ot"] == "sinkhorn" and not p["ot_within_context"] and p["ot_max_candidates"] is None
+                and n * m > QUADRATIC_PAIRS):
+            warnings.warn(f"{who}scpram's OT pairing compares each of {n:,} training control cells with each of "
+                          f"{m:,} perturbed cells ({n * m:.1e} pairs; its time grows with the square of the "
+                          f"cells); ot_max_candidates={SCALE_CAP} makes it linear (docs/scpram.md, 'OT at scale').",
+                          UserWarning, stacklevel=4)
+        if p["attention"] == "cell" and p["attention_max_keys"] is None and n > QUADRATIC_KEYS:
+            warnings.warn(f"{who}scpram's attention will compare every predicted cell with each of {n:,} training "
+                          f"control cells (its time grows with the square of the cells); attention_max_keys="
+                          f"{SCALE_CAP} makes it linear (docs/scpram.md, 'OT at scale').", UserWarning, stacklevel=4)
 
     # --------------------------------------------------------------------------------------- predict
     def pairing(self, perturbation: str | None = None) -> Pairing:
@@ -356,28 +375,38 @@ class ScPRAM(VAEModel):
         labels = [perturbation] if perturbation in self._pairs else self.spec.singles(perturbation)
         delta = None
         for label in labels:
-            deltas = self._pairs[label][1]
+            keys, deltas, _ = self._keys(label)
             # the attention rows (query x kept keys, an index and a weight each, their pieces and the sparse
             # matrix made of them: about 48 bytes a kept key) held ATTENTION_BYTES at a time
             step = max(len(z), 1)
             if self.params["attention"] == "cell":
-                n_keys = min(len(deltas), self.params.get("attention_max_keys") or len(deltas))
-                step = max(1, min(len(z), ATTENTION_BYTES // (48 * n_attended(self.params["ratio"], n_keys))))
-            d = np.concatenate([self._weights(z[i:i + step], label) @ deltas for i in range(0, len(z), step)])
+                step = max(1, min(len(z), ATTENTION_BYTES // (48 * n_attended(self.params["ratio"], len(keys)))))
+            d = np.concatenate([self._attend(z[i:i + step], keys) @ deltas for i in range(0, len(z), step)])
             delta = d if delta is None else delta + d
         return (z + delta).astype(np.float32)
 
+    def _attend(self, z: np.ndarray, keys: np.ndarray) -> sp.csr_matrix:
+        return attention_weights(z, keys, self.params["ratio"], mode=self.params["attention"],
+                                 device=self._torch_device())
+
     def _weights(self, z: np.ndarray, perturbation: str) -> sp.csr_matrix:
-        rows = self._pairs[perturbation][0]
-        keys = self._controls if len(rows) == len(self._controls) else self._controls[rows]
-        sub = self._attended_keys(perturbation, len(keys))
-        w = attention_weights(z, keys if sub is None else keys[sub], self.params["ratio"],
-                              mode=self.params["attention"], device=self._torch_device())
+        """The attention of the queries ``z`` over every training control of ``perturbation``'s pairing."""
+        keys, _, sub = self._keys(perturbation)
+        w = self._attend(z, keys)
         if sub is None:
             return w
-        out = sp.csr_matrix((w.data, sub[w.indices], w.indptr), shape=(len(z), len(keys)))
+        out = sp.csr_matrix((w.data, sub[w.indices], w.indptr), shape=(len(z), len(self._pairs[perturbation][0])))
         out.has_sorted_indices = True  # sub is sorted
         return out
+
+    def _keys(self, perturbation: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The training controls a query attends among for ``perturbation``, their paired deltas and their
+        places among the pairing's controls (None: all of them; else the ``attention_max_keys`` subsample,
+        gathered once so that the attention and the weighted sum read contiguous rows)."""
+        rows, deltas = self._pairs[perturbation]
+        keys = self._controls if len(rows) == len(self._controls) else self._controls[rows]
+        sub = self._attended_keys(perturbation, len(keys))
+        return (keys, deltas, None) if sub is None else (keys[sub], deltas[sub], sub)
 
     def _attended_keys(self, perturbation: str, n_keys: int) -> np.ndarray | None:
         """The keys a query may attend to under ``attention_max_keys``: None (all ``n_keys``), or the sorted
@@ -487,6 +516,14 @@ def pair_within_contexts(solve, zc: np.ndarray, zp: np.ndarray, ctx_c: np.ndarra
             "by_context": by_context}
     return partner, info
 
+
+#: above these, fitting warns that scPRAM's all-pairs steps will be slow (``ScPRAM._warn_quadratic``): the OT
+#: pairing's control x perturbed pairs (the 1M-cell screen of benchmarks/bench_scale.py has 1.2e11 and did not
+#: finish pairing in 52 minutes on one core; the 203,640-cell one, 4.9e9, paired in minutes) and the training
+#: controls each predicted cell attends among; SCALE_CAP is the cap the warnings suggest, the one bench_scale runs
+QUADRATIC_PAIRS = 10**10
+QUADRATIC_KEYS = 100_000
+SCALE_CAP = 20_000
 
 #: about the most bytes of attention held at once: a chunk of query rows' similarities to every key (float64, with
 #: their top-k's working copies), and the kept keys and weights of the query rows whose deltas are summed
