@@ -114,3 +114,28 @@ def test_predict_leaves_the_source_cells_alone(syn, name):
     before = np.array(source.X, copy=True)
     get(name).fit(train, spec, seed=0).predict(source)
     assert np.array_equal(np.asarray(source.X), before)
+
+
+@pytest.mark.parametrize("name", ["mean_shift", "linear"])
+def test_predict_in_pieces_checks_the_source_once_and_gives_the_whole_prediction(syn, name, monkeypatch):
+    """Model.predict_chunks: the pieces are the rows of predict(source); the source is checked once, whole (a
+    source on disk is not read once more per piece), and a bad source still stops with the check's error."""
+    from perturbkit import data
+
+    spec = pk.PerturbSpec()
+    train, source, _ = pk.split.holdout_cell_type(syn, spec, "ctx1").subsets(syn)
+    model = get(name).fit(train, spec, seed=0)
+    whole = model.predict(source)
+    calls = []
+    check = data.check_matrix
+    monkeypatch.setattr(data, "check_matrix", lambda a, what="data": (calls.append(a.n_obs), check(a, what))[1])
+    pieces = list(model.predict_chunks(source, "stimulated", 7))
+    assert calls == [source.n_obs] and source.n_obs > 14
+    assert [start for start, _ in pieces] == list(range(0, source.n_obs, 7))
+    np.testing.assert_array_equal(np.concatenate([p.X for _, p in pieces]), whole.X)
+    assert pd.concat([p.obs for _, p in pieces]).equals(whole.obs)
+    bad = source.copy()
+    bad.X = np.asarray(bad.X, dtype=np.float32)
+    bad.X[3, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        next(model.predict_chunks(bad, "stimulated", 7))

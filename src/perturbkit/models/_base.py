@@ -165,14 +165,22 @@ class Model:
         ``perturbation`` may be omitted when the model learned one perturbation. A combination ``A+B`` that was
         not seen in training is predicted from its singles by models that can (``COMBINES``).
         """
-        import anndata as ad
-
-        from ..data import check_matrix
-
         self._check_fitted()
         label = self.resolve(perturbation)
+        self._check_source(source)
+        return self._predict_cells(source, label)
+
+    def _check_source(self, source) -> None:
+        """The checks of a source (its values, in row chunks when it stays on disk, and its genes)."""
+        from ..data import check_matrix
+
         check_matrix(source, "source")
         self.check_genes(source, "source")
+
+    def _predict_cells(self, source, label: str):
+        """:meth:`predict` of checked source cells."""
+        import anndata as ad
+
         X = self._predict_matrix(source, label)
         obs = source.obs.copy()
         if self.spec.condition_key in obs:
@@ -186,13 +194,17 @@ class Model:
         :class:`perturbkit.ondisk.View`), so no more than one piece's prediction is held at once. A source of at
         most ``chunk`` cells is predicted in one piece, exactly as by :meth:`predict`. Every model here predicts
         each cell from that cell and what it learned, so the pieces are the rows of the whole prediction; a
-        model whose prediction also depends on the other source cells overrides this (``linear``)."""
+        model whose prediction also depends on the other source cells overrides this (``linear``). The source is
+        checked once, whole (a file's values in row chunks, as :meth:`predict` checks them), not piece by piece:
+        that would read a source on disk once more for every model."""
         n = source.n_obs
         if n <= chunk:
             yield 0, self.predict(source, perturbation)
             return
+        label = self.resolve(perturbation)
+        self._check_source(source)
         for start in range(0, n, chunk):
-            yield start, self.predict(source[start:start + chunk], perturbation)
+            yield start, self._predict_cells(source[start:start + chunk], label)
 
     def can_predict(self, perturbation: str) -> bool:
         """Whether the fitted model can predict ``perturbation`` (seen in training, or composed of seen singles)."""

@@ -132,11 +132,11 @@ class VAEModel(Model):
     # ------------------------------------------------------------------------------------------ predict
     _pending_transfer = None  # set only inside a training callback (see _fit)
 
-    def predict(self, source, perturbation: str | None = None):
+    def _predict_cells(self, source, label: str):
         if self._pending_transfer is not None:  # called from a training callback: transfer of the current weights
             refit, self._pending_transfer = self._pending_transfer, None
             refit()
-        return super().predict(source, perturbation)
+        return super()._predict_cells(source, label)
 
     def latent(self, adata) -> np.ndarray:
         """Posterior means of the cells of ``adata`` (cells x n_latent)."""
