@@ -99,6 +99,37 @@ def test_same_seed_same_weights_with_max_steps(syn):
     assert np.array_equal(a.predict(source).X, b.predict(source).X)
 
 
+def test_subnormal_weights_are_zeroed_after_training_and_on_load(syn, tmp_path):
+    """Weights below float32's smallest normal number slow every CPU product (docs/ondisk.md): training leaves
+    none, and a saved model that holds some loses them on load; the predictions do not change."""
+    import torch
+
+    from perturbkit.models._train import zero_subnormal
+
+    tiny = torch.finfo(torch.float32).tiny
+    lin = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[tiny / 4, -tiny / 2, 0.5], [tiny, 0.0, -tiny * 0.9]]))
+    assert zero_subnormal(lin) == 3
+    assert lin.weight.tolist() == [[0.0, 0.0, 0.5], [tiny, 0.0, 0.0]]  # tiny itself is normal
+
+    def subnormal(module):
+        return sum(int(((p != 0) & (p.abs() < tiny)).sum()) for p in module.parameters())
+
+    spec, train, source, _ = _task(syn)
+    model = pk.models.get("scgen", epochs=2, **SMALL).fit(train, spec, seed=0)
+    assert subnormal(model.module) == 0 and model.history.subnormal_zeroed >= 0
+    first = next(model.module.parameters()).view(-1)
+    with torch.no_grad():
+        first[0] = 0.0
+    pred = model.predict(source).X
+    with torch.no_grad():  # as a model trained before the zeroing might have been saved
+        first[0] = tiny / 8
+    loaded = pk.models.Model.load(model.save(tmp_path / "m"))
+    assert subnormal(loaded.module) == 0
+    np.testing.assert_array_equal(loaded.predict(source).X, pred)
+
+
 # ------------------------------------------------------------------------------ sparse input, batch by batch
 
 

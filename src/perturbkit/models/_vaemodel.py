@@ -185,11 +185,13 @@ class VAEModel(Model):
     def _load_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None:
         import torch
 
+        from ._train import zero_subnormal
         from ._vae import VAE
 
         self.module = VAE(self._vae_config(len(self.var_names)))
         sd = {k[len("module."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("module.")}
         self.module.load_state_dict(sd)
+        zero_subnormal(self.module)  # as training leaves them (a model saved before that did not)
         self.module.to(self.execution.torch_device).eval()
         self._load_transfer({k[len("transfer."):]: v for k, v in arrays.items() if k.startswith("transfer.")})
 
