@@ -531,12 +531,12 @@ def zero_subnormal(module) -> int:
     """Set to 0 every parameter of ``module`` whose magnitude is below its dtype's smallest normal number (a
     subnormal, under 1.2e-38 in float32); returns how many.
 
-    Weights that only weight decay moves (the inputs of genes a batch never expresses, outputs of dead units)
-    shrink by a constant factor per Adam step, so after thousands of steps some sit in the subnormal range on
-    their way to 0, and every CPU product with a subnormal operand takes a slow path: decoding the 163,465
-    held-out cells of the 1M-cell scale benchmark (scPRAM, one epoch of 788,330 cells, 30,029 subnormal weights
-    in its output layer) took 3.9 s per 16,384 cells instead of 1.0 s (docs/ondisk.md). A subnormal weight
-    changes no float32 output it is added into, so setting it to 0 changes nothing else.
+    Weights that training drives towards 0 pass through the subnormal range, and every CPU product with a
+    subnormal operand takes a slow path: after one epoch of 788,330 cells (the 1M-cell scale benchmark) scPRAM
+    held 30,029 subnormal weights in its output layer and 1,269 in its first, and decoding took 3.9 s per
+    16,384 cells instead of 1.0 s with them set to 0 (docs/ondisk.md). A subnormal weight's products with
+    activations of ordinary size are below float32's rounding of any output of ordinary size, so the
+    predictions do not change (the README demo prints the same scores).
     """
     n = 0
     with torch.no_grad():
