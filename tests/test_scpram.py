@@ -164,6 +164,14 @@ def test_attention_in_pieces_and_on_a_key_subsample(fitted, monkeypatch):
     pieces = np.concatenate([p.X for _, p in model.predict_chunks(source, "stimulated", 7)])
     assert np.array_equal(pieces, whole)
     monkeypatch.undo()
+    model.params["attention"] = "first_cell"  # each piece takes the source's first cell's delta, as whole
+    try:
+        first = model.predict(source).X
+        pieces = np.concatenate([p.X for _, p in model.predict_chunks(source, "stimulated", 7)])
+        assert np.array_equal(pieces, first) and not np.array_equal(first, whole)
+        assert model._first_delta is None
+    finally:
+        model.params["attention"] = "cell"
     model.params["attention_max_keys"] = 450  # all of them: unchanged
     assert np.array_equal(model.predict(source).X, whole)
     model.params["attention_max_keys"] = 100

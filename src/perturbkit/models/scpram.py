@@ -350,18 +350,23 @@ class ScPRAM(VAEModel):
         return {"attention": pl.attention_heatmap(self, source, perturbation=first)}
 
     _draws = None  # one generator for every piece while predict_chunks predicts a source in pieces
+    _first_delta = None  # attention="first_cell" in pieces: the source's first cell's delta per perturbation
 
     def predict_chunks(self, source, perturbation: str, chunk: int):
-        """As :meth:`Model.predict_chunks`; with ``latent_sampling`` the pieces continue one stream of draws, so
-        every cell gets the draw it gets when the source is predicted whole."""
-        if not self.params["latent_sampling"] or source.n_obs <= chunk:
+        """As :meth:`Model.predict_chunks`, so that every cell gets what it gets when the source is predicted
+        whole: with ``latent_sampling`` the pieces continue one stream of draws; with ``attention="first_cell"``
+        every piece takes the delta of the source's first cell (not of its own first cell)."""
+        sampled = self.params["latent_sampling"]
+        first = self.params["attention"] == "first_cell"
+        if not (sampled or first) or source.n_obs <= chunk:
             yield from super().predict_chunks(source, perturbation, chunk)
             return
-        self._draws = self._generator(1)
+        self._draws = self._generator(1) if sampled else None
+        self._first_delta = {} if first else None
         try:
             yield from super().predict_chunks(source, perturbation, chunk)
         finally:
-            self._draws = None
+            self._draws = self._first_delta = None
 
     def _predict_matrix(self, source, perturbation: str) -> np.ndarray:
         from ._train import Rows
@@ -381,7 +386,12 @@ class ScPRAM(VAEModel):
             step = max(len(z), 1)
             if self.params["attention"] == "cell":
                 step = max(1, min(len(z), ATTENTION_BYTES // (48 * n_attended(self.params["ratio"], len(keys)))))
-            d = np.concatenate([self._attend(z[i:i + step], keys) @ deltas for i in range(0, len(z), step)])
+            if self._first_delta is not None:  # first_cell, in pieces: the first piece's first cell for all
+                if label not in self._first_delta:
+                    self._first_delta[label] = self._attend(z[:1], keys) @ deltas
+                d = np.repeat(self._first_delta[label], len(z), axis=0)
+            else:
+                d = np.concatenate([self._attend(z[i:i + step], keys) @ deltas for i in range(0, len(z), step)])
             delta = d if delta is None else delta + d
         return (z + delta).astype(np.float32)
 
