@@ -89,6 +89,8 @@ MODELS = ("scgen", "scpram")
 #: docs/scpram.md ("OT at scale") gives for data of this size. Without them both grow with the square of the
 #: cells (``--param scpram:ot_max_candidates=none --param scpram:attention_max_keys=none``: the published
 #: all-pairs method, which at 1M cells did not finish its pairing in 52 minutes).
+#: 20,000 is perturbkit.models.scpram.SCALE_CAP, the cap scPRAM's warnings name (written out: this driver imports
+#: no perturbkit module that would load numpy or torch, so that its own RSS stays small)
 DEFAULT_PARAMS = {"scpram": {"ot_max_candidates": 20000, "attention_max_keys": 20000}}
 STAGES = ("load", "preprocess", "fit", "predict", "baselines", "metrics", "write", "process")
 #: the stages inside the predict process, in the order the tables show them

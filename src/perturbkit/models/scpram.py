@@ -528,7 +528,7 @@ def pair_within_contexts(solve, zc: np.ndarray, zp: np.ndarray, ctx_c: np.ndarra
 
 
 #: above these, fitting warns that scPRAM's all-pairs steps will be slow (``ScPRAM._warn_quadratic``): the OT
-#: pairing's control x perturbed pairs (the 1M-cell screen of benchmarks/bench_scale.py has 1.2e11 and did not
+#: pairing's control x perturbed pairs (the 1M-cell screen of benchmarks/bench_scale.py has 9.8e10 and did not
 #: finish pairing in 52 minutes on one core; the 203,640-cell one, 4.9e9, paired in minutes) and the training
 #: controls each predicted cell attends among; SCALE_CAP is the cap the warnings suggest, the one bench_scale runs
 QUADRATIC_PAIRS = 10**10
