@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMOKE, bench_cli, skip_without
+from conftest import SMOKE, bench_cli, check_results_file, skip_without
 
 import perturbkit as pk
 from perturbkit import bench, scenarios
@@ -203,6 +203,15 @@ def test_smoke_run_outputs(smoke_run):
     assert all(c["status"] == "finished" for c in run["cells"].values())
     res = json.loads((out / "cells" / "cross_donor.ctx2_f0.scgen.s0" / "result.json").read_text())
     assert res["split_info"]["test_donors"] == ["d0"] and res["timings"]["fit_s"] > 0
+
+
+def test_results_file(smoke_run, tmp_path):
+    """benchmarks/bench_tables.py: the answer table agrees with summary.csv and scores.csv (conftest), every
+    scenario has its section, and the verdict lines of the report are in it."""
+    text = check_results_file(smoke_run, tmp_path / "results.md")
+    for scenario in ("loco", "unbalanced", "cross_donor"):
+        assert f"\n## {scenario} (" in text
+    assert "best baseline" in text and "Made by `perturbkit bench X --out Y`" in text
 
 
 def test_crate_lists_every_file(smoke_run):

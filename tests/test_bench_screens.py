@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import SMOKE, bench_cli
+from conftest import SMOKE, bench_cli, check_results_file
 
 import perturbkit as pk
 from perturbkit import bench
@@ -284,3 +284,9 @@ def test_old_config_json_is_the_same_run_only_at_defaults():
     d["data"]["filter"] = {"donor": "d0"}  # a setting added since, not at its default: another run
     filtered = bench.config_from_dict(d).to_dict()
     assert not bench.same_run(old, filtered) and bench.same_run(filtered, filtered)
+
+
+def test_results_file_of_a_screen(screens_run, tmp_path):
+    """benchmarks/bench_tables.py on a screen run: scenario scores are each task's mean over its perturbations."""
+    text = check_results_file(screens_run, tmp_path / "results.md")
+    assert "\n## context_transfer (" in text and "\n## unseen_combination (" in text
