@@ -39,11 +39,14 @@ def load(run: Path):
             json.loads((run / "run.json").read_text()))
 
 
-def per_seed(scores, scenario: str, model: str, metric: str):
-    """The seed -> value series that a scenario's "all" row of summary.csv averages (its task means)."""
+def per_seed(scores, scenario: str, model: str, metric: str, split: str = "all"):
+    """The seed -> value series that a row of summary.csv averages: for split "all", the scenario's per-seed
+    means over its tasks; else that task's per-seed scores."""
     from perturbkit.scenarios.screen_rows import MEAN
 
     rows = scores[(scores.scenario == scenario) & (scores.model == model) & (scores.metric == metric)]
+    if split != "all":
+        rows = rows[rows.split == split]
     if (rows.perturbation == MEAN).any():  # a screen: each task's mean over its perturbations
         rows = rows[rows.perturbation == MEAN]
     return rows.groupby("seed").value.mean()
@@ -55,13 +58,25 @@ def fmt(v: float, lo: float = math.nan, hi: float = math.nan) -> str:
     return f"{v:.3f}" if math.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def answer_rows(summary, scores, metrics):
-    """One dict per (scenario, metric): see the module docstring."""
+def headline_rows(summary, split: str = "all"):
+    """summary.csv's rows of each scenario as a whole (split "all"), or of one task; in a screen scenario the
+    mean over perturbations."""
+    from perturbkit.scenarios.screen_rows import MEAN, overall
+
+    if split == "all":
+        return overall(summary)
+    rows = summary[summary.split == split]
+    screens = set(rows.scenario[rows.perturbation == MEAN])
+    return rows[rows.perturbation.eq(MEAN) | ~rows.scenario.isin(screens)]
+
+
+def answer_rows(summary, scores, metrics, split: str = "all"):
+    """One dict per (scenario, metric) of ``split`` ("all": each scenario as a whole): see the module
+    docstring."""
     from perturbkit import report
     from perturbkit.metrics.stats import t_interval
-    from perturbkit.scenarios.screen_rows import overall
 
-    top = overall(summary)
+    top = headline_rows(summary, split)
     bases = report.baseline_names()
     out = []
     for scenario in top.scenario.unique():
@@ -78,7 +93,8 @@ def answer_rows(summary, scores, metrics):
             if trained.empty or base.empty:
                 continue
             t, b = trained.iloc[0], base.iloc[0]
-            diff = per_seed(scores, scenario, t.model, metric) - per_seed(scores, scenario, b.model, metric)
+            diff = (per_seed(scores, scenario, t.model, metric, split)
+                    - per_seed(scores, scenario, b.model, metric, split))
             d, _, lo, hi = t_interval(diff.dropna().to_numpy())
             verdict = report._compare(t.ci_low, t.ci_high, b.ci_low, b.ci_high, hib)
             out.append({
@@ -138,7 +154,7 @@ def split_table(summary, scenario: str, metric: str) -> list[str]:
     return lines
 
 
-def document(run: Path, command: str, title: str, metrics=METRICS) -> str:
+def document(run: Path, command: str, title: str, metrics=METRICS, tasks=()) -> str:
     from perturbkit import report
     from perturbkit.scenarios.screen_rows import overall
 
@@ -170,6 +186,8 @@ def document(run: Path, command: str, title: str, metrics=METRICS) -> str:
            "seeds separate. Where the best baseline's interval reaches the ceiling's, no model can be shown to "
            "beat it on that data.", ""]
     out += answer_table(answer_rows(summary, scores, metrics))
+    for task in tasks:
+        out += ["", f"The same for one task, {task}:", ""] + answer_table(answer_rows(summary, scores, metrics, task))
     top = overall(summary)
     for scenario in top.scenario.unique():
         rows = top[top.scenario == scenario]
@@ -189,10 +207,16 @@ def main(argv=None) -> int:
     p.add_argument("--command", required=True, help="the bench command that made the run (printed)")
     p.add_argument("--title", default=None, help="the document's title")
     p.add_argument("--out", type=Path, default=None, help="write here (default: print)")
+    p.add_argument("--task", action="append", default=[], help="also the answer for this task (a split of "
+                   "summary.csv, e.g. \"CD4 T cells\"); repeatable")
     a = p.parse_args(argv)
+    import pandas as pd
+
     if not (a.run / "summary.csv").is_file():
         p.error(f"{a.run}: no summary.csv; aggregate the run first (perturbkit bench CONFIG --out {a.run})")
-    text = document(a.run, a.command, a.title or f"Benchmark {a.run.name}: measured results")
+    if missing := sorted(set(a.task) - set(pd.read_csv(a.run / "summary.csv", usecols=["split"]).split)):
+        p.error(f"--task {missing[0]!r} is not a task of {a.run} (see the split column of its summary.csv)")
+    text = document(a.run, a.command, a.title or f"Benchmark {a.run.name}: measured results", tasks=a.task)
     if a.out is None:
         sys.stdout.write(text)
     else:

@@ -171,10 +171,11 @@ def postgres():
 # ------------------------------------------------- benchmarks/bench_tables.py on a finished run (test_bench*.py)
 
 
-def check_results_file(run: Path, out: Path) -> str:
-    """Write ``run``'s results file with benchmarks/bench_tables.py and check its answer table against the
-    run's own files: each row's values are summary.csv's, and its margin is the mean over seeds of the
-    trained model's per-seed score minus the baseline's, recomputed here from scores.csv."""
+def check_results_file(run: Path, out: Path, tasks=()) -> str:
+    """Write ``run``'s results file with benchmarks/bench_tables.py (``--task`` for each of ``tasks``) and check
+    its answer tables against the run's own files: each row's values are summary.csv's, and its margin is the
+    mean over seeds of the trained model's per-seed score minus the baseline's, recomputed here from
+    scores.csv."""
     import importlib.util
 
     import pandas as pd
@@ -185,32 +186,34 @@ def check_results_file(run: Path, out: Path) -> str:
     spec = importlib.util.spec_from_file_location("bench_tables", script)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([str(run), "--command", "perturbkit bench X --out Y", "--out", str(out)]) == 0
+    args = [str(run), "--command", "perturbkit bench X --out Y", "--out", str(out)]
+    assert mod.main([*args, *(a for t in tasks for a in ("--task", t))]) == 0
     text = out.read_text()
     summary = pd.read_csv(run / "summary.csv", keep_default_na=False, na_values=[""], dtype={"perturbation": str})
     scores = pd.read_csv(run / "scores.csv", keep_default_na=False, na_values=[""], dtype={"perturbation": str})
-    head = summary[summary.split == "all"]
-    screens = set(head.scenario[head.perturbation == "mean"])
-    head = head[head.perturbation.eq("mean") | ~head.scenario.isin(screens)]
-    rows = [line for line in text.split("## The answer")[1].split("\n## ")[0].splitlines()
-            if line.startswith("| ") and not line.startswith("| scenario")]
-    assert rows, text
-    checked = 0
-    for line in rows:
-        cols = [c.strip() for c in line.strip("|").split("|")]
-        scenario, metric = cols[0], cols[1].split(" (")[0]
-        trained, trained_value = cols[3].split()
-        baseline, baseline_value = cols[4].split()
-        assert not MODELS[trained].BASELINE and MODELS[baseline].BASELINE
-        s = head[(head.scenario == scenario) & (head.metric == metric)].set_index("model")["mean"]
-        assert float(trained_value) == pytest.approx(s[trained], abs=5e-4)
-        assert float(baseline_value) == pytest.approx(s[baseline], abs=5e-4)
-        sel = scores[(scores.scenario == scenario) & (scores.metric == metric)]
-        if scenario in screens:
-            sel = sel[sel.perturbation == "mean"]
-        per_seed = sel.groupby(["model", "seed"]).value.mean()
-        margin = (per_seed[trained] - per_seed[baseline]).mean()
-        assert float(cols[5].split()[0]) == pytest.approx(margin, abs=5e-4)
-        checked += 1
-    assert checked == len(rows)
+    screens = set(summary.scenario[summary.perturbation == "mean"])
+    blocks = text.split("## The answer")[1].split("\n## ")[0].split("The same for one task, ")
+    assert len(blocks) == 1 + len(tasks)
+    for split, block in zip(["all", *tasks], blocks):
+        rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| scenario")]
+        assert rows, block
+        head = summary[summary.split == split]
+        head = head[head.perturbation.eq("mean") | ~head.scenario.isin(screens)]
+        for line in rows:
+            cols = [c.strip() for c in line.strip("|").split("|")]
+            scenario, metric = cols[0], cols[1].split(" (")[0]
+            trained, trained_value = cols[3].split()
+            baseline, baseline_value = cols[4].split()
+            assert not MODELS[trained].BASELINE and MODELS[baseline].BASELINE
+            s = head[(head.scenario == scenario) & (head.metric == metric)].set_index("model")["mean"]
+            assert float(trained_value) == pytest.approx(s[trained], abs=5e-4)
+            assert float(baseline_value) == pytest.approx(s[baseline], abs=5e-4)
+            sel = scores[(scores.scenario == scenario) & (scores.metric == metric)]
+            if split != "all":
+                sel = sel[sel.split == split]
+            if scenario in screens:
+                sel = sel[sel.perturbation == "mean"]
+            per_seed = sel.groupby(["model", "seed"]).value.mean()
+            margin = (per_seed[trained] - per_seed[baseline]).mean()
+            assert float(cols[5].split()[0]) == pytest.approx(margin, abs=5e-4)
     return text
