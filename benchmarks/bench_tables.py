@@ -150,7 +150,7 @@ def split_table(summary, scenario: str, metric: str) -> list[str]:
         for model in models:
             r = s[s.model == model]
             vals.append(fmt(float(r["mean"].iloc[0])) if len(r) else "–")
-        lines.append(f"| {split} | " + " | ".join(vals) + " |")
+        lines.append(f"| {split.replace('|', '/')} | " + " | ".join(vals) + " |")
     return lines
 
 

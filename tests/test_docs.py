@@ -25,6 +25,29 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BUILD = DOCS / "_build" / "html"
 
+# ------------------------------------------------------------------------------------- measured answers
+
+
+def answer_tables(text: str) -> list[str]:
+    """The markdown tables of a bench_tables.py results file's "## The answer" section."""
+    section = text.split("\n## The answer\n", 1)[1].split("\n## ", 1)[0]
+    return [block for block in section.split("\n\n") if block.startswith("| scenario | metric |")]
+
+
+def test_bench_md_answers_are_the_results_files():
+    """Each answer table of a benchmark results file made by benchmarks/bench_tables.py stands in docs/bench.md
+    as that file has it (rewrite the docs after regenerating a results file)."""
+    bench_md = (DOCS / "bench.md").read_text()
+    files = [p for p in sorted((ROOT / "benchmarks" / "results").glob("*_bench.md"))
+             if "benchmarks/bench_tables.py" in p.read_text()]
+    assert any(p.name == "kang_bench.md" for p in files)
+    for path in files:
+        tables = answer_tables(path.read_text())
+        assert tables, path
+        for table in tables:
+            assert table in bench_md, f"{path.name}: an answer table differs in docs/bench.md:\n{table}"
+
+
 # ------------------------------------------------------------------------------------- settings tables
 
 
