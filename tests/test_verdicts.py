@@ -64,6 +64,14 @@ def test_a_baseline_at_the_ceiling_is_said():
                  ("ceiling", "pearson_delta", 0.364, 0.33, 0.39, True))
     assert at_ceiling(table, "mean_shift", "pearson_delta")
     assert not at_ceiling(table, "scgen", "edistance")
+    # wholly beyond the ceiling on the better side reaches it too (a nearly unperturbed target); below it does not
+    beyond = rows(("control", "r2_mean_all", 0.961, 0.960, 0.962, True),
+                  ("control", "edistance", 0.384, 0.383, 0.386, False),
+                  ("scgen", "edistance", 3.55, 3.27, 3.84, False),
+                  ("ceiling", "r2_mean_all", 0.929, 0.922, 0.936, True),
+                  ("ceiling", "edistance", 0.959, 0.894, 1.024, False))
+    assert at_ceiling(beyond, "control", "r2_mean_all") and at_ceiling(beyond, "control", "edistance")
+    assert not at_ceiling(beyond, "scgen", "edistance")
     assert verdict_lines(table, ["pearson_delta"]) == [
         "pearson_delta (higher is better): best mean_shift (0.360); best baseline mean_shift (0.360): no model "
         "beats it; mean_shift reaches the ceiling's interval: no model can be shown to beat it on this data"]
