@@ -174,8 +174,9 @@ class Linear(MeanShift):
         means = _group_means(adata.X, cond, ctx)  # (condition, context) -> mean row
         self.axes = _principal_axes(adata.X, k, seed)
         pairs = [(c, p) for p in self.trained for (q, c) in means if q == p and (spec.control, c) in means]
-        self.shifts = {p: np.mean([means[p, c] - means[spec.control, c] for c, q in pairs if q == p], axis=0)
-                       .astype(np.float32) for p in self.trained}
+        # b[p]: mean_shift's own shifts (the same definition), so that with W = 0 the predictions are
+        # mean_shift's to the bit, not to float32 rounding (a tie, not a win, in share_beats_mean_shift)
+        MeanShift._fit(self, adata, spec, seed=seed, progress=progress)
         contexts = sorted({c for c, _ in pairs})
         lam, cv = np.inf, {}
         if len(contexts) >= 3:
