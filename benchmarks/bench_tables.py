@@ -154,6 +154,33 @@ def split_table(summary, scenario: str, metric: str) -> list[str]:
     return lines
 
 
+def screen_tables(run: Path, summary, scenario: str, metrics) -> list[str]:
+    """A screen scenario's extra tables: the scores over the responsive perturbations only (the effect test's,
+    BH q < 0.05, per task and seed), the cross-perturbation metrics, and how many perturbations were responsive
+    (effects.csv). Nothing for a scenario of one perturbation."""
+    import pandas as pd
+
+    from perturbkit.scenarios.screen_rows import ALL, RESPONSIVE
+
+    rows = summary[(summary.scenario == scenario) & (summary.split == "all")]
+    if not (rows.perturbation == RESPONSIVE).any():
+        return []
+    out = ["", "The same over the responsive perturbations only (each task's mean over the perturbations its effect "
+           "test flags, BH q < 0.05, in that seed):", ""]
+    out += scenario_table(rows[rows.perturbation == RESPONSIVE], list(metrics))
+    cross = rows[rows.perturbation == ALL]
+    if len(cross):
+        out += ["", "Cross-perturbation metrics (docs/metrics.md), mean over seeds [95 % interval]:", ""]
+        out += scenario_table(cross, list(dict.fromkeys(cross.metric)))
+    if (run / "effects.csv").is_file():
+        e = pd.read_csv(run / "effects.csv", keep_default_na=False, na_values=[""], dtype={"perturbation": str})
+        e = e[e.scenario == scenario]
+        counts = e.groupby(["split", "seed"], sort=False).agg(n=("perturbation", "size"), r=("responsive", "sum"))
+        out += ["", "Responsive perturbations per task and seed: " + "; ".join(
+            f"{split} s{seed}: {int(c.r)} of {int(c.n)}" for (split, seed), c in counts.iterrows())]
+    return out
+
+
 def document(run: Path, command: str, title: str, metrics=METRICS, tasks=()) -> str:
     from perturbkit import report
     from perturbkit.scenarios.screen_rows import overall
@@ -196,6 +223,7 @@ def document(run: Path, command: str, title: str, metrics=METRICS, tasks=()) -> 
                 "Mean over seeds [95 % interval] of the mean over the tasks:", ""]
         out += scenario_table(rows, [m for m in metrics if m in set(rows.metric)])
         out += [""] + [f"- {line}" for line in report.verdict_lines(rows, list(metrics), value="mean")]
+        out += screen_tables(run, summary, scenario, metrics)
         for metric in metrics[:1] + metrics[2:3]:
             out += ["", f"`{metric}` per task (mean over seeds):", ""] + split_table(summary, scenario, metric)
     return "\n".join(out) + "\n"
