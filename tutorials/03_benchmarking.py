@@ -409,8 +409,8 @@ display(Markdown(
 # `configs/kang.toml` runs the models at their reference sizes for 10 epochs, with the baselines, on the same
 # three scenarios (seven loco types, three unbalanced types x two variants, two cross-donor types x two folds)
 # over three seeds. Its measured tables are in `benchmarks/results/kang_bench.md` (written from the run by
-# `benchmarks/bench_tables.py`), whose first lines (printed below) say which command and config made them. The studies of `configs/tune_scgen_kang.toml` and
-# `configs/tune_scpram_kang.toml` are in `docs/tune.md`. They are **read from those files** below, not
+# `benchmarks/bench_tables.py`), whose first lines (printed below) say which command and config made them.
+# The studies of `configs/tune_scgen_kang.toml` and `configs/tune_scpram_kang.toml` are in `docs/tune.md`. They are **read from those files** below, not
 # computed by this notebook.
 
 # %%
