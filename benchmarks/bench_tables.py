@@ -10,7 +10,9 @@ It reads the run directory's ``summary.csv``, ``scores.csv`` and ``run.json`` (n
   ceiling's, in which case no model can be shown to beat it on that data;
 - per scenario, every model's mean [95 % interval] over seeds of its mean over the scenario's tasks (in a screen,
   of each task's mean over its perturbations) and the verdict lines of ``perturbkit report``;
-- per scenario, the per-task means of the headline metrics.
+- per scenario, the per-task means of the headline metrics;
+- with ``--versus RUN LABEL``, the trained models' scenario scores beside another run's of the same tasks (the
+  converged Kang run beside the 10-epoch one).
 
 Run::
 
@@ -181,7 +183,35 @@ def screen_tables(run: Path, summary, scenario: str, metrics) -> list[str]:
     return out
 
 
-def document(run: Path, command: str, title: str, metrics=METRICS, tasks=()) -> str:
+def versus_table(summary, other, label: str, metrics) -> list[str]:
+    """The trained models' scenario scores here beside those of another run of the same tasks (``other``, a
+    summary.csv; e.g. the same models at another training length): ``other -> here (change)`` per metric, for
+    the (scenario, model) pairs both runs have."""
+    from perturbkit import report
+
+    here, there = headline_rows(summary), headline_rows(other)
+    skip = {*report.baseline_names(), *report.NOT_COMPARED}
+    lines = [f"| scenario | model | {' | '.join(metrics)} |", "|---" * (len(metrics) + 2) + "|"]
+    for scenario in here.scenario.unique():
+        for model in dict.fromkeys(here[here.scenario == scenario].model):
+            if model in skip:
+                continue
+            cells = []
+            for metric in metrics:
+                a = there[(there.scenario == scenario) & (there.model == model) & (there.metric == metric)]
+                b = here[(here.scenario == scenario) & (here.model == model) & (here.metric == metric)]
+                if a.empty or b.empty:
+                    cells.append("–")
+                    continue
+                x, y = float(a["mean"].iloc[0]), float(b["mean"].iloc[0])
+                cells.append(f"{x:.3f} -> {y:.3f} ({y - x:+.3f})")
+            if any(c != "–" for c in cells):
+                lines.append(f"| {scenario} | {model} | " + " | ".join(cells) + " |")
+    return [f"Trained models, {label} -> this run (change), mean over seeds of the mean over the tasks:", "",
+            *lines]
+
+
+def document(run: Path, command: str, title: str, metrics=METRICS, tasks=(), versus=None) -> str:
     from perturbkit import report
     from perturbkit.scenarios.screen_rows import overall
 
@@ -215,6 +245,9 @@ def document(run: Path, command: str, title: str, metrics=METRICS, tasks=()) -> 
     out += answer_table(answer_rows(summary, scores, metrics))
     for task in tasks:
         out += ["", f"The same for one task, {task}:", ""] + answer_table(answer_rows(summary, scores, metrics, task))
+    if versus is not None:
+        other_run, label = versus
+        out += ["", *versus_table(summary, load(other_run)[0], f"{label} (`{other_run}`)", list(metrics))]
     top = overall(summary)
     for scenario in top.scenario.unique():
         rows = top[top.scenario == scenario]
@@ -237,6 +270,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="write here (default: print)")
     p.add_argument("--task", action="append", default=[], help="also the answer for this task (a split of "
                    "summary.csv, e.g. \"CD4 T cells\"); repeatable")
+    p.add_argument("--versus", nargs=2, metavar=("RUN", "LABEL"), default=None,
+                   help="also the trained models' scores beside those of another aggregated run of the same "
+                   "tasks, e.g. --versus runs/kang \"10 epochs\"")
     a = p.parse_args(argv)
     import pandas as pd
 
@@ -244,7 +280,13 @@ def main(argv=None) -> int:
         p.error(f"{a.run}: no summary.csv; aggregate the run first (perturbkit bench CONFIG --out {a.run})")
     if missing := sorted(set(a.task) - set(pd.read_csv(a.run / "summary.csv", usecols=["split"]).split)):
         p.error(f"--task {missing[0]!r} is not a task of {a.run} (see the split column of its summary.csv)")
-    text = document(a.run, a.command, a.title or f"Benchmark {a.run.name}: measured results", tasks=a.task)
+    versus = None
+    if a.versus:
+        if not (Path(a.versus[0]) / "summary.csv").is_file():
+            p.error(f"--versus {a.versus[0]}: no summary.csv; aggregate that run first")
+        versus = (Path(a.versus[0]), a.versus[1])
+    text = document(a.run, a.command, a.title or f"Benchmark {a.run.name}: measured results", tasks=a.task,
+                    versus=versus)
     if a.out is None:
         sys.stdout.write(text)
     else:

@@ -171,7 +171,7 @@ def postgres():
 # ------------------------------------------------- benchmarks/bench_tables.py on a finished run (test_bench*.py)
 
 
-def check_results_file(run: Path, out: Path, tasks=()) -> str:
+def check_results_file(run: Path, out: Path, tasks=(), extra=()) -> str:
     """Write ``run``'s results file with benchmarks/bench_tables.py (``--task`` for each of ``tasks``) and check
     its answer tables against the run's own files: each row's values are summary.csv's, and its margin is the
     mean over seeds of the trained model's per-seed score minus the baseline's, recomputed here from
@@ -187,12 +187,13 @@ def check_results_file(run: Path, out: Path, tasks=()) -> str:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     args = [str(run), "--command", "perturbkit bench X --out Y", "--out", str(out)]
-    assert mod.main([*args, *(a for t in tasks for a in ("--task", t))]) == 0
+    assert mod.main([*args, *(a for t in tasks for a in ("--task", t)), *extra]) == 0
     text = out.read_text()
     summary = pd.read_csv(run / "summary.csv", keep_default_na=False, na_values=[""], dtype={"perturbation": str})
     scores = pd.read_csv(run / "scores.csv", keep_default_na=False, na_values=[""], dtype={"perturbation": str})
     screens = set(summary.scenario[summary.perturbation == "mean"])
-    blocks = text.split("## The answer")[1].split("\n## ")[0].split("The same for one task, ")
+    blocks = text.split("## The answer")[1].split("\n## ")[0].split("\nTrained models, ")[0].split(
+        "The same for one task, ")
     assert len(blocks) == 1 + len(tasks)
     for split, block in zip(["all", *tasks], blocks):
         rows = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| scenario")]

@@ -205,13 +205,27 @@ def test_smoke_run_outputs(smoke_run):
     assert res["split_info"]["test_donors"] == ["d0"] and res["timings"]["fit_s"] > 0
 
 
-def test_results_file(smoke_run, tmp_path):
+def test_results_file(smoke_run, small_run, tmp_path):
     """benchmarks/bench_tables.py: the answer table agrees with summary.csv and scores.csv (conftest), every
-    scenario has its section, and the verdict lines of the report are in it."""
-    text = check_results_file(smoke_run, tmp_path / "results.md", tasks=["ctx0"])
+    scenario has its section, the verdict lines of the report are in it, and --versus sets each trained model's
+    scenario score beside another run's (small_run: one seed, other tasks)."""
+    text = check_results_file(smoke_run, tmp_path / "results.md", tasks=["ctx0"],
+                              extra=["--versus", str(small_run), "one seed"])
     for scenario in ("loco", "unbalanced", "cross_donor"):
         assert f"\n## {scenario} (" in text
     assert "best baseline" in text and "Made by `perturbkit bench X --out Y`" in text
+    here, there = (pd.read_csv(r / "summary.csv") for r in (smoke_run, small_run))
+    section = text.split("Trained models, one seed")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| scenario")]
+    assert {(r[0], r[1]) for r in rows} == {("loco", "scgen"), ("cross_donor", "scgen")}  # small_run's scenarios
+    for scenario, model, *cells in rows:
+        for metric, cell in zip(["r2_mean_all", "r2_mean_top100", "pearson_delta", "edistance"], cells):
+            old, new = (float(cell.split()[i]) for i in (0, 2))
+            for table, value in ((there, old), (here, new)):
+                want = table[(table.scenario == scenario) & (table.split == "all") & (table.model == model)
+                             & (table.metric == metric)]["mean"].iloc[0]
+                assert value == pytest.approx(want, abs=5e-4)
 
 
 def test_crate_lists_every_file(smoke_run):
