@@ -380,3 +380,44 @@ def test_loaded_model_takes_prediction_time_flags_and_warns_about_the_rest(syn_p
     assert (params["ratio"], params["attention"], params["n_latent"]) == (0.2, "first_cell", 8)
     assert main(base + ["--out", str(tmp_path / "c"), "--load-model", str(tmp_path / "m"), "--ratio", "2"]) == 2
     assert "parameter 'ratio' must be in (0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_pairing_across_contexts_warns_and_is_recorded():
+    """A context whose perturbed training cells are few gets most of its control cells paired with other
+    contexts' perturbed cells by the one global OT: fitting records the share paired within each context and
+    warns naming the context and ot_within_context; pairing within contexts is quiet."""
+    import warnings
+
+    from conftest import synthetic
+
+    from perturbkit.models import scpram
+
+    adata = synthetic()
+    spec = pk.PerturbSpec()
+    ctx, cond = adata.obs.cell_type.astype(str).to_numpy(), adata.obs.condition.astype(str).to_numpy()
+    thin = np.flatnonzero((ctx == "ctx2") & (cond != spec.control))[8:]  # ctx2 keeps 8 of its 150 perturbed cells
+    adata = adata[np.setdiff1d(np.arange(adata.n_obs), thin)].copy()
+    train, _, _ = pk.split.holdout_cell_type(adata, spec, "ctx0").subsets(adata)
+    with pytest.warns(UserWarning, match=r"most training control cells of ctx2 \(\d+% paired within; 8 perturbed "
+                      r"for 150 control cells\) with perturbed cells of other contexts, .* ot_within_context=true "
+                      r"pairs within each context"):
+        model = ScPRAM(**SMALL, epochs=1).fit(train, spec, seed=0)
+    shares = model.fit_info["ot"]["partner_own_context"]
+    assert set(shares) == {"ctx1", "ctx2", "ctx3"} and shares["ctx2"] < scpram.CROSS_SHARE
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other contexts.*")
+        ScPRAM(**SMALL, epochs=1, ot_within_context=True).fit(train, spec, seed=0)
+    # the rule: a context with >= CROSS_MIN_CELLS control cells, a share below CROSS_SHARE, and few perturbed
+    # cells (their share of all perturbed cells below CROSS_SHARE x its share of the control cells)
+    ctx_c = np.array(["a"] * 40 + ["b"] * 40 + ["c"] * 10 + ["d"] * 40)
+    ctx_p = np.array(["a"] * 40 + ["b"] * 5 + ["c"] * 1 + ["d"] * 40)
+    with pytest.warns(UserWarning) as caught:
+        scpram._warn_cross_context({"a": 0.9, "b": 0.2, "c": 0.0, "d": 0.3}, ctx_c, ctx_p)
+    text = str(caught[0].message)
+    assert "of b (20% paired within; 5 perturbed for 40 control cells) with" in text
+    assert "c (" not in text and "d (" not in text  # c: too few control cells; d: balanced (an unsettled latent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scpram._warn_cross_context({"a": 0.3, "d": 0.3}, ctx_c, ctx_p)  # balanced contexts pairing across: quiet
+    assert scpram.own_context_shares(np.array([0, 1, 1]), np.array(["a", "a", "b"]), np.array(["a", "b"])) == {
+        "a": 0.5, "b": 1.0}
