@@ -229,8 +229,8 @@ def document(run: Path, command: str, title: str, metrics=METRICS, tasks=(), ver
            f"Config `{cfg['name']}` (sha {record['config_sha']}): {cfg['description']}", "",
            f"Run: {n_cells} cells" + (f", **{len(missing)} not finished**" if missing else "")
            + f"; first cell started {record['started']}, aggregated {record['aggregated']}; sum of the cells' "
-           f"times {total_h:.1f} h (one thread each, two at a time on a 2-core CPU machine; cells of a run "
-           f"resumed over several sessions, some sharing the machine with other work). perturbkit "
+           f"times {total_h:.1f} h (each cell's total_s; cells that ran side by side count in full; "
+           f"training.threads = {cfg['training'].get('threads')} per cell). perturbkit "
            f"{v['perturbkit']}, torch {v['torch']}, Python {v['python']}, {record['platform']['system']}.", "",
            "Intervals: 95 % Student-t intervals over the seeds of each model's per-seed score (a scenario's "
            "score for one seed = its mean over the scenario's tasks; in a screen, over each task's "
