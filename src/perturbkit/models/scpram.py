@@ -228,7 +228,9 @@ class ScPRAM(VAEModel):
             use = np.isin(ctx, paired[label])
             rows = np.flatnonzero(use[keep])
             zc = self._controls if len(rows) == len(self._controls) else self._controls[rows]
-            zp = np.ascontiguousarray(z[use & (cond == label)], dtype=np.float32)
+            pert = use & (cond == label)
+            zp = np.ascontiguousarray(z[pert], dtype=np.float32)
+            ctx_c, ctx_p = self._controls_context[rows], ctx[pert]
 
             self._warn_quadratic(zc, zp, label)
 
@@ -241,15 +243,12 @@ class ScPRAM(VAEModel):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if p["ot_within_context"]:
-                    partner, info = pair_within_contexts(solve, zc, zp, self._controls_context[rows],
-                                                         ctx[use & (cond == label)])
+                    partner, info = pair_within_contexts(solve, zc, zp, ctx_c, ctx_p)
                 else:
                     partner, info = solve(zc, zp)
                     info["within_context"] = False
-                    info["partner_own_context"] = own_context_shares(
-                        partner, self._controls_context[rows], ctx[use & (cond == label)])
-                    _warn_cross_context(info["partner_own_context"], self._controls_context[rows],
-                                        ctx[use & (cond == label)])
+                    info["partner_own_context"] = own_context_shares(partner, ctx_c, ctx_p)
+                    _warn_cross_context(info["partner_own_context"], ctx_c, ctx_p)
             for w in caught:  # with several perturbations, a warning names its own
                 text = w.message if len(self.trained) == 1 else f"perturbation {label!r}: {w.message}"
                 warnings.warn(text, w.category, stacklevel=2)
