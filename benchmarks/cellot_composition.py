@@ -31,26 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_scpram import unbalanced_tasks  # noqa: E402  (the bench's own split of configs/kang.toml)
+
 METRICS = ("r2_mean_all", "r2_mean_top100", "pearson_delta")
-
-
-def tasks(pk, holdout: str, variants):
-    """(variant, train, source, target, spec) of configs/kang.toml's unbalanced tasks of ``holdout``."""
-    from perturbkit import bench
-    from perturbkit.bench.plan import plan_splits
-    from perturbkit.scenarios import Unbalanced
-
-    cfg = bench.load_config(ROOT / "configs" / "kang.toml")
-    spec = pk.PerturbSpec(condition_key="condition", control="control", perturbed="stimulated",
-                          context_key="cell_type")
-    adata, _ = pk.data.preprocess(pk.data.load("kang2018"), log=lambda *a, **k: None)
-    out = []
-    for sd in plan_splits(cfg, adata):
-        if sd.scenario == "unbalanced" and sd.context == holdout and sd.variant in variants:
-            sp = Unbalanced.split(sd, adata, spec)
-            out.append((sd.variant, adata[sp.train], adata[sp.source], adata[sp.target], spec))
-    return out
 
 
 def nearest_types(z_ref, types_ref, z, k: int) -> np.ndarray:
@@ -91,7 +75,7 @@ def main(argv=None) -> int:
     lines = [f"Command: `nice -n 5 .venv/bin/python benchmarks/cellot_composition.py {shlex.join(sys.argv[1:])}` "
              f"({started}; {a.epochs} epochs, 1 torch thread; held out: {a.holdout}; labels: majority of the "
              f"{a.k} nearest stimulated training latents).", ""]
-    for variant, train, source, target, spec in tasks(pk, a.holdout, a.variants):
+    for variant, _, train, source, target, spec in unbalanced_tasks(pk, a.holdout, a.variants):
         cond = train.obs[spec.condition_key].astype(str).to_numpy()
         ctx = train.obs[spec.context_key].astype(str).to_numpy()
         stim, ctrl = cond == spec.perturbed, cond == spec.control

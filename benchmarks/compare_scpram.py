@@ -67,6 +67,30 @@ def kang_task(pk, holdout: str = HOLDOUT):
     return train, source, target, spec
 
 
+def unbalanced_tasks(pk, holdout: str, variants) -> list[tuple]:
+    """(variant, name, train, source, target, spec) of configs/kang.toml's unbalanced tasks of ``holdout`` in
+    ``variants``, built by the bench's own split (``scenarios.Unbalanced.split``), so a diagnosis here is of the
+    cells docs/bench.md scores."""
+    from perturbkit import bench
+    from perturbkit.bench.plan import plan_splits
+    from perturbkit.scenarios import Unbalanced
+
+    cfg = bench.load_config(Path(__file__).resolve().parents[1] / "configs" / "kang.toml")
+    spec = pk.PerturbSpec(condition_key="condition", control="control", perturbed="stimulated",
+                          context_key="cell_type")
+    adata, _ = pk.data.preprocess(pk.data.load("kang2018"), log=lambda *a, **k: None)
+    out = []
+    for sd in plan_splits(cfg, adata):
+        if sd.scenario == "unbalanced" and sd.context == holdout and sd.variant in variants:
+            sp = Unbalanced.split(sd, adata, spec)
+            out.append((sd.variant, sd.name, adata[sp.train], adata[sp.source], adata[sp.target], spec))
+    missing = sorted(set(variants) - {t[0] for t in out})
+    if missing:
+        raise SystemExit(f"configs/kang.toml has no unbalanced task of {holdout!r} in variant(s) {missing}: "
+                         "name a cell type of its loco scenario and a variant of [scenarios.unbalanced]")
+    return out
+
+
 def run_package(train, holdout: str, *, seed: int, epochs: int, ratio: float):
     """The ``scpram`` package's own training and ``predict``, seeded through the global generators it uses."""
     import numpy as np

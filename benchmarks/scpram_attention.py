@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_scpram import HOLDOUT, _import_perturbkit, kang_task  # noqa: E402
+from compare_scpram import HOLDOUT, _import_perturbkit, kang_task, unbalanced_tasks  # noqa: E402
 
 METRICS = ("r2_mean_all", "r2_mean_top100", "pearson_delta")
 RATIOS = (0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -164,20 +164,6 @@ def validation_contexts(train, spec, n: int) -> list[str]:
     return sorted(counts.index, key=lambda c: (-counts[c], c))[:n]
 
 
-#: configs/kang.toml's unbalanced "thin" variant: only these contexts keep THIN_FRACTION of their perturbed cells
-THIN_CONTEXTS, THIN_FRACTION = ("CD14+ Monocytes", "FCGR3A+ Monocytes"), 0.1
-
-
-def thin_task(pk, spec, holdout: str):
-    """configs/kang.toml's ``unbalanced.thin_<holdout>`` task (data_seed 0, the target kept whole), as the bench
-    builds it (``scenarios.unbalanced``): (name, train, source, target)."""
-    adata, _ = pk.data.preprocess(pk.data.load("kang2018"), log=lambda *a, **k: None)
-    keep = pk.split.unbalanced(adata, spec, THIN_FRACTION, contexts=list(THIN_CONTEXTS), seed=0, protect=holdout)
-    sub = adata[keep]
-    train, source, target = pk.split.holdout_cell_type(sub, spec, holdout).subsets(sub)
-    return f"thin: {holdout}", train, source, target
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=("test", "validation", "thin"), default="validation")
@@ -226,7 +212,7 @@ def main(argv=None) -> int:
     if args.task == "test":
         tasks = [(HOLDOUT, train0, source0, target0)]
     elif args.task == "thin":
-        tasks = [thin_task(pk, spec, args.holdout)]
+        tasks = [t[1:5] for t in unbalanced_tasks(pk, args.holdout, ["thin"])]
     else:
         import warnings
 

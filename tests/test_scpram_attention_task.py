@@ -1,5 +1,6 @@
-"""benchmarks/scpram_attention.py --task thin builds the same cells as configs/kang.toml's unbalanced thin task
-(the bench's own split), so docs/scpram.md's diagnosis is of the task docs/bench.md scores."""
+"""benchmarks/scpram_attention.py --task thin and benchmarks/cellot_composition.py diagnose configs/kang.toml's
+unbalanced tasks through one helper, ``compare_scpram.unbalanced_tasks``, which must hand back the bench's own
+tasks, so docs/scpram.md's and docs/cellot.md's diagnoses are of the cells docs/bench.md scores."""
 
 from __future__ import annotations
 
@@ -7,32 +8,55 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 import perturbkit as pk
 from perturbkit import bench
 from perturbkit.bench.plan import plan_splits
-from perturbkit.scenarios import Unbalanced
 
 ROOT = Path(__file__).resolve().parents[1]
+HOLDOUT = "CD14+ Monocytes"
 
 
-def test_thin_task_is_the_benchs():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the script imports its sibling compare_scpram
+def _script(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling compare_scpram
     try:
-        spec_ = importlib.util.spec_from_file_location("scpram_attention", ROOT / "benchmarks" / "scpram_attention.py")
+        spec_ = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
         mod = importlib.util.module_from_spec(spec_)
         spec_.loader.exec_module(mod)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    cfg = bench.load_config(ROOT / "configs" / "kang.toml")
-    conf = dict(cfg.active())[Unbalanced]
-    assert tuple(conf.thin_contexts) == mod.THIN_CONTEXTS and conf.thin_fraction == mod.THIN_FRACTION
-    assert conf.data_seed == 0 and not conf.thin_target
-    spec = pk.PerturbSpec(condition_key="condition", control="control", perturbed="stimulated",
-                          context_key="cell_type")
-    name, train, source, target = mod.thin_task(pk, spec, "CD14+ Monocytes")
+    return mod
+
+
+def _share(train, spec, condition: str, context: str) -> float:
+    obs = train.obs
+    cond = obs[spec.condition_key].astype(str) == condition
+    return float((obs.loc[cond, spec.context_key].astype(str) == context).mean())
+
+
+def test_unbalanced_tasks_are_the_benchs():
+    mod = _script("compare_scpram")
+    for script in ("scpram_attention", "cellot_composition"):
+        assert _script(script).unbalanced_tasks is not None  # both scripts import the one helper
+    tasks = mod.unbalanced_tasks(pk, HOLDOUT, ["thin", "keep"])
     adata, _ = pk.data.preprocess(pk.data.load("kang2018"), log=lambda *a, **k: None)
-    sd = next(s for s in plan_splits(cfg, adata) if s.scenario == "unbalanced" and s.key == "thin_cd14_monocytes")
-    split = Unbalanced.split(sd, adata, spec)
-    for mine, theirs in ((train, split.train), (source, split.source), (target, split.target)):
-        assert list(mine.obs_names) == list(adata.obs_names[theirs])
-    assert name == sd.name
+    cfg = bench.load_config(ROOT / "configs" / "kang.toml")
+    names = [s.name for s in plan_splits(cfg, adata) if s.scenario == "unbalanced" and s.context == HOLDOUT
+             and s.variant in ("thin", "keep")]
+    assert [t[1] for t in tasks] == names and sorted(t[0] for t in tasks) == ["keep", "thin"]
+    for variant, _, train, source, target, spec in tasks:
+        ctx = spec.context_key
+        assert set(target.obs[ctx].astype(str)) == {HOLDOUT} == set(source.obs[ctx].astype(str))
+        assert set(target.obs[spec.condition_key].astype(str)) == {spec.perturbed}
+        assert set(source.obs[spec.condition_key].astype(str)) == {spec.control}
+        held = (train.obs[ctx].astype(str) == HOLDOUT) & (train.obs[spec.condition_key].astype(str) == spec.perturbed)
+        assert not held.any()
+        stim = _share(train, spec, spec.perturbed, "FCGR3A+ Monocytes")
+        ctrl = _share(train, spec, spec.control, "FCGR3A+ Monocytes")
+        if variant == "thin":  # the composition change the diagnoses are about
+            assert stim < 0.5 * ctrl
+        else:
+            assert stim > 0.8 * ctrl
+    with pytest.raises(SystemExit, match="thinner"):
+        mod.unbalanced_tasks(pk, HOLDOUT, ["thinner"])
