@@ -60,25 +60,14 @@ def fmt(v: float, lo: float = math.nan, hi: float = math.nan) -> str:
     return f"{v:.3f}" if math.isnan(lo) else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def headline_rows(summary, split: str = "all"):
-    """summary.csv's rows of each scenario as a whole (split "all"), or of one task; in a screen scenario the
-    mean over perturbations."""
-    from perturbkit.scenarios.screen_rows import MEAN, overall
-
-    if split == "all":
-        return overall(summary)
-    rows = summary[summary.split == split]
-    screens = set(rows.scenario[rows.perturbation == MEAN])
-    return rows[rows.perturbation.eq(MEAN) | ~rows.scenario.isin(screens)]
-
-
 def answer_rows(summary, scores, metrics, split: str = "all"):
     """One dict per (scenario, metric) of ``split`` ("all": each scenario as a whole): see the module
     docstring."""
     from perturbkit import report
     from perturbkit.metrics.stats import t_interval
+    from perturbkit.scenarios.screen_rows import overall
 
-    top = headline_rows(summary, split)
+    top = overall(summary, split)
     bases = report.baseline_names()
     out = []
     for scenario in top.scenario.unique():
@@ -188,8 +177,9 @@ def versus_table(summary, other, label: str, metrics) -> list[str]:
     summary.csv; e.g. the same models at another training length): ``other -> here (change)`` per metric, for
     the (scenario, model) pairs both runs have."""
     from perturbkit import report
+    from perturbkit.scenarios.screen_rows import overall
 
-    here, there = headline_rows(summary), headline_rows(other)
+    here, there = overall(summary), overall(other)
     skip = {*report.baseline_names(), *report.NOT_COMPARED}
     lines = [f"| scenario | model | {' | '.join(metrics)} |", "|---" * (len(metrics) + 2) + "|"]
     for scenario in here.scenario.unique():

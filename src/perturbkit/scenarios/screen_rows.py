@@ -138,9 +138,9 @@ def task(part) -> dict[str, Any]:
     return {c: first[c] for c in TASK_COLUMNS}
 
 
-def overall(summary):
-    """Each scenario's headline rows of ``summary.csv``: split ``all`` and, in a screen scenario, the mean
-    over perturbations (``perturbation = "mean"``); elsewhere its one perturbation."""
-    rows = summary[summary.split == "all"]
+def overall(summary, split: str = "all"):
+    """Each scenario's headline rows of ``summary.csv``: split ``all`` (or one task's, ``split``) and, in a
+    screen scenario, the mean over perturbations (``perturbation = "mean"``); elsewhere its one perturbation."""
+    rows = summary[summary.split == split]
     screens = set(rows.scenario[rows.perturbation == MEAN])
     return rows[rows.perturbation.eq(MEAN) | ~rows.scenario.isin(screens)]
