@@ -357,6 +357,32 @@ def small_config(tmp_path: Path, **training) -> Path:
     return write_config(tmp_path / "small.toml", d)
 
 
+def test_a_worker_goes_on_after_a_cells_input_error(tmp_path, monkeypatch):
+    """--keep-going (each worker of --jobs runs with it): one cell's InputError (a prediction the metrics
+    refuse) is that cell's failure, reported, and the worker's other cells still run; without it the error
+    stops the run at once."""
+    from perturbkit.bench import execute
+
+    config = small_config(tmp_path)
+    bad, good = "loco.ctx0.control.s0", "loco.ctx0.mean_shift.s0"
+    real = execute.run_cell
+
+    def run_cell(cfg, out, cell, ctx, **kw):
+        if cell.id == bad:
+            raise InputError("pred looks like raw counts (planted)")
+        return real(cfg, out, cell, ctx, **kw)
+
+    monkeypatch.setattr(execute, "run_cell", run_cell)
+    out = tmp_path / "run"
+    with pytest.raises(InputError, match="planted"):
+        execute.run(config, out, cells=[bad, good], do_aggregate=False, progress=False, log=lambda *a: None)
+    assert bench.rundir.cell_result(out, good) is None
+    with pytest.raises(execute.CellsFailed, match=rf"1 cell\(s\) failed: {bad}: InputError: pred looks like raw"):
+        execute.run(config, out, cells=[bad, good], do_aggregate=False, progress=False, keep_going=True,
+                    log=lambda *a: None)
+    assert bench.rundir.cell_result(out, good) is not None and bench.rundir.cell_result(out, bad) is None
+
+
 def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
     config, plain, out = small_run / "config.toml", small_run, tmp_path / "fanout"
     assert main(["bench", str(config), "--list-cells"]) == 0

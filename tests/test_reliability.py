@@ -450,6 +450,25 @@ def test_evaluate_counts_warns_and_scores(eval_files, tmp_path, capsys):
     assert "raw counts" in " ".join(table.attrs["notes"])
 
 
+def test_evaluate_scores_a_prediction_with_outliers_and_notes_them(eval_files):
+    """A few extreme values in a log-scale prediction (a decoder that extrapolates: CellOT on Kang CD4 T
+    reached 46.9) are scored as given, with a note; unlogged values throughout are refused."""
+    _, truth, pred, source = eval_files
+    wild = pred.copy()
+    wild.X = np.asarray(wild.X, dtype=np.float32).copy()
+    wild.X[:2, :3] = 46.9
+    with pytest.warns(InputWarning, match=r"pred holds 6 values above 30 \(max 46.9\) in 2 of"):
+        table = pk.metrics.evaluate(truth, wild, source, metrics="r2_mean_all", n_boot=0)
+    clean = pk.metrics.evaluate(truth, pred, source, metrics="r2_mean_all", n_boot=0)
+    assert np.isfinite(table["value"]).all() and float(table["value"][0]) < float(clean["value"][0])
+    assert any("pred holds 6 values above 30" in n for n in table.attrs["notes"])
+    unlogged = pred.copy()
+    unlogged.X = np.expm1(np.asarray(pred.X, dtype=np.float64)) * 100.5 + 40.25
+    with pytest.raises(InputError, match=r"pred looks like raw counts or unlogged values .* truth and source look "
+                                         "log-normalised"):
+        pk.metrics.evaluate(truth, unlogged, source, metrics="r2_mean_all", n_boot=0)
+
+
 def test_list_unknown_choice_exits_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["list", "modles"])

@@ -159,7 +159,9 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
     ``jobs > 1`` runs the cells in that many worker processes (each ``perturbkit bench --cell ...`` with the
     config's ``training.threads``); the results are the same as with one process, since each cell depends
     only on the config, its seed and the thread count. A failing cell is reported and the others go on, except
-    when ``cells`` are named without ``keep_going`` (then it raises).
+    when ``cells`` are named without ``keep_going`` (then it raises); an :class:`InputError` raises at once
+    unless ``keep_going`` (each worker process runs with it, so one cell's error does not drop the worker's
+    other cells).
 
     Returns ``{"cells": [ids run or skipped], "ran": [...], "skipped": [...], "failed": {id: error}}``.
     """
@@ -201,9 +203,9 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
         try:
             res = run_cell(cfg, out, cell, ctx, keep_pred=keeps_prediction(cfg, cell, splits),
                            degs=keeps_degs(cfg, cell, splits), progress=progress, log=log)
-        except InputError:
-            raise
         except Exception as exc:  # one failing cell does not lose the others; it is reported and rerun later
+            if isinstance(exc, InputError) and not keep_going:
+                raise  # bad input fails every cell alike: say so once; a worker (--keep-going) goes on
             failed[cell.id] = f"{type(exc).__name__}: {exc}"
             log(f"[{i}/{len(pending)}] {cell.id}: FAILED ({failed[cell.id]})")
             if cells and not keep_going:

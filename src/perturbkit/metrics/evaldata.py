@@ -289,20 +289,39 @@ def _dense(name: str, adata) -> np.ndarray:
 
 
 def _count_scale(X: np.ndarray) -> bool:
-    """True when X looks like counts (non-negative integers above 20) or unlogged values (above LOG_MAX).
+    """True when X looks like counts (non-negative integers above 20) or unlogged values (the median cell's
+    largest value above LOG_MAX).
 
     Wider than :func:`perturbkit.data.looks_like_counts` (which asks only "raw counts?" of one input, on
-    its first 2000 cells): this also flags non-integer values above :data:`perturbkit.data.LOG_MAX` and
-    takes the maximum and minimum over all cells, since it decides whether truth, pred and source share one
-    scale.
+    its first 2000 cells): this also flags non-integer data whose typical cell peaks above
+    :data:`perturbkit.data.LOG_MAX` (CPM, TPM), since it decides whether truth, pred and source share one scale.
+    The typical cell, not the largest value: a few extreme values of a model's prediction (a decoder that
+    extrapolates) leave it on the log scale (:func:`_outliers` notes them).
     """
-    top = float(X.max()) if X.size else 0.0
+    if not X.size:
+        return False
+    top = float(X.max())
     integer = bool(np.all(np.equal(np.mod(X[:2000], 1), 0)))
-    return top > LOG_MAX or (integer and top > 20 and float(X.min()) >= 0)
+    if integer and top > 20 and float(X.min()) >= 0:
+        return True
+    return float(np.median(X.max(axis=1))) > LOG_MAX
+
+
+def _outliers(name: str, X: np.ndarray) -> str | None:
+    """A note when log-scale ``X`` holds values above LOG_MAX, which log1p of normalised counts rarely
+    reaches: they are scored as given, and they weigh on every metric."""
+    high = X > LOG_MAX
+    if not high.any():
+        return None
+    cells = int(high.any(axis=1).sum())
+    return (f"{name} holds {int(high.sum())} values above {LOG_MAX:g} (max {float(X.max()):.3g}) in {cells} of "
+            f"{X.shape[0]} cells, beyond log-normalised expression (its median cell peaks at "
+            f"{float(np.median(X.max(axis=1))):.3g}); scored as given. From a model, this is an extrapolation.")
 
 
 def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
-    """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts."""
+    """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts, and
+    when a log-scale one holds values no log-normalised cell reaches."""
     scale = {name: _count_scale(X) for name, X in arrays.items()}
     counts = [name for name, c in scale.items() if c]
     if counts and len(counts) < len(scale):
@@ -320,7 +339,10 @@ def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
                 "genes. Scored as given; normalise (normalize_total + log1p) for comparable numbers.")
         warnings.warn(note, InputWarning, stacklevel=3)
         return [note]
-    return []
+    notes = [n for n in (_outliers(name, X) for name, X in arrays.items()) if n]
+    for note in notes:
+        warnings.warn(note, InputWarning, stacklevel=3)
+    return notes
 
 
 def prepare(truth, pred, source, *, n_top: int = 100, seed: int = 0,
