@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -404,13 +405,32 @@ def test_cells_one_by_one_equal_the_plain_run(small_run, tmp_path, capsys):
     assert "is not a cell of this config" in capsys.readouterr().err
 
 
-def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capsys):
+def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capfd):
     config, plain, out = small_run / "config.toml", small_run, tmp_path / "jobs"
     assert bench_cli(config, out, "--jobs", "2") == 0
-    assert "15 cells in 2 worker processes" in capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "15 cells in 2 worker processes" in err
+    ran = re.findall(r"^\[\d+/15\] (\S+): fit", err, flags=re.M)  # the workers' lines: one per cell run
+    assert sorted(ran) == sorted(p.name for p in (out / "cells").iterdir()) and len(ran) == 15
+    assert not list((out / bench.CACHE_DIR).glob("claims-*"))  # the shared queue is removed after the run
     for name in ("scores.csv", "summary.csv"):
         assert (out / name).read_bytes() == (plain / name).read_bytes(), name
     assert main(["bench", str(config), "--out", str(out), "--jobs", "0"]) == 2
+
+
+def test_workers_share_one_queue(tmp_path):
+    """A worker runs only the cells it claims first (so a worker that dies loses one cell, not a share)."""
+    from perturbkit.bench import execute
+
+    config, claims = small_config(tmp_path), tmp_path / "claims"
+    claims.mkdir()
+    taken, mine = "loco.ctx0.control.s0", "loco.ctx0.mean_shift.s0"
+    assert execute.claim(claims, taken) and not execute.claim(claims, taken)  # another worker has it now
+    out = tmp_path / "run"
+    summary = execute.run(config, out, cells=[taken, mine], do_aggregate=False, progress=False, keep_going=True,
+                          claims=claims, jobs=2, log=lambda *a: None)
+    assert summary["ran"] == [mine] and bench.rundir.cell_result(out, taken) is None
+    assert sorted(p.name for p in claims.iterdir()) == sorted([taken, mine])
 
 
 def test_rerun_skips_and_other_config_is_refused(smoke_run, tmp_path, capsys):

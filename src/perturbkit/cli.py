@@ -419,7 +419,7 @@ def cmd_bench(args) -> int:
         else:
             bench.run(args.config, args.out, cells=args.cell or None, do_aggregate=not args.cell or args.aggregate,
                       partial=args.partial, progress=not args.no_progress, jobs=args.jobs,
-                      keep_going=args.keep_going, log=log)
+                      keep_going=args.keep_going, claims=args.claims, log=log)
     except bench.CellsFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -449,6 +449,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="run the cells in N worker processes, each with the "
                    "config's training.threads (e.g. --jobs 2 with threads = 1 on a 2-core machine)")
     p.add_argument("--keep-going", action="store_true", help="with --cell: a failing cell does not stop the others")
+    p.add_argument("--claims", default=None, metavar="DIR", help="with --cell: a folder shared by worker "
+                   "processes; each runs only the cells it claims there first (how --jobs workers share one queue)")
     p.add_argument("--no-progress", action="store_true", help="no training progress bars")
     p.set_defaults(func=cmd_bench)
 
@@ -550,7 +552,7 @@ FLAGS = {
     "threads": "--threads", "device": "--device", "param": "--param", "ratio": "--ratio", "ot": "--ot", "attention": "--attention",
     "metrics": "--metrics", "n_boot": "--n-boot", "eval_cells": "--eval-cells", "out": "--out", "force": "--force", "save_model": "--save-model",
     "load_model": "--load-model", "truth": "--truth", "pred": "--pred", "source": "--source", "output": "--output",
-    "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going",
+    "jobs": "--jobs", "cell": "--cell", "partial": "--partial", "keep_going": "--keep-going", "claims": "--claims",
     "list_cells": "--list-cells", "worker": "--worker", "worker_only": "--worker-only", "aggregate": "--aggregate",
     "trials": "--trials", "study": "--study", "storage": "--storage", "json": "--json",
     "query": "--query", "query_condition_key": "--query-condition-key", "query_control": "--query-control",

@@ -151,17 +151,30 @@ class CellsFailed(RuntimeError):
     """Some cells raised; the others finished and were aggregated."""
 
 
+def claim(claims: str | Path, cell_id: str) -> bool:
+    """Take ``cell_id`` from the queue shared through the folder ``claims``: True for the one process that
+    creates its file first (atomic, ``O_EXCL``), False for every other."""
+    import os
+
+    try:
+        os.close(os.open(Path(claims) / cell_id, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] | None = None,
         do_cells: bool = True, do_aggregate: bool = True, partial: bool = False, progress: bool = True,
-        jobs: int = 1, keep_going: bool = False, log=print) -> dict[str, Any]:
+        jobs: int = 1, keep_going: bool = False, claims: str | Path | None = None, log=print) -> dict[str, Any]:
     """Run a benchmark into ``out``: every unfinished cell (or only ``cells``), then :func:`aggregate`.
 
     ``jobs > 1`` runs the cells in that many worker processes (each ``perturbkit bench --cell ...`` with the
     config's ``training.threads``); the results are the same as with one process, since each cell depends
-    only on the config, its seed and the thread count. A failing cell is reported and the others go on, except
-    when ``cells`` are named without ``keep_going`` (then it raises); an :class:`InputError` raises at once
-    unless ``keep_going`` (each worker process runs with it, so one cell's error does not drop the worker's
-    other cells).
+    only on the config, its seed and the thread count. The workers share one queue (``claims``, a folder: each
+    runs only the cells it claims there first, :func:`claim`), so a worker that dies loses the one cell it was
+    running, not the rest of a share. A failing cell is reported and the others go on, except when ``cells`` are
+    named without ``keep_going`` (then it raises); an :class:`InputError` raises at once unless ``keep_going``
+    (each worker process runs with it, so one cell's error does not stop the worker).
 
     Returns ``{"cells": [ids run or skipped], "ran": [...], "skipped": [...], "failed": {id: error}}``.
     """
@@ -196,10 +209,14 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
     if skipped:
         log(f"bench: {len(skipped)} of {len(todo)} cells already finished in {out}; skipping them")
     t0 = time.perf_counter()
-    if jobs > 1 and len(pending) > 1:
+    if jobs > 1 and len(pending) > 1 and claims is None:  # (a worker has claims: it runs its cells itself)
         ran, failed = run_workers(cfg, out, ctx, pending, jobs, log=log)
         pending = []
-    for i, cell in enumerate(pending, 1):
+    i = 0
+    for cell in pending:
+        if claims is not None and not claim(claims, cell.id):
+            continue  # another worker has it
+        i += 1
         try:
             res = run_cell(cfg, out, cell, ctx, keep_pred=keeps_prediction(cfg, cell, splits),
                            degs=keeps_degs(cfg, cell, splits), progress=progress, log=log)
@@ -214,8 +231,9 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
         ran.append(cell.id)
         tm = res["timings"]
         elapsed = time.perf_counter() - t0
-        eta = elapsed / i * (len(pending) - i)
-        log(f"[{i}/{len(pending)}] {cell.id}: fit {tm['fit_s']:.1f} s, evaluate {tm['evaluate_s']:.1f} s, "
+        started = len(list(Path(claims).iterdir())) if claims is not None else i
+        eta = elapsed / i * (len(pending) - started) / (jobs if claims is not None else 1)
+        log(f"[{started}/{len(pending)}] {cell.id}: fit {tm['fit_s']:.1f} s, evaluate {tm['evaluate_s']:.1f} s, "
             f"total {tm['total_s']:.1f} s (elapsed {elapsed / 60:.1f} min, about {eta / 60:.1f} min left)")
     summary = {"cells": [c.id for c in todo], "ran": ran, "skipped": skipped, "failed": failed}
     if do_aggregate and not ran and not failed and aggregate_is_current(cfg, out, everything):
@@ -234,6 +252,8 @@ def run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell], 
 
     Returns (ran ids, {failed id: why}).
     """
+    import os
+    import shutil
     import subprocess
     import sys
 
@@ -243,19 +263,18 @@ def run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell], 
     worker_cfg = out / CACHE_DIR / f"config-{config_hash(cfg.to_dict())}.toml"
     if not worker_cfg.exists():
         _io.atomic_write_text(worker_cfg, to_toml(cfg))
-    # the expensive cells first (by the model's COST), dealt round-robin: the workers finish at about one time
+    # one queue, the expensive cells first (by the model's COST): each worker takes the next cell no other has
+    # claimed, so they finish at about one time, and a worker that dies loses only the cell it was running
     order = sorted(pending, key=lambda c: -models.MODELS[cfg.model(c.model).model].COST)
-    groups = [order[i::jobs] for i in range(jobs)]
-    log(f"bench: {len(pending)} cells in {len(groups)} worker processes (training.threads = "
-        f"{cfg.training.threads} each)")
-    procs = []
-    for group in groups:
-        if group:
-            cmd = [sys.executable, "-m", "perturbkit", "bench", str(worker_cfg), "--out", str(out),
-                   "--no-progress", "--keep-going"]
-            for cell in group:
-                cmd += ["--cell", cell.id]
-            procs.append(subprocess.Popen(cmd))
+    n = min(jobs, len(order))
+    log(f"bench: {len(pending)} cells in {n} worker processes (training.threads = {cfg.training.threads} each)")
+    claims = out / CACHE_DIR / f"claims-{os.getpid()}-{time.time_ns()}"
+    claims.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "perturbkit", "bench", str(worker_cfg), "--out", str(out), "--no-progress",
+           "--keep-going", "--jobs", str(n), "--claims", str(claims)]
+    for cell in order:
+        cmd += ["--cell", cell.id]
+    procs = [subprocess.Popen(cmd) for _ in range(n)]
     try:
         for p in procs:
             p.wait()
@@ -265,6 +284,8 @@ def run_workers(cfg: BenchConfig, out: Path, ctx: Context, pending: list[Cell], 
         for p in procs:
             p.wait()
         raise
+    finally:
+        shutil.rmtree(claims, ignore_errors=True)
     ran = [c.id for c in pending if cell_result(out, c) is not None]
     failed = {c.id: "failed in a worker process (its error is printed above)" for c in pending
               if cell_result(out, c) is None}
