@@ -310,9 +310,9 @@ def _count_scale(X: np.ndarray) -> bool:
 def _outliers(name: str, X: np.ndarray) -> str | None:
     """A note when log-scale ``X`` holds values above LOG_MAX, which log1p of normalised counts rarely
     reaches: they are scored as given, and they weigh on every metric."""
-    high = X > LOG_MAX
-    if not high.any():
+    if not X.size or float(X.max()) <= LOG_MAX:
         return None
+    high = X > LOG_MAX
     cells = int(high.any(axis=1).sum())
     return (f"{name} holds {int(high.sum())} values above {LOG_MAX:g} (max {float(X.max()):.3g}) in {cells} of "
             f"{X.shape[0]} cells, beyond log-normalised expression (its median cell peaks at "
