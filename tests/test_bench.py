@@ -431,7 +431,7 @@ def test_workers_share_one_queue(tmp_path):
                           claims=claims, jobs=2, log=lambda *a: None)
     assert summary["ran"] == [mine] and bench.rundir.cell_result(out, taken) is None
     assert sorted(p.name for p in claims.iterdir()) == sorted([taken, mine])
-    with pytest.raises(InputError, match="--claims .* is not a folder"):
+    with pytest.raises(InputError, match="claims .* is not a folder"):
         execute.run(config, out, cells=[mine], claims=tmp_path / "none", log=lambda *a: None)
 
 

@@ -183,8 +183,8 @@ def run(config: BenchConfig | str | Path, out: str | Path, *, cells: list[str] |
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise InputError(f"--jobs must be a positive integer, got {jobs!r}.")
     if claims is not None and not Path(claims).is_dir():
-        raise InputError(f"--claims {str(claims)!r} is not a folder: make it first (every worker process "
-                         "sharing the queue names the same one), or leave --claims out.", params=("claims",))
+        raise InputError(f"claims {str(claims)!r} is not a folder: make it first (every worker process "
+                         "sharing the queue names the same one), or leave claims out.", params=("claims",))
     config_text = None
     if not isinstance(config, BenchConfig):
         config_text = Path(config).read_text() if Path(config).exists() else None
