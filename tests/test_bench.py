@@ -418,6 +418,25 @@ def test_parallel_workers_equal_the_plain_run(small_run, tmp_path, capfd):
     assert main(["bench", str(config), "--out", str(out), "--jobs", "0"]) == 2
 
 
+def test_cell_notes_reach_run_json_and_the_report(small_run, tmp_path):
+    """What the evaluation noted about one cell (here planted: a prediction with values above 30) is listed
+    in run.json and in report.html, not only in that cell's result.json."""
+    out = tmp_path / "noted"
+    shutil.copytree(small_run, out)
+    cell = "loco.ctx0.scgen.s0"
+    path = out / "cells" / cell / "result.json"
+    result = json.loads(path.read_text())
+    note = "pred holds 6 values above 30 (max 46.9) in 6 of 80 cells (planted)"
+    result["evaluation"]["notes"] = {"scgen": [note]}
+    path.write_text(json.dumps(result))
+    assert main(["bench", str(out / "config.toml"), "--out", str(out), "--aggregate"]) == 0
+    cells = json.loads((out / "run.json").read_text())["cells"]
+    assert cells[cell]["notes"] == [note] and not any("notes" in c for k, c in cells.items() if k != cell)
+    html = (out / "report.html").read_text()
+    assert "Notes from the cells" in html and note in html and cell in html
+    assert "Notes from the cells" not in (small_run / "report.html").read_text()
+
+
 def test_workers_share_one_queue(tmp_path):
     """A worker runs only the cells it claims first (so a worker that dies loses one cell, not a share)."""
     from perturbkit.bench import execute
@@ -482,3 +501,4 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     assert len(list(out.glob("cells/*/result.json"))) == 15
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores.scenario) == {"loco", "cross_donor"} and scores.value.notna().any()
+

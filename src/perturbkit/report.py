@@ -314,6 +314,11 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
             if table.file not in shown:
                 shown.add(table.file)
                 body.append(scenario_table(out, table, metrics[:2]))
+    noted = [(cid, note) for cid, c in run["cells"].items() for note in c.get("notes", [])]
+    if noted:
+        body.append("<h2>Notes from the cells</h2><p class='note'>What the evaluation noted about a cell's "
+                    "prediction or data; each such cell is scored as given and is in the tables above.</p>"
+                    + table_html(pd.DataFrame(noted, columns=["cell", "note"]), left=2))
     timing = run.get("timing_totals_s", {})
     if timing:
         body.append("<h2>Time spent</h2>" + table_html(pd.DataFrame(

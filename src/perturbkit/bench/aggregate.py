@@ -230,7 +230,9 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
         "cells": {c.id: {"scenario": c.scenario, "split": c.split.name, "model": c.model, "seed": c.seed,
                          "status": "finished" if c.id in results else "missing",
                          **({"started": results[c.id]["started"], "ended": results[c.id]["ended"],
-                             "timings": results[c.id]["timings"]} if c.id in results else {})}
+                             "timings": results[c.id]["timings"]} if c.id in results else {}),
+                         **({"notes": cell_notes(results[c.id])} if c.id in results and cell_notes(results[c.id])
+                            else {})}
                   for c in cells},
         "missing": missing,
         "tables": tables,
@@ -238,6 +240,22 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
         "model_figures": list(model_figures),
         "timing_totals_s": timing_totals(cells, results),
     }
+
+
+#: the note of a data set with fewer genes than the top DEGs: the same in every cell, so not warned per cell
+#: (``execute.run_cell``) and not listed among a run's cell notes; each cell's result.json keeps it
+N_TOP_NOTE = r"n_top=\d+ is more than"
+
+
+def cell_notes(result: dict) -> list[str]:
+    """What the evaluation noted about a finished cell (``result.json``): e.g. a prediction scored as given
+    although it holds values no log-normalised cell reaches. Every model's notes and a screen's, once each."""
+    import re
+
+    ev = result.get("evaluation") or {}
+    notes = ev.get("notes") or {}
+    out = [n for v in (notes.values() if isinstance(notes, dict) else [notes]) for n in v]
+    return [n for n in dict.fromkeys([*out, *(ev.get("screen_notes") or [])]) if not re.search(N_TOP_NOTE, n)]
 
 
 def effective_params(cfg: BenchConfig, label: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, suggest
-from .aggregate import aggregate, aggregate_is_current
+from .aggregate import N_TOP_NOTE, aggregate, aggregate_is_current
 from .config import BenchConfig, config_hash, load_config, to_toml
 from .data import Context
 from .plan import Cell, ceiling_model, keeps_degs, keeps_prediction, plan, splits_of
@@ -60,7 +60,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     metric_names = cfg.evaluation.metric_names()
     is_ceiling = cell.model == ceiling_model(cfg, cell.split)  # the ceiling once per (split, seed)
     with warnings.catch_warnings():  # fewer genes than top DEGs: in the scores' notes, not warned per cell
-        warnings.filterwarnings("ignore", message=r"n_top=\d+ is more than", category=UserWarning)
+        warnings.filterwarnings("ignore", message=N_TOP_NOTE, category=UserWarning)
         scores, eval_info = evaluate_screen(target, {cell.model: pred}, source,
                                             condition_key=spec.condition_key, metric_names=metric_names,
                                             n_boot=cfg.evaluation.n_boot, seed=cell.seed, ceiling=is_ceiling,
