@@ -402,7 +402,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     def log(*parts):
-        print(*parts, file=sys.stderr, flush=True)
+        stderr_line(" ".join(map(str, parts)))
 
     cfg = bench.load_config(args.config)
     if args.list_cells:
@@ -561,6 +561,13 @@ FLAGS = {
 }
 
 
+def stderr_line(text: str) -> None:
+    """``text`` and its newline on stderr in one write, so the lines of processes sharing it (the workers of
+    ``bench --jobs``) do not run into each other."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def with_flags(exc: BaseException) -> str:
     """The message of ``exc`` with each parameter in ``exc.params`` written as its flag (:data:`FLAGS`).
 
@@ -612,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             shown.add((str(msg), cat))
             if issubclass(cat, InputWarning) or str(filename).startswith(own):
-                print(f"warning: {with_flags(msg)}", file=sys.stderr)
+                stderr_line(f"warning: {with_flags(msg)}")
             elif args.debug:
                 show(msg, cat, filename, lineno, file, line)
 
