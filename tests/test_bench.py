@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,6 +436,32 @@ def test_cell_notes_reach_run_json_and_the_report(small_run, tmp_path):
     html = (out / "report.html").read_text()
     assert "Notes from the cells" in html and note in html and cell in html
     assert "Notes from the cells" not in (small_run / "report.html").read_text()
+
+
+def test_a_cells_warnings_are_recorded_and_still_shown(tmp_path, monkeypatch):
+    """perturbkit's warnings while a cell's model is fitted and predicts go into its result.json (and so into
+    run.json's notes and the report), and are still warned, once each."""
+    from perturbkit import engine
+    from perturbkit.bench import execute
+    from perturbkit.bench.aggregate import cell_notes
+    from perturbkit.errors import InputWarning
+
+    real = engine.fit_predict
+    text = "cellot: 19 of 2219 cells transported by the map land far away (planted)"
+
+    def fit_predict(*args, **kw):
+        for _ in range(3):
+            warnings.warn(InputWarning(text), stacklevel=1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(engine, "fit_predict", fit_predict)
+    out, cell = tmp_path / "run", "loco.ctx0.mean_shift.s0"
+    with pytest.warns(InputWarning, match="planted") as shown:
+        execute.run(small_config(tmp_path), out, cells=[cell], do_aggregate=False, progress=False,
+                    log=lambda *a: None)
+    assert sum(text in str(w.message) for w in shown) == 1
+    result = bench.rundir.cell_result(out, cell)
+    assert result["warnings"] == [text] and cell_notes(result) == [text]
 
 
 def test_workers_share_one_queue(tmp_path):

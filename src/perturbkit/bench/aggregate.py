@@ -248,14 +248,17 @@ N_TOP_NOTE = r"n_top=\d+ is more than"
 
 
 def cell_notes(result: dict) -> list[str]:
-    """What the evaluation noted about a finished cell (``result.json``): e.g. a prediction scored as given
-    although it holds values no log-normalised cell reaches. Every model's notes and a screen's, once each."""
+    """What was noted about a finished cell (``result.json``): perturbkit's warnings while the model was fitted
+    and predicted (e.g. CellOT's map sending cells outside the training latents), then the evaluation's notes
+    (e.g. a prediction scored as given although it holds values no log-normalised cell reaches; every model's
+    and a screen's). Once each."""
     import re
 
     ev = result.get("evaluation") or {}
     notes = ev.get("notes") or {}
     out = [n for v in (notes.values() if isinstance(notes, dict) else [notes]) for n in v]
-    return [n for n in dict.fromkeys([*out, *(ev.get("screen_notes") or [])]) if not re.search(N_TOP_NOTE, n)]
+    every = [*(result.get("warnings") or []), *out, *(ev.get("screen_notes") or [])]
+    return [n for n in dict.fromkeys(every) if not re.search(N_TOP_NOTE, n)]
 
 
 def effective_params(cfg: BenchConfig, label: str) -> dict[str, Any]:

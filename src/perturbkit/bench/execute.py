@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, suggest
+from ..errors import InputError, InputWarning, suggest
 from .aggregate import N_TOP_NOTE, aggregate, aggregate_is_current
 from .config import BenchConfig, config_hash, load_config, to_toml
 from .data import Context
@@ -49,8 +49,18 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     mc = cfg.model(cell.model)
     model = models.get(mc.model, **mc.build_params(cfg.training))
     perts = engine.task_perturbations(s, spec)
-    fitted = engine.fit_predict(model, train, source, spec, perts, seed=cell.seed, execution=ctx.execution,
-                                progress=progress)
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # kept in result.json, and shown as usual
+            warnings.simplefilter("always")
+            fitted = engine.fit_predict(model, train, source, spec, perts, seed=cell.seed,
+                                        execution=ctx.execution, progress=progress)
+    finally:  # (also when the fit fails: what came before it is shown)
+        for w in {(str(w.message), w.category, w.filename, w.lineno): w for w in caught}.values():  # once each
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    own = str(Path(__file__).resolve().parents[1])
+    fit_warnings = list(dict.fromkeys(str(w.message) for w in caught
+                                      if issubclass(w.category, InputWarning) or str(w.filename).startswith(own)))
     if fitted.cannot:
         raise InputError(f"cell {cell.id}: the {cell.model!r} model cannot predict "
                          + "; ".join(f"{p} ({why})" for p, why in fitted.cannot.items()))
@@ -134,6 +144,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
         "split_info": s.to_dict(adata.obs_names),
         "params": model.params,
         "fit": model.fit_info,
+        "warnings": fit_warnings,
         "evaluation": {"metrics": metric_names, "n_boot": cfg.evaluation.n_boot, "seed": cell.seed,
                        **eval_info},
         "degs": degs,
