@@ -89,7 +89,7 @@ def _draws(model, adata, seed: int):
 
 def analyse(pk, model, train, source, target, spec, *, seed: int, variants: str = "all"):
     """Scores of every transfer variant on ``model``'s VAE and the diagnostics of the default."""
-    from perturbkit.models.scpram import attention_weights, ot_pairing
+    from perturbkit.models.scpram import attention_weights, ot_pairing, own_context_shares
 
     p = model.params
     cond = train.obs[spec.condition_key].astype(str).to_numpy()
@@ -135,6 +135,7 @@ def analyse(pk, model, train, source, target, spec, *, seed: int, variants: str 
     # diagnostics of the default transfer
     partner, _ = ot_pairing(zc, zp, method=p["ot"], reg=p["ot_reg"], max_iter=p["ot_max_iter"], tol=p["ot_tol"],
                             cost=p["ot_cost"])
+    own = own_context_shares(partner, ctx_c, ctx_p)  # the model's own record of it (fit.ot.partner_own_context)
     mass = np.asarray(W.sum(axis=0)).ravel() / W.shape[0]
     mass1 = np.asarray(W1[:1].sum(axis=0)).ravel()
     mean_d = d_cell.mean(axis=0)
@@ -143,7 +144,7 @@ def analyse(pk, model, train, source, target, spec, *, seed: int, variants: str 
         "first_cell_mass": {c: float(mass1[ctx_c == c].sum()) for c in contexts},
         "key_share": {c: float((ctx_c == c).mean()) for c in contexts},
         "partner_same_context": float((ctx_p[partner] == ctx_c).mean()),
-        "partner_same_context_by_context": {c: float((ctx_p[partner][ctx_c == c] == c).mean()) for c in contexts},
+        "partner_same_context_by_context": {c: own[c] for c in contexts},
         "delta_spread": float(np.mean(np.linalg.norm(d_cell - mean_d, axis=1)) / np.linalg.norm(mean_d)),
         "delta_spread_within": float(np.mean(np.linalg.norm((W @ within) - (W @ within).mean(0), axis=1))
                                      / np.linalg.norm((W @ within).mean(0))),

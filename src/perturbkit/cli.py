@@ -606,19 +606,19 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     from ._io import signals_as_interrupt
-    from .errors import InputError, InputWarning
+    from .errors import InputError, own_warning
 
     # SIGTERM unwinds like Ctrl-C so temporary files are removed. perturbkit's own warnings print once as one
     # "warning: ..." line; other libraries' warnings only with --debug.
     with signals_as_interrupt(), warnings.catch_warnings():
         warnings.simplefilter("always")
-        show, own, shown = warnings.showwarning, str(Path(__file__).parent), set()
+        show, shown = warnings.showwarning, set()
 
         def showwarning(msg, cat, filename, lineno, file=None, line=None):
             if (str(msg), cat) in shown:
                 return
             shown.add((str(msg), cat))
-            if issubclass(cat, InputWarning) or str(filename).startswith(own):
+            if own_warning(cat, filename):
                 stderr_line(f"warning: {with_flags(msg)}")
             elif args.debug:
                 show(msg, cat, filename, lineno, file, line)

@@ -75,3 +75,11 @@ class Interrupted(KeyboardInterrupt):
     @property
     def exit_code(self) -> int:
         return 128 + int(self.signum)
+
+
+def own_warning(category: type, filename: str) -> bool:
+    """Whether a warning is perturbkit's own: an :class:`InputWarning`, or any warning raised from perturbkit's
+    code (the CLI prints these; a bench cell records them)."""
+    from pathlib import Path
+
+    return issubclass(category, InputWarning) or str(filename).startswith(str(Path(__file__).parent))

@@ -316,8 +316,9 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
                 body.append(scenario_table(out, table, metrics[:2]))
     noted = [(cid, note) for cid, c in run["cells"].items() for note in c.get("notes", [])]
     if noted:
-        body.append("<h2>Notes from the cells</h2><p class='note'>What the evaluation noted about a cell's "
-                    "prediction or data; each such cell is scored as given and is in the tables above.</p>"
+        body.append("<h2>Notes from the cells</h2><p class='note'>perturbkit's warnings while a cell's model was "
+                    "fitted and predicted, and what the evaluation noted about its prediction; each such cell is "
+                    "scored as given and is in the tables above.</p>"
                     + table_html(pd.DataFrame(noted, columns=["cell", "note"]), left=2))
     timing = run.get("timing_totals_s", {})
     if timing:

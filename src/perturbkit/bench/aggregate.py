@@ -194,6 +194,7 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
     ends = sorted(r["ended"] for r in results.values())
     adata = ctx.data()
     splits = {}
+    notes = {cid: cell_notes(r) for cid, r in results.items()}
     for c in cells:
         if c.id in results and f"{c.scenario}.{c.split.key}" not in splits:
             splits[f"{c.scenario}.{c.split.key}"] = results[c.id]["split_info"]
@@ -231,8 +232,7 @@ def run_record(cfg: BenchConfig, ctx: Context, cells, results, missing, tables, 
                          "status": "finished" if c.id in results else "missing",
                          **({"started": results[c.id]["started"], "ended": results[c.id]["ended"],
                              "timings": results[c.id]["timings"]} if c.id in results else {}),
-                         **({"notes": cell_notes(results[c.id])} if c.id in results and cell_notes(results[c.id])
-                            else {})}
+                         **({"notes": notes[c.id]} if notes.get(c.id) else {})}
                   for c in cells},
         "missing": missing,
         "tables": tables,

@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, InputWarning, suggest
+from ..errors import InputError, own_warning, suggest
 from .aggregate import N_TOP_NOTE, aggregate, aggregate_is_current
 from .config import BenchConfig, config_hash, load_config, to_toml
 from .data import Context
@@ -58,9 +58,7 @@ def run_cell(cfg: BenchConfig, out: str | Path, cell: Cell, ctx: Context, *, kee
     finally:  # (also when the fit fails: what came before it is shown)
         for w in {(str(w.message), w.category, w.filename, w.lineno): w for w in caught}.values():  # once each
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    own = str(Path(__file__).resolve().parents[1])
-    fit_warnings = list(dict.fromkeys(str(w.message) for w in caught
-                                      if issubclass(w.category, InputWarning) or str(w.filename).startswith(own)))
+    fit_warnings = list(dict.fromkeys(str(w.message) for w in caught if own_warning(w.category, w.filename)))
     if fitted.cannot:
         raise InputError(f"cell {cell.id}: the {cell.model!r} model cannot predict "
                          + "; ".join(f"{p} ({why})" for p, why in fitted.cannot.items()))
