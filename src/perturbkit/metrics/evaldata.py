@@ -288,7 +288,7 @@ def _dense(name: str, adata) -> np.ndarray:
     return X
 
 
-def _count_scale(X: np.ndarray) -> bool:
+def _count_scale(X: np.ndarray, peaks: np.ndarray) -> bool:
     """True when X looks like counts (non-negative integers above 20) or unlogged values (the median cell's
     largest value above LOG_MAX).
 
@@ -296,33 +296,32 @@ def _count_scale(X: np.ndarray) -> bool:
     its first 2000 cells): this also flags non-integer data whose typical cell peaks above
     :data:`perturbkit.data.LOG_MAX` (CPM, TPM), since it decides whether truth, pred and source share one scale.
     The typical cell, not the largest value: a few extreme values of a model's prediction (a decoder that
-    extrapolates) leave it on the log scale (:func:`_outliers` notes them).
+    extrapolates) leave it on the log scale (:func:`_outliers` notes them). ``peaks``: each cell's largest value.
     """
     if not X.size:
         return False
-    top = float(X.max())
     integer = bool(np.all(np.equal(np.mod(X[:2000], 1), 0)))
-    if integer and top > 20 and float(X.min()) >= 0:
+    if integer and float(peaks.max()) > 20 and float(X.min()) >= 0:
         return True
-    return float(np.median(X.max(axis=1))) > LOG_MAX
+    return float(np.median(peaks)) > LOG_MAX
 
 
-def _outliers(name: str, X: np.ndarray) -> str | None:
+def _outliers(name: str, X: np.ndarray, peaks: np.ndarray) -> str | None:
     """A note when log-scale ``X`` holds values above LOG_MAX, which log1p of normalised counts rarely
-    reaches: they are scored as given, and they weigh on every metric."""
-    if not X.size or float(X.max()) <= LOG_MAX:
+    reaches: they are scored as given, and they weigh on every metric. ``peaks``: each cell's largest value."""
+    if not X.size or float(peaks.max()) <= LOG_MAX:
         return None
-    high = X > LOG_MAX
-    cells = int(high.any(axis=1).sum())
-    return (f"{name} holds {int(high.sum())} values above {LOG_MAX:g} (max {float(X.max()):.3g}) in {cells} of "
-            f"{X.shape[0]} cells, beyond log-normalised expression (its median cell peaks at "
-            f"{float(np.median(X.max(axis=1))):.3g}); scored as given. From a model, this is an extrapolation.")
+    return (f"{name} holds {int((X > LOG_MAX).sum())} values above {LOG_MAX:g} (max {float(peaks.max()):.3g}) in "
+            f"{int((peaks > LOG_MAX).sum())} of {X.shape[0]} cells, beyond log-normalised expression (its median "
+            f"cell peaks at {float(np.median(peaks)):.3g}); scored as given. From a model, this is an "
+            "extrapolation.")
 
 
 def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
     """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts, and
     when a log-scale one holds values no log-normalised cell reaches."""
-    scale = {name: _count_scale(X) for name, X in arrays.items()}
+    peaks = {name: X.max(axis=1) if X.size else X[:, :0].sum(axis=1) for name, X in arrays.items()}
+    scale = {name: _count_scale(X, peaks[name]) for name, X in arrays.items()}
     counts = [name for name, c in scale.items() if c]
     if counts and len(counts) < len(scale):
         logs = [name for name in scale if name not in counts]
@@ -339,7 +338,7 @@ def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
                 "genes. Scored as given; normalise (normalize_total + log1p) for comparable numbers.")
         warnings.warn(note, InputWarning, stacklevel=3)
         return [note]
-    notes = [n for n in (_outliers(name, X) for name, X in arrays.items()) if n]
+    notes = [n for n in (_outliers(name, X, peaks[name]) for name, X in arrays.items()) if n]
     for note in notes:
         warnings.warn(note, InputWarning, stacklevel=3)
     return notes
