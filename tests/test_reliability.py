@@ -462,6 +462,11 @@ def test_evaluate_scores_a_prediction_with_outliers_and_notes_them(eval_files):
     clean = pk.metrics.evaluate(truth, pred, source, metrics="r2_mean_all", n_boot=0)
     assert np.isfinite(table["value"]).all() and float(table["value"][0]) < float(clean["value"][0])
     assert any("pred holds 6 values above 30" in n for n in table.attrs["notes"])
+    one = pred.copy()
+    one.X = np.asarray(one.X, dtype=np.float32).copy()
+    one.X[0, 0] = 37.2
+    with pytest.warns(InputWarning, match=r"pred holds 1 value above 30 \(max 37.2\) in 1 of"):
+        pk.metrics.evaluate(truth, one, source, metrics="r2_mean_all", n_boot=0)
     unlogged = pred.copy()
     unlogged.X = np.expm1(np.asarray(pred.X, dtype=np.float64)) * 100.5 + 40.25
     with pytest.raises(InputError, match=r"pred looks like raw counts or unlogged values .* truth and source look "

@@ -311,7 +311,8 @@ def _outliers(name: str, X: np.ndarray, peaks: np.ndarray) -> str | None:
     reaches: they are scored as given, and they weigh on every metric. ``peaks``: each cell's largest value."""
     if not X.size or float(peaks.max()) <= LOG_MAX:
         return None
-    return (f"{name} holds {int((X > LOG_MAX).sum())} values above {LOG_MAX:g} (max {float(peaks.max()):.3g}) in "
+    n = int((X > LOG_MAX).sum())
+    return (f"{name} holds {n} value{'s' if n > 1 else ''} above {LOG_MAX:g} (max {float(peaks.max()):.3g}) in "
             f"{int((peaks > LOG_MAX).sum())} of {X.shape[0]} cells, beyond log-normalised expression (its median "
             f"cell peaks at {float(np.median(peaks)):.3g}); scored as given. From a model, this is an "
             "extrapolation.")
