@@ -99,6 +99,8 @@ def answer_rows(summary, scores, metrics, split: str = "all"):
 
 
 def answer_table(rows) -> list[str]:
+    if not rows:
+        return ["No baseline and trained model side by side in this run: nothing to answer."]
     say = {"better": "yes: the model is better", "worse": "yes: the baseline is better",
            "overlaps": "no", "no interval": "no interval"}
     lines = ["| scenario | metric | best overall | best trained model | best baseline | trained - baseline "
@@ -238,11 +240,16 @@ def document(run: Path, command: str, title: str, metrics=METRICS, tasks=(), ver
     if versus is not None:
         other_run, label = versus
         out += ["", *versus_table(summary, load(other_run)[0], f"{label} (`{other_run}`)", list(metrics))]
+    notes = {cell: r["notes"] for cell, r in cells.items() if r.get("notes")}
+    if notes:
+        out += ["", "## Notes from the cells", "",
+                "What a cell's fit or evaluation warned of (`run.json`, `cells.<id>.notes`):", ""]
+        out += [f"- `{cell}`: {note}" for cell, lines in notes.items() for note in lines]
     top = overall(summary)
     for scenario in top.scenario.unique():
         rows = top[top.scenario == scenario]
         n_tasks = summary[(summary.scenario == scenario) & (summary.split != "all")].split.nunique()
-        out += ["", f"## {scenario} ({n_tasks} tasks)", "",
+        out += ["", f"## {scenario} ({n_tasks} task{'s' if n_tasks != 1 else ''})", "",
                 "Mean over seeds [95 % interval] of the mean over the tasks:", ""]
         out += scenario_table(rows, [m for m in metrics if m in set(rows.metric)])
         out += [""] + [f"- {line}" for line in report.verdict_lines(rows, list(metrics), value="mean")]

@@ -230,6 +230,31 @@ def test_results_file(smoke_run, small_run, tmp_path):
                 assert value == pytest.approx(want, abs=5e-4)
 
 
+def test_results_file_lists_the_cells_notes(smoke_run, tmp_path):
+    """benchmarks/bench_tables.py lists run.json's cell notes under their own heading, after the answer."""
+    import importlib.util
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("summary.csv", "scores.csv"):
+        shutil.copy(smoke_run / name, run / name)
+    record = json.loads((smoke_run / "run.json").read_text())
+    cell = next(iter(record["cells"]))
+    record["cells"][cell]["notes"] = ["pred holds 1 value above 30 (planted)"]
+    (run / "run.json").write_text(json.dumps(record))
+    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "bench_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([str(run), "--command", "perturbkit bench X --out Y", "--out", str(tmp_path / "r.md")]) == 0
+    text = (tmp_path / "r.md").read_text()
+    assert "## Notes from the cells\n\nWhat a cell's fit" in text
+    assert f"- `{cell}`: pred holds 1 value above 30 (planted)\n" in text
+    assert text.index("## The answer") < text.index("## Notes from the cells") < text.index("\n## loco (")
+    assert mod.main([str(smoke_run), "--command", "c", "--out", str(tmp_path / "plain.md")]) == 0
+    noted = any(c.get("notes") for c in json.loads((smoke_run / "run.json").read_text())["cells"].values())
+    assert ("## Notes from the cells" in (tmp_path / "plain.md").read_text()) == noted
+
+
 def test_crate_lists_every_file(smoke_run):
     crate = json.loads((smoke_run / "ro-crate-metadata.json").read_text())
     graph = {e["@id"]: e for e in crate["@graph"]}
