@@ -1,5 +1,6 @@
 """The results file of a finished ``perturbkit bench`` run: every table and sentence of
-``benchmarks/results/kang_bench.md``, ``kang_converged_bench.md`` and ``screens_bench.md`` comes from here.
+``benchmarks/results/kang_bench.md``, ``kang_converged_bench.md``, ``screens_bench.md`` and ``cellot_iters.md``
+comes from here.
 
 It reads the run directory's ``summary.csv``, ``scores.csv`` and ``run.json`` (nothing is recomputed) and writes:
 
@@ -12,7 +13,8 @@ It reads the run directory's ``summary.csv``, ``scores.csv`` and ``run.json`` (n
   of each task's mean over its perturbations) and the verdict lines of ``perturbkit report``;
 - per scenario, the per-task means of the headline metrics;
 - with ``--versus RUN LABEL``, the trained models' scenario scores beside another run's of the same tasks (the
-  converged Kang run beside the 10-epoch one).
+  converged Kang run beside the 10-epoch one);
+- the notes of the cells (``run.json`` ``cells.<id>.notes``: what a fit or an evaluation warned of), if any.
 
 Run::
 

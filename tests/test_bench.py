@@ -96,6 +96,9 @@ def test_config_defaults_and_roundtrip(tmp_path):
     kang = bench.load_config(ROOT / "configs" / "kang.toml")  # the shipped config is valid
     assert kang.data.spec.donor_key == "donor" and kang.training.epochs == 10 and len(kang.seeds) == 3
     assert {m.label for m in kang.models} >= {"scgen", "control", "mean_shift"}
+    for path in sorted((ROOT / "configs").glob("*.toml")):  # every shipped bench config is valid
+        if not path.name.startswith("tune_"):
+            assert bench.load_config(path).name == path.stem, path.name
 
 
 # ------------------------------------------------------------------------------------------------ splits
