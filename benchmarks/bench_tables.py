@@ -242,11 +242,11 @@ def document(run: Path, command: str, title: str, metrics=METRICS, tasks=(), ver
     if versus is not None:
         other_run, label = versus
         out += ["", *versus_table(summary, load(other_run)[0], f"{label} (`{other_run}`)", list(metrics))]
-    notes = {cell: r["notes"] for cell, r in cells.items() if r.get("notes")}
+    notes = report.cell_notes(record)
     if notes:
         out += ["", "## Notes from the cells", "",
                 "What a cell's fit or evaluation warned of (`run.json`, `cells.<id>.notes`):", ""]
-        out += [f"- `{cell}`: {note}" for cell, lines in notes.items() for note in lines]
+        out += [f"- `{cell}`: {note}" for cell, note in notes]
     top = overall(summary)
     for scenario in top.scenario.unique():
         rows = top[top.scenario == scenario]

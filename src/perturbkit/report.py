@@ -189,6 +189,11 @@ def verdict_lines(rows, metrics, baseline: str | None = None, value: str = "valu
     return lines
 
 
+def cell_notes(run: dict) -> list[tuple[str, str]]:
+    """(cell id, note) for every note of a run's cells (``run.json`` ``cells.<id>.notes``), in cell order."""
+    return [(cid, note) for cid, c in run["cells"].items() for note in c.get("notes", [])]
+
+
 def _summary_tables(summary, metrics) -> str:
     from .scenarios.screen_rows import overall
 
@@ -314,7 +319,7 @@ def write_report(out: str | Path, path: str | Path | None = None) -> Path:
             if table.file not in shown:
                 shown.add(table.file)
                 body.append(scenario_table(out, table, metrics[:2]))
-    noted = [(cid, note) for cid, c in run["cells"].items() for note in c.get("notes", [])]
+    noted = cell_notes(run)
     if noted:
         body.append("<h2>Notes from the cells</h2><p class='note'>perturbkit's warnings while a cell's model was "
                     "fitted and predicted, and what the evaluation noted about its prediction; each such cell is "
