@@ -171,21 +171,32 @@ def postgres():
 # ------------------------------------------------- benchmarks/bench_tables.py on a finished run (test_bench*.py)
 
 
+def benchmark_script(name: str):
+    """``benchmarks/NAME.py`` as a module (the scripts are not part of the package; some import a sibling)."""
+    import importlib.util
+    import sys
+
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, f"{folder}/{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(folder)
+    return mod
+
+
 def check_results_file(run: Path, out: Path, tasks=(), extra=()) -> str:
     """Write ``run``'s results file with benchmarks/bench_tables.py (``--task`` for each of ``tasks``) and check
     its answer tables against the run's own files: each row's values are summary.csv's, and its margin is the
     mean over seeds of the trained model's per-seed score minus the baseline's, recomputed here from
     scores.csv."""
-    import importlib.util
-
     import pandas as pd
 
     from perturbkit.models import MODELS
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tables.py"
-    spec = importlib.util.spec_from_file_location("bench_tables", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("bench_tables")
     args = [str(run), "--command", "perturbkit bench X --out Y", "--out", str(out)]
     assert mod.main([*args, *(a for t in tasks for a in ("--task", t)), *extra]) == 0
     text = out.read_text()

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SMOKE, bench_cli, check_results_file, skip_without
+from conftest import SMOKE, bench_cli, benchmark_script, check_results_file, skip_without
 
 import perturbkit as pk
 from perturbkit import bench, scenarios
@@ -235,8 +235,6 @@ def test_results_file(smoke_run, small_run, tmp_path):
 
 def test_results_file_lists_the_cells_notes(smoke_run, tmp_path):
     """benchmarks/bench_tables.py lists run.json's cell notes under their own heading, after the answer."""
-    import importlib.util
-
     run = tmp_path / "run"
     run.mkdir()
     for name in ("summary.csv", "scores.csv"):
@@ -245,9 +243,7 @@ def test_results_file_lists_the_cells_notes(smoke_run, tmp_path):
     cell = next(iter(record["cells"]))
     record["cells"][cell]["notes"] = ["pred holds 1 value above 30 (planted)"]
     (run / "run.json").write_text(json.dumps(record))
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "bench_tables.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("bench_tables")
     assert mod.main([str(run), "--command", "perturbkit bench X --out Y", "--out", str(tmp_path / "r.md")]) == 0
     text = (tmp_path / "r.md").read_text()
     assert "## Notes from the cells\n\nWhat a cell's fit" in text
@@ -556,4 +552,3 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     assert len(list(out.glob("cells/*/result.json"))) == 15
     scores = pd.read_csv(out / "scores.csv")
     assert set(scores.scenario) == {"loco", "cross_donor"} and scores.value.notna().any()
-

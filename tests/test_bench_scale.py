@@ -9,21 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_scale.py"
 CELLS = 1500
 #: the row names of a default run: scPRAM with the caps bench_scale passes (DEFAULT_PARAMS)
 ROWS = ["scgen", "scpram (ot_max_candidates=20000, attention_max_keys=20000)"]
-
-
-def _module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_scale", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +93,7 @@ def test_the_data_file_is_reused_and_never_dense(run):
     # the cached file is reused (not written again) by a later run of the same parameters
     import argparse
 
-    mod = _module()
+    mod = benchmark_script("bench_scale")
     messages = []
     again = mod.ensure_data(folder, CELLS, argparse.Namespace(keep=0.8, seed=0, interval=0.1), messages.append)
     assert again["cached"] and again["path"] == data["path"] and "(cached;" in messages[0]
@@ -115,7 +107,7 @@ def test_the_data_file_is_reused_and_never_dense(run):
 def test_acceptance_lines_follow_the_issue_rules():
     """The acceptance block (rendering only, on made-up rows): peak under 4e9 bytes, every stage <= 12x, a model
     met when one of its rows (with the same parameters at both sizes) is."""
-    mod = _module()
+    mod = benchmark_script("bench_scale")
 
     def size(peak, fit_s, capped_fit_s=None):
         row = {"model": "scgen", "rc": 0, "peak_mb": peak,
@@ -141,7 +133,7 @@ def test_acceptance_lines_follow_the_issue_rules():
 
 
 def test_params_name_rows_and_a_rerun_keeps_the_other_rows():
-    mod = _module()
+    mod = benchmark_script("bench_scale")
     p = mod.parse_params(["scpram:ot_max_candidates=none", "scpram:ratio=0.1"], ["scgen", "scpram"])
     assert p == {"scgen": {}, "scpram": {"attention_max_keys": 20000, "ratio": "0.1"}}
     assert mod.row_name("scpram", p["scpram"]) == "scpram (attention_max_keys=20000, ratio=0.1)"

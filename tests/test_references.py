@@ -8,30 +8,16 @@ under CI, which installs them: PERTURBKIT_SYSTEM_TESTS=1).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
-import pytest
-
-from conftest import need
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    """``benchmarks/NAME.py`` as a module."""
-    spec = importlib.util.spec_from_file_location(f"perturbkit_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import benchmark_script, need
 
 
 def test_metrics_agree_with_cell_eval(capsys):
     need("cell_eval", "cell-eval")
     bars = lambda: {k: v for k, v in os.environ.items() if k.startswith("TQDM_")}  # noqa: E731
     before = bars()
-    check = script("check_celleval")
+    check = benchmark_script("check_celleval")
     table = check.compare(cases=40, seed=1)
     assert bars() == before  # it once left TQDM_DISABLE=1 behind: every later child drew no progress bar
     assert set(table.metric) == {"discrimination_score_l1", "discrimination_score_l2", "discrimination_score_cosine",
@@ -48,7 +34,7 @@ def test_metrics_agree_with_cell_eval(capsys):
 
 def test_celleval_check_catches_a_wrong_metric(monkeypatch):
     need("cell_eval", "cell-eval")
-    check = script("check_celleval")
+    check = benchmark_script("check_celleval")
     import perturbkit.metrics as metrics
 
     real = metrics.discrimination_score
@@ -60,7 +46,7 @@ def test_celleval_check_catches_a_wrong_metric(monkeypatch):
 
 def test_effect_test_agrees_with_scperturb(capsys):
     need("scperturb", "scperturb")
-    check = script("check_scperturb")
+    check = benchmark_script("check_scperturb")
     table = check.compare(seed=0)
     assert list(table.group) == ["strong", "weak", "none"]
     assert table.rel_diff.max() < 1e-9, table

@@ -4,11 +4,10 @@ tasks, so docs/scpram.md's and docs/cellot.md's diagnoses are of the cells docs/
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 import perturbkit as pk
 from perturbkit import bench
@@ -18,17 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HOLDOUT = "CD14+ Monocytes"
 
 
-def _script(name: str):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their sibling compare_scpram
-    try:
-        spec_ = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return mod
-
-
 def _share(train, spec, condition: str, context: str) -> float:
     obs = train.obs
     cond = obs[spec.condition_key].astype(str) == condition
@@ -36,9 +24,9 @@ def _share(train, spec, condition: str, context: str) -> float:
 
 
 def test_unbalanced_tasks_are_the_benchs():
-    mod = _script("compare_scpram")
+    mod = benchmark_script("compare_scpram")
     for script in ("scpram_attention", "cellot_composition"):
-        assert _script(script).unbalanced_tasks is not None  # both scripts import the one helper
+        assert benchmark_script(script).unbalanced_tasks is not None  # both scripts import the one helper
     tasks = mod.unbalanced_tasks(pk, HOLDOUT, ["thin", "keep"])
     adata, _ = pk.data.preprocess(pk.data.load("kang2018"), log=lambda *a, **k: None)
     cfg = bench.load_config(ROOT / "configs" / "kang.toml")
