@@ -321,7 +321,7 @@ def _outliers(name: str, X: np.ndarray, peaks: np.ndarray) -> str | None:
 def _check_scale(arrays: dict[str, np.ndarray]) -> list[str]:
     """Refuse truth / pred / source on different scales (counts vs log); warn when all three are counts, and
     when a log-scale one holds values no log-normalised cell reaches."""
-    peaks = {name: X.max(axis=1) if X.size else X[:, :0].sum(axis=1) for name, X in arrays.items()}
+    peaks = {name: X.max(axis=1) if X.size else np.zeros(X.shape[0]) for name, X in arrays.items()}
     scale = {name: _count_scale(X, peaks[name]) for name, X in arrays.items()}
     counts = [name for name, c in scale.items() if c]
     if counts and len(counts) < len(scale):
